@@ -1,0 +1,3 @@
+from clipline.launch.cli import main
+
+raise SystemExit(main())

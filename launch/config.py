@@ -1,0 +1,219 @@
+"""The run config: typed component configs composed, validated in one place.
+
+A recipe is a TOML file with one table per component (``[data]``, ``[model]``, ``[loss]``,
+``[optim]``, ``[loop]``) and arrays of tables for evaluations (``[[zeroshot]]``,
+``[[retrieval]]``). The command line adds ``section.key=value`` overrides, whose values are
+read as TOML literals (``loop.steps=200``, ``optim.betas=[0.9,0.95]``) or, failing that, as
+plain strings (``data.shards=/data/cc3m``). Unknown keys and ill-typed values are rejected
+with the valid choices before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from clipline.data.stream import StreamConfig
+from clipline.eval.evaluators import RetrievalTask, ZeroShotTask
+from clipline.pretrain.loop import LoopConfig
+from clipline.pretrain.loss import LossConfig
+from clipline.pretrain.model import ModelConfig
+from clipline.pretrain.optim import OptimConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one training run needs; only ``clipline.launch`` sees all of it."""
+
+    run_dir: str = "runs/run"
+    data: StreamConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    zeroshot: list[ZeroShotTask] = field(default_factory=list)
+    retrieval: list[RetrievalTask] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Cross-field rules; per-field types were checked while building.
+
+        Raises:
+            ValueError: naming the offending values and the fix.
+        """
+        if (self.loop.steps is None) == (self.loop.epochs is None):
+            raise ValueError(
+                f"set exactly one of loop.steps and loop.epochs (got steps={self.loop.steps}, "
+                f"epochs={self.loop.epochs})"
+            )
+        positive = {
+            "data.batch_size": self.data.batch_size,
+            "loop.log_every": self.loop.log_every,
+            "loop.keep_last": self.loop.keep_last,
+            "loop.max_nonfinite": self.loop.max_nonfinite,
+            "optim.lr": self.optim.lr,
+        }
+        if self.loop.steps is not None:
+            positive["loop.steps"] = self.loop.steps
+        if self.loop.epochs is not None:
+            positive["loop.epochs"] = self.loop.epochs
+        for key, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        if self.data.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.data.workers}")
+        if self.loop.steps is not None and self.optim.warmup_steps >= self.loop.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} leaves no decay within "
+                f"loop.steps={self.loop.steps}; lower optim.warmup_steps"
+            )
+        names = [t.name for t in [*self.zeroshot, *self.retrieval]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation names must be unique, got {names}")
+        self.model.resolve()  # unknown model names fail here, before any data is read
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it in the field's type."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return build(tp, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise _type_error(key, value, tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _type_error(key, value, tp)
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise _type_error(key, value, tp)
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ValueError:
+    return ValueError(
+        f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}); "
+        f"fix the recipe or pass e.g. {key}=<{_type_name(tp)}>"
+    )
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
+            f"{[prefix + k for k in fields]}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    missing = [
+        prefix + f.name
+        for f in fields.values()
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing required config key(s) {missing}")
+    return cls(**kwargs)
+
+
+def recipe_names() -> list[str]:
+    root = resources.files("clipline.launch") / "recipes"
+    return sorted(p.name.removesuffix(".toml") for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def read_recipe(recipe: str) -> dict[str, Any]:
+    """A recipe by file path, or by the name of one shipped in ``launch/recipes/``."""
+    path = Path(recipe)
+    if not path.is_file():
+        shipped = resources.files("clipline.launch") / "recipes" / f"{recipe}.toml"
+        if not shipped.is_file():
+            raise ValueError(
+                f"recipe {recipe!r} is neither a file nor a shipped recipe; shipped: "
+                f"{recipe_names()}"
+            )
+        return tomllib.loads(shipped.read_text())
+    return tomllib.loads(path.read_text())
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # bare strings: paths, names
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b.c=value`` overrides to a nested dict (a copy)."""
+    out = _deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value (e.g. loop.steps=100)")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a config section")
+        node[leaf] = _parse_value(text)
+    return out
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def load_run_config(recipe: str | dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Recipe (path, shipped name or dict) + overrides -> a validated RunConfig."""
+    data = read_recipe(recipe) if isinstance(recipe, str) else recipe
+    cfg = build(RunConfig, apply_overrides(data, list(overrides)))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,116 @@
+"""Checkpoints: ``run_dir/checkpoints/step_000123/`` written atomically.
+
+Layout of one checkpoint:
+  model.safetensors   the unwrapped DualEncoder's weights
+  optimizer.pt        optimizer state (tensors and plain types; loaded with weights_only=True)
+  state.json          step, epoch and counters of the loop
+  config.json         the resolved run config
+
+A checkpoint is assembled in ``step_N.tmp`` and renamed into place, so a process killed
+while saving never leaves a directory that ``resume="latest"`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Writes checkpoint ``step`` (call on the main process only) and prunes old ones."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:09d}"
+    tmp = root / f"step_{step:09d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for f in tmp.iterdir():  # the rename is only atomic for data already on disk
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """Maps ``resume`` (None, ``latest``, or a checkpoint path) to a checkpoint directory.
+
+    Raises:
+        ValueError: an explicit path that is not a checkpoint directory.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(
+            f"resume={resume!r} is not a checkpoint directory (no model.safetensors); "
+            f"pass 'latest' or one of {[str(p) for p in list_checkpoints(run_dir)]}"
+        )
+    return path
+
+
+def load_weights(model: nn.Module, ckpt: Path) -> None:
+    """Loads ``model.safetensors`` into an unwrapped model (strict)."""
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
+
+
+def load_checkpoint(
+    ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """Restores model (and optimizer) in place; returns the saved loop state."""
+    load_weights(model, ckpt)
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def read_config(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "config.json").read_text())

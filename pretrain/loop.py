@@ -1,0 +1,258 @@
+"""The training loop: one function that reads top to bottom.
+
+The global step is the only clock. The learning rate is a pure function of it, periodic
+work runs when :func:`is_due` says so, and the data position is derived from it (epoch =
+step // batches_per_epoch), so a resumed run replays exactly the batches an uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from clipline.data.stream import SKIP_REASONS, TrainLoader
+from clipline.pretrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipline.pretrain.loss import InfoNCELoss, LossConfig
+from clipline.pretrain.model import DualEncoder
+from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Any], dict[str, float]]  # (encoders) -> metrics; the loop never imports eval
+
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    """How long to train and what to do along the way.
+
+    Attributes:
+        steps: Optimizer steps to train; exclusive with ``epochs``.
+        epochs: Passes over the data, converted once to steps.
+        mixed_precision: ``no`` (fp32), ``bf16`` or ``fp16`` autocast; the loss is fp32 always.
+        log_every: Steps between metric lines (JSONL, TensorBoard, progress bar).
+        checkpoint_every: Steps between checkpoints; the last step is always saved.
+        keep_last: Checkpoints kept on disk (older ones are deleted).
+        eval_every: Steps between evaluations; 0 evaluates only after the last step.
+        max_nonfinite: Consecutive non-finite steps (skipped, weights untouched) before the
+            run stops with an error.
+        seed: Seeds model initialisation.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 0
+    max_nonfinite: int = 5
+    seed: int = 0
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None  # RunConfig.validate guarantees exactly one
+        return max(1, math.ceil(self.epochs * batches_per_epoch))
+
+
+def is_due(step: int, every: int) -> bool:
+    """True when periodic work scheduled ``every`` steps falls on ``step`` (1-based count)."""
+    return every > 0 and step % every == 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class _MetricSink:
+    """JSONL + TensorBoard on the main process; no-ops elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(run_dir / "tb")) if enabled else None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    *,
+    accelerator: Accelerator,
+    model: DualEncoder,
+    loader: TrainLoader,
+    loss_cfg: LossConfig,
+    optim_cfg: OptimConfig,
+    loop_cfg: LoopConfig,
+    run_dir: str | Path,
+    run_config: dict[str, Any],
+    evaluators: dict[str, Evaluator] | None = None,
+    resume: str | None = None,
+) -> dict[str, float]:
+    """Trains ``model`` on ``loader``; returns the last logged and evaluated metrics."""
+    run_dir = Path(run_dir)
+    main = accelerator.is_main_process
+    evaluators = evaluators or {}
+    total_steps = loop_cfg.total_steps(loader.batches_per_epoch)
+    global_batch = loader.stream.cfg.batch_size * accelerator.num_processes
+
+    optimizer = build_optimizer(model, optim_cfg)
+    state: dict[str, Any] = {"nonfinite_steps": 0, "skipped": {}}
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    step = int(state.get("step", 0))
+    skipped = Counter(state["skipped"])
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = InfoNCELoss(loss_cfg)
+    sink = _MetricSink(run_dir, main)
+
+    def batches_from(step: int) -> Iterator[dict[str, Any]]:
+        epoch, offset = divmod(step, loader.batches_per_epoch)
+        while True:
+            it = loader.epoch(epoch)
+            if offset:
+                log.warning("fast-forwarding %d batches to resume mid-epoch %d", offset, epoch)
+                for _ in range(offset):
+                    next(it)
+                offset = 0
+            yield from it
+            epoch += 1
+
+    def evaluate() -> dict[str, float]:
+        results: dict[str, float] = {}
+        if main and evaluators:
+            model.eval()
+            with torch.no_grad(), accelerator.autocast():
+                for name, fn in evaluators.items():
+                    results.update({f"eval/{name}/{k}": v for k, v in fn(model).items()})
+            model.train()
+        accelerator.wait_for_everyone()
+        return results
+
+    last: dict[str, float] = {}
+    batches = batches_from(step)
+    bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
+    window_start, data_wait, window_steps, consecutive_bad = time.perf_counter(), 0.0, 0, 0
+    ddp_model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+        skipped.update(batch["skipped"])
+
+        lr = lr_at(step, optim_cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        image = batch["image"].to(accelerator.device, non_blocking=True)
+        text = batch["text"].to(accelerator.device, non_blocking=True)
+        img_emb_BD, txt_emb_BD, logit_scale = ddp_model(image, text)  # autocast per accelerator
+        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale)
+        accelerator.backward(loss)
+        max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
+        grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
+        # The norm is all-reduced with the gradients, so every rank takes the same branch.
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            consecutive_bad = 0
+        else:
+            state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
+            consecutive_bad += 1
+            log.warning("step %d: non-finite loss/gradients, step skipped", step)
+            if consecutive_bad >= loop_cfg.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{consecutive_bad} consecutive non-finite steps at step {step}; weights "
+                    f"are those of the last finite step (last checkpoint in {run_dir}). Lower "
+                    "optim.lr, raise optim.warmup_steps, or use mixed_precision='bf16' "
+                    "instead of 'fp16'."
+                )
+        optimizer.zero_grad(set_to_none=True)
+        model.clamp_logit_scale()
+        step += 1
+        window_steps += 1
+        bar.update(1)
+
+        if is_due(step, loop_cfg.log_every) or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+            counts = accelerator.reduce(counts, reduction="sum").tolist()
+            last = {
+                "train/loss": loss_mean,
+                "train/lr": lr,
+                "train/logit_scale": logit_scale.item(),
+                "train/grad_norm": grad_norm.item(),
+                "train/samples_per_s": global_batch * window_steps / elapsed,
+                "train/samples_per_s_per_device": global_batch
+                * window_steps
+                / elapsed
+                / accelerator.num_processes,
+                "train/data_wait_share": data_wait / elapsed,
+                "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
+                "train/epoch": step / loader.batches_per_epoch,
+                "train/nonfinite_steps": state.get("nonfinite_steps", 0),
+                **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
+            }
+            sink.write(step, last)
+            bar.set_postfix(
+                loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}"
+            )
+            window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):
+            results = evaluate()
+            sink.write(step, results)
+            last.update(results)
+            window_start = time.perf_counter()  # eval time is not training throughput
+
+        if is_due(step, loop_cfg.checkpoint_every) or step == total_steps:
+            if main:
+                save_checkpoint(
+                    run_dir,
+                    step=step,
+                    model=accelerator.unwrap_model(ddp_model),
+                    optimizer=optimizer,
+                    state={
+                        "epoch": step // loader.batches_per_epoch,
+                        "nonfinite_steps": state.get("nonfinite_steps", 0),
+                        "skipped": dict(skipped),
+                    },
+                    config=run_config,
+                    keep_last=loop_cfg.keep_last,
+                )
+            accelerator.wait_for_everyone()
+            window_start = time.perf_counter()
+    bar.close()
+    sink.close()
+    return last

@@ -1,0 +1,88 @@
+"""Symmetric InfoNCE with cross-rank negatives.
+
+The loss works on features only, always in fp32. Negatives from other ranks arrive through
+PyTorch's functional ``all_gather_single`` (the successor of the deprecated
+``torch.distributed.nn.functional.all_gather``), whose backward sends each rank the gradient
+of every rank's loss with respect to its own features (Accelerate's ``gather`` is a plain
+collective and would silently cut those gradients). Summed over ranks and then averaged by
+DDP, that is exactly the gradient of the mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_single
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Contrastive loss settings.
+
+    Attributes:
+        local_loss: Compute only this rank's rows of the global logit matrix (B x W*B per
+            rank, memory linear in the global batch) instead of the full square on every
+            rank. Same loss value after averaging over ranks, same gradients.
+    """
+
+    local_loss: bool = False
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
+    """Concatenates every rank's ``x`` along dim 0, keeping gradients to all of them."""
+    _, world = world_info()
+    if world == 1:
+        return x_BD
+    return all_gather_single(x_BD.contiguous(), 0, dist.group.WORLD)  # x_WB_D
+
+
+class InfoNCELoss(torch.nn.Module):
+    """CLIP's symmetric cross-entropy over image-text similarities."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(
+        self, img_emb_BD: torch.Tensor, txt_emb_BD: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean of image->text and text->image cross-entropy on this rank's rows.
+
+        Args:
+            img_emb_BD: L2-normalised image embeddings of this rank's batch.
+            txt_emb_BD: L2-normalised text embeddings, row i paired with image i.
+            logit_scale: exp of the learnable log temperature (a scalar).
+
+        Returns:
+            The fp32 scalar loss. Averaged over ranks, it equals the loss of one process on
+            the concatenated global batch.
+        """
+        # fp32 whatever the autocast context: a bf16 softmax over thousands of logits is lossy.
+        with torch.autocast(device_type=img_emb_BD.device.type, enabled=False):
+            img_BD, txt_BD, scale = img_emb_BD.float(), txt_emb_BD.float(), logit_scale.float()
+            rank, world = world_info()
+            batch = img_BD.shape[0]
+            all_img_ND = gather_with_grad(img_BD)  # N = world * B
+            all_txt_ND = gather_with_grad(txt_BD)
+            if self.cfg.local_loss:
+                # Rows for local samples only; their positives sit at offset rank * B.
+                logits_i2t_BN = scale * img_BD @ all_txt_ND.T
+                logits_t2i_BN = scale * txt_BD @ all_img_ND.T
+                labels_B = torch.arange(batch, device=img_BD.device) + rank * batch
+            else:
+                logits_i2t_BN = scale * all_img_ND @ all_txt_ND.T  # here B == N rows
+                logits_t2i_BN = logits_i2t_BN.T
+                labels_B = torch.arange(all_img_ND.shape[0], device=img_BD.device)
+            return 0.5 * (
+                F.cross_entropy(logits_i2t_BN, labels_B) + F.cross_entropy(logits_t2i_BN, labels_B)
+            )

@@ -1,0 +1,186 @@
+"""Dual encoders built from open_clip model configs.
+
+Every tower spec resolves to one open_clip model config (``embed_dim``, ``vision_cfg``,
+``text_cfg``) plus a preprocessing config, and is built through open_clip's own factory via
+its ``local-dir:`` schema. That keeps one construction path for built-in names, our shipped
+configs and user dicts, and makes the saved ``open_clip_config.json`` the same file open_clip
+itself loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 1/100
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+_PREFIXES = ("open_clip:", "clipline:")
+
+
+def _clipline_config_names() -> list[str]:
+    root = resources.files("clipline.pretrain") / "model_configs"
+    return sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def valid_model_names() -> list[str]:
+    """All names the registry accepts (besides ``custom`` with an inline config)."""
+    return [f"clipline:{n}" for n in _clipline_config_names()] + [
+        f"open_clip:{n}" for n in open_clip.list_models()
+    ]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which dual encoder to build.
+
+    Attributes:
+        name: ``open_clip:<config>`` (any name in ``open_clip.list_models()``, e.g.
+            ``open_clip:ViT-B-32``), ``clipline:<config>`` (configs shipped with clipline,
+            e.g. ``clipline:tiny`` for CPU runs), or ``custom`` with ``config`` set.
+        config: An inline open_clip model config (keys ``embed_dim``, ``vision_cfg``,
+            ``text_cfg``); only with ``name = "custom"``.
+        preprocess: Overrides of open_clip's preprocessing config (``mean``, ``std``,
+            ``interpolation``, ``resize_mode``); the size always follows the image tower.
+    """
+
+    name: str = "clipline:tiny"
+    config: dict[str, Any] | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self) -> dict[str, Any]:
+        """Returns the open_clip model config this spec names.
+
+        Raises:
+            ValueError: unknown name, or ``config`` given with a named model.
+        """
+        if self.name == "custom":
+            if not self.config or not {"embed_dim", "vision_cfg", "text_cfg"} <= self.config.keys():
+                raise ValueError(
+                    "model.name='custom' needs model.config with keys embed_dim, vision_cfg and "
+                    f"text_cfg (open_clip's model-config format); got {self.config!r}"
+                )
+            return json.loads(json.dumps(self.config))
+        if self.config is not None:
+            raise ValueError(
+                f"model.config is only read with model.name='custom', not {self.name!r}; "
+                "remove model.config or set model.name='custom'"
+            )
+        prefix, _, base = self.name.partition(":")
+        if prefix == "open_clip" and base in open_clip.list_models():
+            return open_clip.get_model_config(base)
+        if prefix == "clipline" and base in _clipline_config_names():
+            path = resources.files("clipline.pretrain") / "model_configs" / f"{base}.json"
+            return json.loads(path.read_text())
+        raise ValueError(
+            f"unknown model name {self.name!r}; use one of {_PREFIXES[0]}<name>, "
+            f"{_PREFIXES[1]}<name> or 'custom'. Valid names: {', '.join(valid_model_names())}"
+        )
+
+
+def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> nn.Module:
+    """Builds an open_clip CLIP model (random init) from a model config dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+        )
+        # open_clip logs a warning when no weights sit beside the config; we want random init.
+        previous = logging.root.level
+        logging.root.setLevel(logging.ERROR)
+        try:
+            model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False)
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+        finally:
+            logging.root.setLevel(previous)
+    model.tokenizer = tokenizer  # kept with the model so data and eval tokenise identically
+    return model
+
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower + learnable temperature, around an open_clip CLIP model.
+
+    ``encode_image`` / ``encode_text`` return L2-normalised embeddings, which is the whole
+    "encoders" protocol evaluators rely on.
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], preprocess: dict[str, Any] | None = None):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.clip = build_open_clip(model_cfg, preprocess or {})
+        self.tokenizer = self.clip.tokenizer
+        del self.clip.tokenizer
+        with torch.no_grad():
+            self.clip.logit_scale.fill_(INIT_LOGIT_SCALE)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> DualEncoder:
+        return cls(cfg.resolve(), cfg.preprocess)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """open_clip's preprocessing config (size, mean, std, interpolation, resize_mode)."""
+        cfg = dict(open_clip.get_model_preprocess_cfg(self.clip))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    def image_transform(self, is_train: bool):
+        """open_clip's train (random resized crop) or eval (resize + centre crop) transform."""
+        pp = open_clip.PreprocessCfg(**self.preprocess_cfg)
+        return open_clip.image_transform_v2(pp, is_train=is_train)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Batched tokenisation to ``i64[B, context_length]``."""
+        return self.tokenizer(texts)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters the tower declares exempt from weight decay."""
+        return {f"clip.{n}" for n in self.clip.no_weight_decay()}
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def clamp_logit_scale(self) -> None:
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    # Inputs move to the model's device (a no-op in training), so evaluators can hand over
+    # CPU batches without knowing where the model lives.
+    def encode_image(self, image_BCHW: torch.Tensor) -> torch.Tensor:
+        image_BCHW = image_BCHW.to(self.device, non_blocking=True)
+        return self.clip.encode_image(image_BCHW, normalize=True)  # img_emb_BD, unit norm
+
+    def encode_text(self, text_BL: torch.Tensor) -> torch.Tensor:
+        text_BL = text_BL.to(self.device, non_blocking=True)
+        return self.clip.encode_text(text_BL, normalize=True)  # txt_emb_BD, unit norm
+
+    def forward(
+        self, image_BCHW: torch.Tensor, text_BL: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (img_emb_BD, txt_emb_BD, logit_scale) with logit_scale = exp(param)."""
+        img_emb_BD = self.encode_image(image_BCHW)
+        txt_emb_BD = self.encode_text(text_BL)
+        return img_emb_BD, txt_emb_BD, self.clip.logit_scale.exp()

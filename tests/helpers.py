@@ -1,0 +1,54 @@
+"""Shared test fixtures: a tiny model config and a deterministic batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from clipline.pretrain.model import DualEncoder
+
+# Small enough for a 2-process CPU test to run in seconds.
+MICRO_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def micro_model(seed: int = 0) -> DualEncoder:
+    torch.manual_seed(seed)
+    return DualEncoder(MICRO_CFG)
+
+
+def global_batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    texts = torch.randint(1, 49406, (n, 16), generator=g)
+    texts[:, 0] = 49406  # start of text
+    texts[:, 10] = 49407  # end of text: encode_text pools at the argmax token id
+    texts[:, 11:] = 0
+    return images, texts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """Runs ``script`` under torchrun with ``nproc`` CPU processes (gloo); raises on failure."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}", str(script), *args,
+    ]
+    repo = str(Path(__file__).resolve().parents[1])  # scripts import tests.helpers
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if res.returncode != 0:
+        raise AssertionError(f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")

@@ -1,0 +1,31 @@
+"""2-process gloo runs equal 1 process on the concatenated batch (loss and gradients)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipline.pretrain.loss import InfoNCELoss, LossConfig
+from tests.helpers import global_batch, micro_model, torchrun
+
+DIST = Path(__file__).parent / "dist"
+
+
+@pytest.mark.parametrize("local_loss", [0, 1])
+def test_two_ranks_equal_one_process(tmp_path, local_loss):
+    per_rank = 4
+    out = tmp_path / "rank0.safetensors"
+    torchrun(DIST / "loss_equivalence.py", f"--out={out}", f"--local-loss={local_loss}", f"--per-rank={per_rank}")
+    got = load_file(out)
+
+    model = micro_model()
+    images, texts = global_batch(2 * per_rank)
+    loss = InfoNCELoss(LossConfig(local_loss=bool(local_loss)))(*model(images, texts))
+    loss.backward()
+
+    torch.testing.assert_close(got["loss"][0], loss.detach(), rtol=1e-5, atol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert {k.removeprefix("grad/") for k in got if k.startswith("grad/")} == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(got[f"grad/{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
