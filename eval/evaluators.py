@@ -12,11 +12,12 @@ from typing import TypeVar
 
 import PIL.Image
 import torch
+from torch import Tensor
+
 from clipline.data import evalsets
 from clipline.eval.encoders import Encoders
 from clipline.eval.retrieval import retrieval
 from clipline.eval.zeroshot import zeroshot_classification
-from torch import Tensor
 
 Target = TypeVar("Target")
 

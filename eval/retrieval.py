@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable, Sequence
 import faiss
 import numpy as np
 import torch
-from clipline.eval.encoders import Encoders, embed_images, embed_texts
 from torch import Tensor
+
+from clipline.eval.encoders import Encoders, embed_images, embed_texts
 
 
 def recall_at_k_faiss(

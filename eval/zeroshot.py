@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from clipline.data.evalsets import check_templates
 from clipline.eval.encoders import Encoders, embed_images, embed_texts
-from torch import Tensor
 
 # The 80 prompts of the CLIP paper's ImageNet evaluation (open_clip's OPENAI_IMAGENET_TEMPLATES),
 # written with clip_benchmark's "{c}" placeholder.

@@ -56,7 +56,8 @@ def save_checkpoint(
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob("*.tmp"):  # left by a process killed while saving
+        shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})

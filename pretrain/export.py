@@ -30,8 +30,16 @@ TEXT_FILE = "text_encoder.safetensors"
 def _tokenizer_info(model: DualEncoder) -> dict[str, Any]:
     text_cfg = model.model_cfg["text_cfg"]
     if "hf_tokenizer_name" in text_cfg:
-        return {"type": "hf", "name": text_cfg["hf_tokenizer_name"], "context_length": model.context_length}
-    return {"type": "open_clip_bpe", "name": "openai-clip-bpe-49408", "context_length": model.context_length}
+        return {
+            "type": "hf",
+            "name": text_cfg["hf_tokenizer_name"],
+            "context_length": model.context_length,
+        }
+    return {
+        "type": "open_clip_bpe",
+        "name": "openai-clip-bpe-49408",
+        "context_length": model.context_length,
+    }
 
 
 def export_model(
@@ -52,8 +60,8 @@ def export_model(
         "embed_dim": model.embed_dim,
         "preprocess": model.preprocess_cfg,
         "tokenizer": _tokenizer_info(model),
-        "logit_scale": float(model.logit_scale.exp()),
-        "log_logit_scale": float(model.logit_scale),  # the parameter itself, exact in JSON
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "log_logit_scale": float(model.logit_scale.detach()),  # the parameter itself, exact in JSON
         "step": step,
         "run_config": run_config,
     }

@@ -225,9 +225,7 @@ def train(
                 **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
             }
             sink.write(step, last)
-            bar.set_postfix(
-                loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}"
-            )
+            bar.set_postfix(loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}")
             window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
 
         if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):

@@ -9,6 +9,7 @@ itself loads.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,12 @@ class ModelConfig:
         if prefix == "clipline" and base in _clipline_config_names():
             path = resources.files("clipline.pretrain") / "model_configs" / f"{base}.json"
             return json.loads(path.read_text())
+        valid = valid_model_names()
+        close = difflib.get_close_matches(self.name, valid, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ValueError(
-            f"unknown model name {self.name!r}; use one of {_PREFIXES[0]}<name>, "
-            f"{_PREFIXES[1]}<name> or 'custom'. Valid names: {', '.join(valid_model_names())}"
+            f"unknown model name {self.name!r}: use {_PREFIXES[0]}<name>, {_PREFIXES[1]}<name> "
+            f"or 'custom' with model.config.{hint} Valid names: {', '.join(valid)}"
         )
 
 
@@ -144,8 +149,7 @@ class DualEncoder(nn.Module):
 
     def image_transform(self, is_train: bool):
         """open_clip's train (random resized crop) or eval (resize + centre crop) transform."""
-        pp = open_clip.PreprocessCfg(**self.preprocess_cfg)
-        return open_clip.image_transform_v2(pp, is_train=is_train)
+        return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=is_train)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Batched tokenisation to ``i64[B, context_length]``."""

@@ -44,11 +44,43 @@ def free_port() -> int:
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> None:
     """Runs ``script`` under torchrun with ``nproc`` CPU processes (gloo); raises on failure."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}", str(script), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
     ]
     repo = str(Path(__file__).resolve().parents[1])  # scripts import tests.helpers
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if res.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{res.stdout[-4000:]}\n{res.stderr[-8000:]}")
+
+
+def make_shards(
+    out: Path, n: int = 96, per_shard: int = 16, seed: int = 0, image_size: int = 32
+) -> Path:
+    """Writes ``n`` generated (image, caption) pairs as shards; returns the shard folder."""
+    from clipline.data.shards import Sample, write_samples
+    from clipline.data.sources import generate_shapes
+
+    scenes = generate_shapes(n, seed=seed, image_size=image_size)
+    write_samples(
+        (Sample(key=f"s{i:05d}", image=s.image, caption=s.caption) for i, s in enumerate(scenes)),
+        out,
+        samples_per_shard=per_shard,
+    )
+    return out
+
+
+def micro_recipe(shards: Path, run_dir: Path, **loop) -> dict:
+    """A run config dict for the micro model on ``shards`` (seconds per step on CPU)."""
+    return {
+        "run_dir": str(run_dir),
+        "data": {"shards": str(shards), "batch_size": 8, "workers": 0, "shuffle_buffer": 32},
+        "model": {"name": "custom", "config": MICRO_CFG},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.1},
+        "loop": {"steps": 4, "log_every": 1, "checkpoint_every": 2, "keep_last": 2, **loop},
+    }

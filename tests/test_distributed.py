@@ -16,7 +16,12 @@ DIST = Path(__file__).parent / "dist"
 def test_two_ranks_equal_one_process(tmp_path, local_loss):
     per_rank = 4
     out = tmp_path / "rank0.safetensors"
-    torchrun(DIST / "loss_equivalence.py", f"--out={out}", f"--local-loss={local_loss}", f"--per-rank={per_rank}")
+    torchrun(
+        DIST / "loss_equivalence.py",
+        f"--out={out}",
+        f"--local-loss={local_loss}",
+        f"--per-rank={per_rank}",
+    )
     got = load_file(out)
 
     model = micro_model()
@@ -29,3 +34,23 @@ def test_two_ranks_equal_one_process(tmp_path, local_loss):
     assert {k.removeprefix("grad/") for k in got if k.startswith("grad/")} == set(grads)
     for name, grad in grads.items():
         torch.testing.assert_close(got[f"grad/{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pretrain_under_torchrun_two_ranks(tmp_path):
+    import json
+
+    from clipline.pretrain.checkpoint import list_checkpoints
+    from tests.helpers import make_shards
+
+    shards = make_shards(tmp_path / "shards", n=64, per_shard=16)
+    torchrun(DIST / "train_two_ranks.py", str(shards), str(tmp_path / "run"))
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+        "step_000000002",
+        "step_000000004",
+    ]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    # One writer (rank 0), and a global batch of 2 x 8 over 64 samples: 4 steps = 1 epoch.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert last["train/epoch"] == 1.0
+    assert last["train/samples_per_s_per_device"] * 2 == pytest.approx(last["train/samples_per_s"])

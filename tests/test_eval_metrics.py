@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clipline.data import evalsets
 from clipline.eval import (
     OPENAI_IMAGENET_TEMPLATES,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 import pytest
+
 from clipline.data import evalsets
 
 CLASSNAMES = ["cat", "dog", "sea lion"]

@@ -6,7 +6,6 @@ compare with one process on the concatenated batch.
 
 import argparse
 
-import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
@@ -31,6 +30,8 @@ accelerator.backward(loss)
 loss_mean = accelerator.reduce(loss.detach(), reduction="mean")
 if accelerator.is_main_process:
     grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
-    save_file({"loss": loss_mean.reshape(1), **{f"grad/{k}": v for k, v in grads.items()}}, args.out)
+    save_file(
+        {"loss": loss_mean.reshape(1), **{f"grad/{k}": v for k, v in grads.items()}}, args.out
+    )
 accelerator.wait_for_everyone()
 accelerator.end_training()

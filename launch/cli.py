@@ -1,0 +1,172 @@
+"""``clipline`` command line: shards, pretrain, eval, export, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("clipline")
+
+
+def _setup_logging() -> None:
+    # Rank 0 speaks; other ranks only warn (RANK is set by torchrun and accelerate launch).
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("root", "PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from clipline.data.shards import ShardsConfig, write_shards
+
+    report = write_shards(
+        ShardsConfig(
+            input=args.input,
+            output_dir=args.output_dir,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            samples_per_shard=args.samples_per_shard,
+        )
+    )
+    print(report.to_json())
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from clipline.launch.config import load_run_config
+
+    cfg = load_run_config(args.recipe, args.overrides)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from clipline.launch.run import run_pretrain
+
+    metrics = run_pretrain(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _parse_tasks(items: list[str], kind: str) -> list:
+    from clipline.eval.evaluators import RetrievalTask, ZeroShotTask
+
+    cls = ZeroShotTask if kind == "zeroshot" else RetrievalTask
+    tasks = []
+    for item in items:
+        name, sep, root = item.partition("=")
+        if not sep:
+            raise ValueError(
+                f"--{kind} {item!r}: expected NAME=ROOT, e.g. --{kind} emoji=/data/emoji_eval"
+            )
+        tasks.append(cls(name=name, root=root))
+    return tasks
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipline.eval.evaluators import build_evaluator
+    from clipline.launch.run import load_encoders
+
+    tasks = _parse_tasks(args.zeroshot, "zeroshot") + _parse_tasks(args.retrieval, "retrieval")
+    if not tasks:
+        raise ValueError(
+            "nothing to evaluate: give --zeroshot NAME=ROOT and/or --retrieval NAME=ROOT"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_encoders(args.model, device)
+    preprocess = model.image_transform(is_train=False)
+    results: dict[str, float] = {}
+    with torch.inference_mode():
+        for task in tasks:
+            evaluate = build_evaluator(task, preprocess=preprocess, tokenize=model.tokenizer)
+            results.update({f"{task.name}/{k}": v for k, v in evaluate(model).items()})
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from clipline.launch.run import load_encoders
+    from clipline.pretrain.checkpoint import list_checkpoints, read_config
+    from clipline.pretrain.export import export_model
+
+    src = Path(args.checkpoint)
+    ckpt = list_checkpoints(src)[-1] if (src / "checkpoints").is_dir() else src
+    model = load_encoders(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    out = export_model(model, args.output, run_config=read_config(ckpt), step=state["step"])
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from clipline.launch.demo import run_demo
+
+    run_demo(Path(args.output), overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipline", description="CLIP-style contrastive image-text pretraining."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("shards", help="CSV/TSV/JSONL or a folder of pairs -> webdataset shards")
+    p.add_argument("input", help="a .csv/.tsv/.jsonl file, or a folder of name.jpg + name.txt")
+    p.add_argument("output_dir")
+    p.add_argument("--image-column", default="filepath")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser(
+        "pretrain", help="train a dual encoder (use under accelerate launch/torchrun)"
+    )
+    p.add_argument("--recipe", required=True, help="a shipped recipe name or a TOML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loop.steps=100")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("eval", help="zero-shot / retrieval metrics of an export or checkpoint")
+    p.add_argument("model", help="an export directory, a checkpoint directory or a run directory")
+    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=ROOT")
+    p.add_argument("--retrieval", action="append", default=[], metavar="NAME=ROOT")
+    p.add_argument("--output", help="write the metrics JSON here too")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="checkpoint -> self-describing safetensors export")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
+    p.add_argument("output")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="emoji pairs -> shards -> train -> eval -> export, on CPU")
+    p.add_argument("--output", default="demo_out")
+    p.add_argument("overrides", nargs="*", help="overrides of the demo recipe, e.g. loop.steps=50")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``clipline`` console script and ``python -m clipline``."""
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad user input: one clear line, no traceback
+        print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Wiring: the only place that sees the whole run config and builds every component."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from clipline.data.stream import build_train_loader
+from clipline.eval.evaluators import build_evaluator
+from clipline.launch.config import RunConfig, build
+from clipline.pretrain.checkpoint import list_checkpoints, load_weights, read_config
+from clipline.pretrain.export import load_export, read_export_meta
+from clipline.pretrain.loop import train
+from clipline.pretrain.model import DualEncoder, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
+    """Evaluator callables for every task in the config, using the model's eval transform."""
+    preprocess = model.image_transform(is_train=False)
+    return {
+        task.name: build_evaluator(task, preprocess=preprocess, tokenize=model.tokenizer)
+        for task in [*cfg.zeroshot, *cfg.retrieval]
+    }
+
+
+def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
+    """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
+    # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
+    # otherwise every torchrun rank would silently train alone and overwrite the others' files.
+    accelerator = Accelerator(
+        mixed_precision=cfg.loop.mixed_precision, cpu=not torch.accelerator.is_available()
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={launched} but Accelerate formed a group of "
+            f"{accelerator.num_processes}; check the launcher flags (accelerate launch "
+            "--multi_gpu / torchrun --nproc_per_node)"
+        )
+    set_seed(cfg.loop.seed)  # same initial weights on every rank
+    model = DualEncoder.from_config(cfg.model)
+    loader = build_train_loader(
+        cfg.data,
+        preprocess=model.image_transform(is_train=True),
+        tokenize=model.tokenizer,  # the tokenizer object, not a bound method: workers copy it
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    evaluators = build_evaluators(cfg, model)
+    run_dir = Path(cfg.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        total = cfg.loop.total_steps(loader.batches_per_epoch)
+        log.info(
+            "training %s: %d processes x batch %d = global batch %d, %d steps (%.2f epochs of "
+            "%d samples)",
+            cfg.model.name,
+            accelerator.num_processes,
+            cfg.data.batch_size,
+            cfg.data.batch_size * accelerator.num_processes,
+            total,
+            total / loader.batches_per_epoch,
+            loader.num_samples,
+        )
+    try:
+        return train(
+            accelerator=accelerator,
+            model=model,
+            loader=loader,
+            loss_cfg=cfg.loss,
+            optim_cfg=cfg.optim,
+            loop_cfg=cfg.loop,
+            run_dir=run_dir,
+            run_config=cfg.to_dict(),
+            evaluators=evaluators,
+            resume=resume,
+        )
+    finally:
+        accelerator.end_training()  # tears the process group down cleanly (gloo aborts otherwise)
+
+
+def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
+    """A dual encoder from an export directory, a checkpoint directory or a run directory.
+
+    A run directory means its latest checkpoint.
+
+    Raises:
+        ValueError: the path is none of these.
+    """
+    path = Path(path)
+    if (path / "clipline_export.json").is_file():
+        read_export_meta(path)
+        return load_export(path, device)
+    if (path / "checkpoints").is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise ValueError(f"run directory {path} has no complete checkpoint yet")
+        path = found[-1]
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(
+            f"{path} is neither a clipline export (clipline_export.json), a checkpoint "
+            "(model.safetensors) nor a run directory (checkpoints/)"
+        )
+    model_cfg = build(ModelConfig, read_config(path)["model"], prefix="model.")
+    model = DualEncoder.from_config(model_cfg)
+    load_weights(model, path)
+    return model.to(device).eval()

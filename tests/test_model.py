@@ -1,0 +1,61 @@
+"""Dual encoder: registry, temperature, normalisation, weight-decay groups, schedule."""
+
+import math
+
+import pytest
+import torch
+
+from clipline.pretrain.model import DualEncoder, ModelConfig, valid_model_names
+from clipline.pretrain.optim import OptimConfig, lr_at, param_groups
+from tests.helpers import MICRO_CFG, global_batch, micro_model
+
+
+def test_registry_resolves_prefixes():
+    assert ModelConfig(name="open_clip:ViT-B-32").resolve()["embed_dim"] == 512
+    assert ModelConfig(name="clipline:tiny").resolve()["vision_cfg"]["image_size"] > 0
+    assert "clipline:tiny" in valid_model_names()
+    with pytest.raises(ValueError, match="Did you mean 'open_clip:ViT-B-32'.*Valid names"):
+        ModelConfig(name="ViT-B-32").resolve()  # no prefix: never guessed
+
+
+def test_custom_config_needs_all_keys():
+    with pytest.raises(ValueError, match="embed_dim, vision_cfg and text_cfg"):
+        ModelConfig(name="custom", config={"embed_dim": 8}).resolve()
+
+
+def test_embeddings_are_unit_norm_and_temperature_is_clip_init():
+    model = micro_model()
+    images, texts = global_batch(4)
+    img, txt, scale = model(images, texts)
+    assert img.shape == txt.shape == (4, 32)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
+    assert math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_logit_scale_is_clamped_at_100():
+    model = micro_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-5)
+
+
+def test_no_weight_decay_on_small_tensors_and_declared_ones():
+    model = DualEncoder(MICRO_CFG)
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "clip.logit_scale" in no_decay_names and "clip.positional_embedding" in no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert "clip.text_projection" in {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2
+
+
+def test_schedule_is_a_pure_function_of_step():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=10)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.5)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.0)
+    assert lr_at(60, OptimConfig(lr=1.0, warmup_steps=10, schedule="constant"), 110) == 1.0

@@ -1,0 +1,83 @@
+"""Packaging and architecture: one `clipline` namespace, and imports that form a DAG."""
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What each top-level folder may import from clipline (DESIGN.md, "One direction of flow").
+ALLOWED = {
+    "data": set(),
+    "pretrain": {"data"},
+    "eval": {"data"},
+    "launch": {"data", "pretrain", "eval", "launch"},
+}
+
+
+def _clipline_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "clipline" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_imports_form_the_documented_dag():
+    for package, allowed in ALLOWED.items():
+        for path in (REPO / package).rglob("*.py"):
+            bad = _clipline_imports(path) - allowed - {package}
+            assert not bad, f"{path.relative_to(REPO)} imports clipline.{bad}; allowed: {allowed}"
+
+
+def test_wheel_installs_only_the_clipline_namespace(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("clipline-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"clipline"}, top
+    for expected in [
+        "clipline/__main__.py",
+        "clipline/data/stream.py",
+        "clipline/eval/zeroshot.py",
+        "clipline/pretrain/loop.py",
+        "clipline/launch/cli.py",
+        "clipline/launch/recipes/demo.toml",
+        "clipline/pretrain/model_configs/tiny.json",
+    ]:
+        assert expected in names, expected
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "clipline = clipline.launch.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_python_dash_m_clipline():
+    res = subprocess.run(
+        [sys.executable, "-m", "clipline", "--help"], capture_output=True, text=True
+    )
+    assert res.returncode == 0
+    for sub in ["shards", "pretrain", "eval", "export", "demo"]:
+        assert sub in res.stdout
