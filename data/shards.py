@@ -241,9 +241,7 @@ def write_samples(
             except _Undecodable:
                 skip(CORRUPT_IMAGE, sample.key)
                 continue
-            if writer is None or sizes[shard_name] >= samples_per_shard:
-                if writer is not None:
-                    writer.close()
+            if writer is None:
                 shard_name = f"{len(sizes):06d}.tar"
                 sizes[shard_name] = 0
                 # Write under a temporary name: a crashed run must not leave a truncated

@@ -238,21 +238,20 @@ def load_fashion_mnist(
 # ----------------------------------------------------------------------------- shapes
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+# Few colours and backgrounds on purpose: with many, a tiny CLIP tells scenes apart by
+# colour alone and learns shape last (measured: 7 colours x 3 backgrounds gave shape
+# zero-shot ~22% after 300 steps, 4 x 2 gave ~30%, chance 17%).
 COLORS = {
     "red": (220, 40, 40),
-    "green": (40, 170, 60),
     "blue": (40, 80, 220),
     "yellow": (240, 210, 30),
-    "purple": (140, 60, 190),
-    "orange": (245, 140, 20),
     "black": (20, 20, 20),
 }
 BACKGROUNDS = {
     "white": (250, 250, 250),
     "gray": (150, 150, 150),
-    "light blue": (190, 220, 245),
 }
-SIZES = {"small": 0.16, "large": 0.3}  # half-extent as a fraction of the canvas side
+SIZES = {"small": 0.2, "large": 0.36}  # half-extent as a fraction of the canvas side
 
 
 @dataclass
@@ -311,13 +310,12 @@ def _relation(a: dict, b: dict) -> str:
     return "to the left of" if dx < 0 else "to the right of"
 
 
-def _phrase(obj: dict, with_size: bool = True) -> str:
-    size = f"{obj['size']} " if with_size else ""
-    return f"{size}{obj['color']} {obj['shape']}"
+def _phrase(obj: dict) -> str:
+    return f"{obj['size']} {obj['color']} {obj['shape']}"
 
 
 def generate_shapes(
-    n: int, *, seed: int = 0, image_size: int = 64, pair_fraction: float = 0.5
+    n: int, *, seed: int = 0, image_size: int = 64, pair_fraction: float = 0.4
 ) -> list[ShapeScene]:
     """Generate ``n`` compositional scenes of coloured shapes with honest captions.
 
@@ -346,7 +344,7 @@ def generate_shapes(
         objs: list[dict] = []
         while len(objs) < n_obj:
             size = rng.choice(list(SIZES))
-            r = SIZES[size] * big if n_obj == 1 else SIZES[size] * big * 0.8
+            r = SIZES[size] * big if n_obj == 1 else SIZES[size] * big * 0.7
             obj = {
                 "shape": rng.choice(SHAPES),
                 "color": rng.choice(colors),
