@@ -83,7 +83,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results: dict[str, float] = {}
     with torch.inference_mode():
         for task in tasks:
-            evaluate = build_evaluator(task, preprocess=preprocess, tokenize=model.tokenizer)
+            evaluate = build_evaluator(task, preprocess=preprocess, tokenize=model.tokenize)
             results.update({f"{task.name}/{k}": v for k, v in evaluate(model).items()})
     text = json.dumps(results, indent=2)
     print(text)

@@ -27,7 +27,7 @@ def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
     """Evaluator callables for every task in the config, using the model's eval transform."""
     preprocess = model.image_transform(is_train=False)
     return {
-        task.name: build_evaluator(task, preprocess=preprocess, tokenize=model.tokenizer)
+        task.name: build_evaluator(task, preprocess=preprocess, tokenize=model.tokenize)
         for task in [*cfg.zeroshot, *cfg.retrieval]
     }
 
@@ -51,7 +51,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
     loader = build_train_loader(
         cfg.data,
         preprocess=model.image_transform(is_train=True),
-        tokenize=model.tokenizer,  # the tokenizer object, not a bound method: workers copy it
+        tokenize=model.tokenize,  # a picklable Tokenize: workers tokenise whole batches
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )

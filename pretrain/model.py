@@ -22,7 +22,9 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import text_global_pool
 from torch import nn
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,8 @@ class ModelConfig:
         )
 
 
-def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> nn.Module:
-    """Builds an open_clip CLIP model (random init) from a model config dict."""
+def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Builds an open_clip model (random init) and its tokenizer from a model config dict."""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "open_clip_config.json").write_text(
             json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
@@ -109,8 +111,30 @@ def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> nn
             tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
         finally:
             logging.root.setLevel(previous)
-    model.tokenizer = tokenizer  # kept with the model so data and eval tokenise identically
-    return model
+    return model, tokenizer
+
+
+@dataclass
+class Tokenize:
+    """open_clip's tokenizer, cutting each batch after its longest sequence when that is exact.
+
+    Captions are usually far shorter than the context (77 tokens for CLIP), yet the text
+    tower pays for every padded position. With a causal mask and pooling at the end-of-text
+    token, positions after a sequence's last real token cannot change its embedding, so
+    dropping the columns that are padding in every row of the batch is exact and saves most
+    of the text tower's work. Picklable, so dataloader workers tokenise whole batches.
+    """
+
+    tokenizer: Any
+    pad_id: int
+    trim: bool
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        text_BL = self.tokenizer(texts)
+        if self.trim:
+            used_L = (text_BL != self.pad_id).any(dim=0)
+            text_BL = text_BL[:, : int(used_L.nonzero().max()) + 1]
+        return text_BL
 
 
 class DualEncoder(nn.Module):
@@ -123,9 +147,16 @@ class DualEncoder(nn.Module):
     def __init__(self, model_cfg: dict[str, Any], preprocess: dict[str, Any] | None = None):
         super().__init__()
         self.model_cfg = model_cfg
-        self.clip = build_open_clip(model_cfg, preprocess or {})
-        self.tokenizer = self.clip.tokenizer
-        del self.clip.tokenizer
+        self.clip, self.tokenizer = build_open_clip(model_cfg, preprocess or {})
+        # Trimming is exact only for open_clip's own causal text transformer pooled at EOT.
+        trim = (
+            isinstance(self.clip, open_clip.CLIP)
+            and self.clip.attn_mask is not None
+            and self.clip.text_pool_type in ("argmax", "eos")
+        )
+        self.tokenize = Tokenize(
+            tokenizer=self.tokenizer, pad_id=model_cfg["text_cfg"].get("pad_id", 0), trim=trim
+        )
         with torch.no_grad():
             self.clip.logit_scale.fill_(INIT_LOGIT_SCALE)
 
@@ -151,10 +182,6 @@ class DualEncoder(nn.Module):
         """open_clip's train (random resized crop) or eval (resize + centre crop) transform."""
         return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=is_train)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Batched tokenisation to ``i64[B, context_length]``."""
-        return self.tokenizer(texts)
-
     def no_weight_decay(self) -> set[str]:
         """Names of parameters the tower declares exempt from weight decay."""
         return {f"clip.{n}" for n in self.clip.no_weight_decay()}
@@ -178,8 +205,24 @@ class DualEncoder(nn.Module):
         return self.clip.encode_image(image_BCHW, normalize=True)  # img_emb_BD, unit norm
 
     def encode_text(self, text_BL: torch.Tensor) -> torch.Tensor:
+        """Text embeddings; ``L`` may be shorter than the context (see :class:`Tokenize`)."""
         text_BL = text_BL.to(self.device, non_blocking=True)
-        return self.clip.encode_text(text_BL, normalize=True)  # txt_emb_BD, unit norm
+        clip, length = self.clip, text_BL.shape[1]
+        if not self.tokenize.trim or length == clip.positional_embedding.shape[0]:
+            return clip.encode_text(text_BL, normalize=True)  # txt_emb_BD, unit norm
+        # open_clip's CLIP.encode_text with positions and causal mask cut to L.
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x_BLW = clip.token_embedding(text_BL).to(cast_dtype)
+        x_BLW = x_BLW + clip.positional_embedding[:length].to(cast_dtype)
+        x_BLW = clip.transformer(x_BLW, attn_mask=clip.attn_mask[:length, :length])
+        x_BLW = clip.ln_final(x_BLW)
+        eos_id = getattr(clip, "text_eos_id", None)
+        x_BW = text_global_pool(x_BLW, text_BL, clip.text_pool_type, eos_token_id=eos_id)
+        if isinstance(clip.text_projection, nn.Linear):
+            x_BD = clip.text_projection(x_BW)
+        else:
+            x_BD = x_BW @ clip.text_projection
+        return F.normalize(x_BD, dim=-1)  # txt_emb_BD, unit norm
 
     def forward(
         self, image_BCHW: torch.Tensor, text_BL: torch.Tensor

@@ -59,3 +59,28 @@ def test_schedule_is_a_pure_function_of_step():
     assert lr_at(60, cfg, 110) == pytest.approx(0.5)
     assert lr_at(110, cfg, 110) == pytest.approx(0.0)
     assert lr_at(60, OptimConfig(lr=1.0, warmup_steps=10, schedule="constant"), 110) == 1.0
+
+
+@pytest.mark.parametrize("name", ["micro", "clipline:tiny"])
+def test_trimming_padding_columns_is_exact(name):
+    model = micro_model() if name == "micro" else DualEncoder.from_config(ModelConfig(name=name))
+    captions = ["a red circle", "grinning face, an emoji from smileys & emotion", "x"]
+    full_BL = model.tokenizer(captions)
+    trimmed_BL = model.tokenize(captions)
+    longest = int((full_BL != 0).sum(dim=1).max())
+    assert trimmed_BL.shape == (3, longest) and longest < full_BL.shape[1]
+    assert torch.equal(trimmed_BL, full_BL[:, :longest])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_text(trimmed_BL), model.encode_text(full_BL), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_no_trimming_for_a_text_tower_without_causal_mask():
+    cfg = {
+        **MICRO_CFG,
+        "text_cfg": {**MICRO_CFG["text_cfg"], "no_causal_mask": True, "pool_type": "last"},
+    }
+    model = DualEncoder(cfg)
+    assert not model.tokenize.trim
+    assert model.tokenize(["a b"]).shape[1] == 16
