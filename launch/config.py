@@ -56,6 +56,7 @@ class RunConfig:
             "loop.log_every": self.loop.log_every,
             "loop.keep_last": self.loop.keep_last,
             "loop.max_nonfinite": self.loop.max_nonfinite,
+            "loop.accum_steps": self.loop.accum_steps,
             "optim.lr": self.optim.lr,
         }
         if self.loop.steps is not None:

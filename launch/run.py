@@ -86,7 +86,10 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             resume=resume,
         )
     finally:
-        accelerator.end_training()  # tears the process group down cleanly (gloo aborts otherwise)
+        # Release the DDP wrapper (Accelerate keeps a reference) *before* the process group
+        # is destroyed: a reducer outliving its group aborts the process at exit.
+        accelerator.free_memory()
+        accelerator.end_training()
 
 
 def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:

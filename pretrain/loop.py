@@ -8,6 +8,7 @@ run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,6 +43,9 @@ class LoopConfig:
     Attributes:
         steps: Optimizer steps to train; exclusive with ``epochs``.
         epochs: Passes over the data, converted once to steps.
+        accum_steps: Micro-batches per optimizer step. Features of all micro-batches are
+            cached first, so every step contrasts the full ``accum_steps`` x batch x ranks
+            samples, exactly as one large batch would (at the cost of one extra forward).
         mixed_precision: ``no`` (fp32), ``bf16`` or ``fp16`` autocast; the loss is fp32 always.
         log_every: Steps between metric lines (JSONL, TensorBoard, progress bar).
         checkpoint_every: Steps between checkpoints; the last step is always saved.
@@ -54,6 +58,7 @@ class LoopConfig:
 
     steps: int | None = None
     epochs: float | None = None
+    accum_steps: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10
     checkpoint_every: int = 500
@@ -63,10 +68,11 @@ class LoopConfig:
     seed: int = 0
 
     def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run, given micro-batches per epoch on each rank."""
         if self.steps is not None:
             return self.steps
         assert self.epochs is not None  # RunConfig.validate guarantees exactly one
-        return max(1, math.ceil(self.epochs * batches_per_epoch))
+        return max(1, math.ceil(self.epochs * batches_per_epoch / self.accum_steps))
 
 
 def is_due(step: int, every: int) -> bool:
@@ -106,6 +112,41 @@ class _MetricSink:
             self.tb.close()
 
 
+def contrastive_step(
+    ddp_model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    accelerator: Accelerator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward for one optimizer step; returns (loss, logit_scale).
+
+    With several micro-batches this is open_clip's feature-caching accumulation: embed
+    every micro-batch without gradients, then re-embed each one with gradients and take
+    the loss over the whole set (its own rows live, the others cached). Each backward
+    gives d(loss)/d(its rows); their sum is exactly the large-batch gradient. The
+    temperature's gradient is taken once, in the last pass (open_clip counts it once per
+    micro-batch), and DDP synchronises only on that last pass.
+    """
+    if len(micro_batches) == 1:
+        img_emb_BD, txt_emb_BD, logit_scale = ddp_model(*micro_batches[0])
+        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale)
+        accelerator.backward(loss)
+        return loss.detach(), logit_scale.detach()
+    with torch.no_grad():
+        cached = [ddp_model(image, text)[:2] for image, text in micro_batches]
+    img_cache, txt_cache = [c[0] for c in cached], [c[1] for c in cached]
+    last = len(micro_batches) - 1
+    for j, (image, text) in enumerate(micro_batches):
+        with contextlib.nullcontext() if j == last else accelerator.no_sync(ddp_model):
+            img_emb_BD, txt_emb_BD, logit_scale = ddp_model(image, text)
+            scale = logit_scale if j == last else logit_scale.detach()
+            img_KB_D = torch.cat([*img_cache[:j], img_emb_BD, *img_cache[j + 1 :]])
+            txt_KB_D = torch.cat([*txt_cache[:j], txt_emb_BD, *txt_cache[j + 1 :]])
+            loss = loss_fn(img_KB_D, txt_KB_D, scale)
+            accelerator.backward(loss)
+    return loss.detach(), logit_scale.detach()
+
+
 def train(
     *,
     accelerator: Accelerator,
@@ -124,7 +165,8 @@ def train(
     main = accelerator.is_main_process
     evaluators = evaluators or {}
     total_steps = loop_cfg.total_steps(loader.batches_per_epoch)
-    global_batch = loader.stream.cfg.batch_size * accelerator.num_processes
+    accum = loop_cfg.accum_steps
+    global_batch = loader.stream.cfg.batch_size * accum * accelerator.num_processes
 
     optimizer = build_optimizer(model, optim_cfg)
     state: dict[str, Any] = {"nonfinite_steps": 0, "skipped": {}}
@@ -139,7 +181,7 @@ def train(
     sink = _MetricSink(run_dir, main)
 
     def batches_from(step: int) -> Iterator[dict[str, Any]]:
-        epoch, offset = divmod(step, loader.batches_per_epoch)
+        epoch, offset = divmod(step * accum, loader.batches_per_epoch)
         while True:
             it = loader.epoch(epoch)
             if offset:
@@ -168,18 +210,20 @@ def train(
     ddp_model.train()
     while step < total_steps:
         t0 = time.perf_counter()
-        batch = next(batches)
+        micro = [next(batches) for _ in range(accum)]
         data_wait += time.perf_counter() - t0
-        skipped.update(batch["skipped"])
+        for batch in micro:
+            skipped.update(batch["skipped"])
 
         lr = lr_at(step, optim_cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image = batch["image"].to(accelerator.device, non_blocking=True)
-        text = batch["text"].to(accelerator.device, non_blocking=True)
-        img_emb_BD, txt_emb_BD, logit_scale = ddp_model(image, text)  # autocast per accelerator
-        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale)
-        accelerator.backward(loss)
+        device = accelerator.device
+        inputs = [
+            (b["image"].to(device, non_blocking=True), b["text"].to(device, non_blocking=True))
+            for b in micro
+        ]
+        loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
         max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
         # The norm is all-reduced with the gradients, so every rank takes the same branch.
@@ -220,7 +264,7 @@ def train(
                 / accelerator.num_processes,
                 "train/data_wait_share": data_wait / elapsed,
                 "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
-                "train/epoch": step / loader.batches_per_epoch,
+                "train/epoch": step * accum / loader.batches_per_epoch,
                 "train/nonfinite_steps": state.get("nonfinite_steps", 0),
                 **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
             }
@@ -242,7 +286,7 @@ def train(
                     model=accelerator.unwrap_model(ddp_model),
                     optimizer=optimizer,
                     state={
-                        "epoch": step // loader.batches_per_epoch,
+                        "epoch": step * accum // loader.batches_per_epoch,
                         "nonfinite_steps": state.get("nonfinite_steps", 0),
                         "skipped": dict(skipped),
                     },

@@ -1,11 +1,10 @@
 """Symmetric InfoNCE with cross-rank negatives.
 
 The loss works on features only, always in fp32. Negatives from other ranks arrive through
-PyTorch's functional ``all_gather_single`` (the successor of the deprecated
-``torch.distributed.nn.functional.all_gather``), whose backward sends each rank the gradient
+:func:`gather_with_grad`, whose backward sends each rank the sum over ranks of the gradient
 of every rank's loss with respect to its own features (Accelerate's ``gather`` is a plain
-collective and would silently cut those gradients). Summed over ranks and then averaged by
-DDP, that is exactly the gradient of the mean loss over the global batch.
+collective and would silently cut those gradients). Averaged by DDP, that is exactly the
+gradient of the mean loss over the global batch.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single
 
 
 @dataclass(kw_only=True)
@@ -38,12 +36,35 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward, reduce_scatter (sum) backward; both synchronous.
+
+    Written out because ``torch.distributed.nn.functional.all_gather`` is deprecated and the
+    functional collectives return asynchronous tensors; plain synchronous collectives keep
+    the order of operations obvious.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out_WB_D = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
+        dist.all_gather_single(out_WB_D, x_BD.contiguous())
+        return out_WB_D
+
+    @staticmethod
+    def backward(ctx, grad_WB_D: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        grad_BD = grad_WB_D.new_empty((grad_WB_D.shape[0] // world, *grad_WB_D.shape[1:]))
+        dist.reduce_scatter_single(grad_BD, grad_WB_D.contiguous(), op=dist.ReduceOp.SUM)
+        return grad_BD
+
+
 def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
-    """Concatenates every rank's ``x`` along dim 0, keeping gradients to all of them."""
+    """Concatenates every rank's ``x`` along dim 0 (rank order), keeping gradients to all."""
     _, world = world_info()
     if world == 1:
         return x_BD
-    return all_gather_single(x_BD.contiguous(), 0, dist.group.WORLD)  # x_WB_D
+    return _GatherWithGrad.apply(x_BD)  # x_WB_D
 
 
 class InfoNCELoss(torch.nn.Module):

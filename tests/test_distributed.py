@@ -12,8 +12,9 @@ from tests.helpers import global_batch, micro_model, torchrun
 DIST = Path(__file__).parent / "dist"
 
 
-@pytest.mark.parametrize("local_loss", [0, 1])
-def test_two_ranks_equal_one_process(tmp_path, local_loss):
+@pytest.mark.parametrize(("local_loss", "accum"), [(0, 1), (1, 1), (0, 2), (1, 2)])
+def test_two_ranks_equal_one_process(tmp_path, local_loss, accum):
+    """2 ranks (x accum micro-batches each) == 1 process on the concatenated batch."""
     per_rank = 4
     out = tmp_path / "rank0.safetensors"
     torchrun(
@@ -21,6 +22,7 @@ def test_two_ranks_equal_one_process(tmp_path, local_loss):
         f"--out={out}",
         f"--local-loss={local_loss}",
         f"--per-rank={per_rank}",
+        f"--accum={accum}",
     )
     got = load_file(out)
 

@@ -133,3 +133,21 @@ def test_train_resume_export_eval(workspace, tmp_path):
     assert got["heldout/image_retrieval_recall@5"] == pytest.approx(
         metrics_a["eval/heldout/image_retrieval_recall@5"]
     )
+
+
+def test_accumulation_in_the_loop_equals_the_large_batch(workspace, tmp_path):
+    # Same sample order either way (one reader), so 2 micro-batches of 4 == 1 batch of 8.
+    big = micro_recipe(workspace / "shards", tmp_path / "big", steps=3)
+    big["data"]["batch_size"] = 8
+    acc = micro_recipe(workspace / "shards", tmp_path / "acc", steps=3, accum_steps=2)
+    acc["data"]["batch_size"] = 4
+    run_pretrain(load_run_config(big))
+    run_pretrain(load_run_config(acc))
+    losses_big, losses_acc = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
+    assert losses_big.keys() == losses_acc.keys() == {1, 2, 3}
+    for step in losses_big:
+        assert losses_acc[step] == pytest.approx(losses_big[step], rel=1e-5), step
+    w_big = load_file(list_checkpoints(tmp_path / "big")[-1] / "model.safetensors")
+    w_acc = load_file(list_checkpoints(tmp_path / "acc")[-1] / "model.safetensors")
+    for k in w_big:
+        torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-4, atol=1e-5, msg=k)

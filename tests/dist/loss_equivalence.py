@@ -9,6 +9,7 @@ import argparse
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from clipline.pretrain.loop import contrastive_step
 from clipline.pretrain.loss import InfoNCELoss, LossConfig
 from tests.helpers import global_batch, micro_model
 
@@ -16,6 +17,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--local-loss", type=int, default=0)
 parser.add_argument("--per-rank", type=int, default=4)
+parser.add_argument("--accum", type=int, default=1, help="micro-batches per rank's share")
 args = parser.parse_args()
 
 accelerator = Accelerator(cpu=True)
@@ -24,9 +26,9 @@ model = micro_model()
 ddp = accelerator.prepare(model)
 images, texts = global_batch(args.per_rank * world)
 mine = slice(rank * args.per_rank, (rank + 1) * args.per_rank)
-img, txt, scale = ddp(images[mine], texts[mine])
-loss = InfoNCELoss(LossConfig(local_loss=bool(args.local_loss)))(img, txt, scale)
-accelerator.backward(loss)
+micro = list(zip(images[mine].chunk(args.accum), texts[mine].chunk(args.accum), strict=True))
+loss_fn = InfoNCELoss(LossConfig(local_loss=bool(args.local_loss)))
+loss, _ = contrastive_step(ddp, loss_fn, micro, accelerator)
 loss_mean = accelerator.reduce(loss.detach(), reduction="mean")
 if accelerator.is_main_process:
     grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
@@ -34,4 +36,6 @@ if accelerator.is_main_process:
         {"loss": loss_mean.reshape(1), **{f"grad/{k}": v for k, v in grads.items()}}, args.out
     )
 accelerator.wait_for_everyone()
+del ddp
+accelerator.free_memory()  # drop the DDP wrapper before its process group goes
 accelerator.end_training()
