@@ -1,0 +1,258 @@
+"""Launch files: the Accelerate configs pass through `accelerate launch`'s own code, and the
+Slurm script forwards the pre-emption warning and requeues (run against fake srun/scontrol)."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, patch_environment
+from accelerate.utils import launch as accelerate_launch
+from accelerate.utils.launch import _filter_args
+from torch.distributed import run as distrib_run
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "launch" / "accelerate"
+SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
+
+# name -> (distributed_type, machines, processes per machine)
+EXPECTED = {
+    "single_gpu.yaml": (DistributedType.NO, 1, 1),
+    "multi_gpu.yaml": (DistributedType.MULTI_GPU, 1, 8),
+    "multi_node.yaml": (DistributedType.MULTI_GPU, 2, 8),
+    "fsdp.yaml": (DistributedType.FSDP, 1, 8),
+    "multi_node_fsdp.yaml": (DistributedType.FSDP, 2, 8),
+}
+FSDP_CONFIGS = [n for n, (kind, _, _) in EXPECTED.items() if kind == DistributedType.FSDP]
+
+
+def _launch_args(config: Path, *flags: str):
+    """What `accelerate launch --config_file CONFIG FLAGS -m clipline pretrain` resolves to."""
+    argv = ["--config_file", str(config), *flags, "-m", "clipline", "pretrain"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    return args
+
+
+def _rank_env(args) -> dict[str, str]:
+    """The environment the launcher gives each rank (without binding a port)."""
+    with mock.patch.object(accelerate_launch, "is_port_in_use", return_value=False):
+        return accelerate_launch.prepare_multi_gpu_env(args)
+
+
+def test_the_shipped_configs_are_the_expected_ones():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_and_process_counts_agree(name):
+    path = CONFIGS / name
+    text = path.read_text()
+    assert isinstance(yaml.safe_load(text), dict)
+    # The header documents the launch command for this very file.
+    assert text.startswith("#") and f"--config_file launch/accelerate/{name}" in text
+
+    kind, machines, per_machine = EXPECTED[name]
+    cfg = load_config_from_file(str(path))  # what `accelerate launch --config_file` calls
+    assert isinstance(cfg, ClusterConfig)
+    # A str in the YAML; an unquoted NO would load as False and stay False.
+    assert cfg.distributed_type == kind and isinstance(cfg.distributed_type, DistributedType)
+    assert cfg.num_machines == machines
+    # num_processes is the total: accelerate gives each node num_processes // num_machines.
+    assert cfg.num_processes == machines * per_machine
+
+    args = _launch_args(path)
+    if kind == DistributedType.NO:  # `accelerate launch` runs the one process itself
+        cmd, env = accelerate_launch.prepare_simple_launcher_cmd_env(args)
+        assert cmd[-3:] == ["-m", "clipline", "pretrain"]
+    else:
+        env = _rank_env(args)
+        assert args.nproc_per_node == str(per_machine)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env.get("ACCELERATE_USE_FSDP") == ("true" if kind == DistributedType.FSDP else None)
+
+
+@pytest.mark.parametrize("name", ["multi_node.yaml", "multi_node_fsdp.yaml"])
+def test_multi_node_placeholders_are_overridden_by_the_sbatch_flags(name):
+    flags = ["--num_machines", "4", "--num_processes", "32", "--machine_rank", "3"]
+    flags += ["--main_process_ip", "node0", "--main_process_port", "23456"]
+    args = _launch_args(CONFIGS / name, *flags)
+    _rank_env(args)
+    # With the sbatch's PET_SIGNALS_TO_HANDLE, torchrun's agent (which `accelerate launch`
+    # runs in-process) also forwards SIGUSR1 to the ranks instead of dying from it.
+    with patch_environment(PET_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1"):
+        torchrun = _filter_args(args, distrib_run.get_args_parser(), ["--training_script", "x"])
+    assert (torchrun.nnodes, torchrun.nproc_per_node, torchrun.node_rank) == ("4", "8", 3)
+    assert (torchrun.rdzv_backend, torchrun.rdzv_endpoint) == ("static", "node0:23456")
+    assert torchrun.signals_to_handle == "SIGTERM,SIGUSR1"
+
+
+@pytest.mark.parametrize("name", FSDP_CONFIGS)
+def test_fsdp_config_reaches_the_plugin_as_fsdp2(name):
+    path = CONFIGS / name
+    # accelerate checks only the top-level keys; a misspelt fsdp_* key is silently dropped.
+    launch_flags = {a.dest for a in launch_command_parser()._actions}
+    unknown = set(yaml.safe_load(path.read_text())["fsdp_config"]) - launch_flags
+    assert not unknown, f"not `accelerate launch` options (ignored by accelerate): {unknown}"
+
+    env = _rank_env(_launch_args(path))
+    with patch_environment(**{k: v for k, v in env.items() if k.startswith("FSDP_")}):
+        plugin = FullyShardedDataParallelPlugin()  # what Accelerator() builds in each rank
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True  # FSDP2's FULL_SHARD
+    assert plugin.transformer_cls_names_to_wrap == ["ResidualAttentionBlock"]
+    assert plugin.cpu_ram_efficient_loading is False
+
+
+def test_fsdp_wrap_class_exists_in_open_clip():
+    # Read the source rather than import open_clip (seconds); accelerate raises at prepare()
+    # if a class to wrap does not occur in the model.
+    source = Path(importlib.util.find_spec("open_clip").origin).parent / "transformer.py"
+    assert "\nclass ResidualAttentionBlock(" in source.read_text()
+
+
+def test_sbatch_parses_and_has_the_requeue_plumbing():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    text = SBATCH.read_text()
+    directives = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert any("--signal=" in d and "USR1@" in d for d in directives)
+    assert any(d.split()[1] == "--requeue" for d in directives)
+    assert any(d.split()[1] == "--ntasks-per-node=1" for d in directives)
+    assert "--resume latest" in text and "scontrol requeue" in text
+
+
+# A fake cluster for the sbatch script: srun runs the per-node command once, as node 1, and
+# forwards USR1 to it; scontrol records requeues; the "launcher" records its arguments and,
+# like torchrun's agent, exits 1 after receiving USR1.
+FAKE_SRUN = """#!/bin/bash
+echo "srun $*" >> "$SIM/log"
+while [[ $1 == --* ]]; do shift; done
+trap 'kill -s USR1 $child' USR1
+SLURM_NODEID=1 "$@" &
+child=$!
+while :; do wait $child; rc=$?; kill -0 $child 2>/dev/null || exit $rc; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$SIM/log"
+if [[ $1 == show ]]; then printf 'gpu-a\\ngpu-b\\n'; fi
+"""
+FAKE_LAUNCHER = """#!/bin/bash
+printf '%s\\n' "$(basename "$0")" "$@" > "$SIM/argv"
+trap 'echo "launcher got USR1" >> "$SIM/log"; exit 1' USR1
+touch "$SIM/ready"
+if [[ $FAKE_EXIT != wait ]]; then exit "$FAKE_EXIT"; fi
+for _ in $(seq 300); do sleep 0.05; done
+"""
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    for rel, body in [
+        ("bin/srun", FAKE_SRUN),
+        ("bin/scontrol", FAKE_SCONTROL),
+        ("venv/bin/accelerate", FAKE_LAUNCHER),
+        ("venv/bin/torchrun", FAKE_LAUNCHER),
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(body)
+        (tmp_path / rel).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PET_"))}
+    env |= {
+        "PATH": f"{tmp_path / 'bin'}:{env['PATH']}",
+        "SIM": str(tmp_path),
+        "CLIPLINE_VENV": str(tmp_path / "venv"),
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_CPUS_PER_TASK": "16",
+    }
+
+    def submit(exit_code="wait", signal_after_start=False, **extra):
+        proc = subprocess.Popen(
+            ["bash", str(SBATCH), "--recipe", "vit-b-32-cc3m", "data.shards=/my data"],
+            env=env | {"FAKE_EXIT": exit_code} | extra,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if signal_after_start:  # Slurm's --signal=B:USR1 goes to the batch shell
+            deadline = time.monotonic() + 20
+            while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=30)
+        log, argv = tmp_path / "log", tmp_path / "argv"
+        log = log.read_text() if log.exists() else ""
+        argv = argv.read_text().splitlines() if argv.exists() else []
+        return proc.returncode, out, log, argv
+
+    return submit
+
+
+def test_sbatch_forwards_the_warning_and_requeues(cluster):
+    rc, out, log, argv = cluster(signal_after_start=True)
+    assert rc == 0, out
+    assert "launcher got USR1" in log and "scontrol requeue 4242" in log, out
+    # One launcher per node, each with its own node's rank (expanded on the node, not here).
+    srun = next(ln for ln in log.splitlines() if ln.startswith("srun "))
+    assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun and "--cpus-per-task=16" in srun
+    assert argv[:2] == ["accelerate", "launch"]
+    module = argv.index("-m")
+    assert dict(zip(argv[2:module:2], argv[3:module:2], strict=True)) == {
+        "--config_file": "launch/accelerate/multi_node.yaml",
+        "--num_machines": "2",
+        "--num_processes": "16",
+        "--machine_rank": "1",
+        "--main_process_ip": "gpu-a",
+        "--main_process_port": str(20000 + 4242),
+    }
+    # The user's arguments arrive intact, with --resume latest last so that it wins.
+    assert argv[module:] == [
+        "-m",
+        "clipline",
+        "pretrain",
+        "--recipe",
+        "vit-b-32-cc3m",
+        "data.shards=/my data",
+        "--resume",
+        "latest",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "requeued", "expected_rc"),
+    [("0", False, 0), ("2", False, 2), ("143", True, 0)],
+)
+def test_sbatch_requeues_only_preempted_runs(cluster, exit_code, requeued, expected_rc):
+    rc, out, log, _ = cluster(exit_code=exit_code)
+    assert rc == expected_rc, out
+    assert ("scontrol requeue" in log) is requeued, out
+
+
+def test_sbatch_stops_requeueing_after_max_requeues(cluster):
+    rc, out, log, _ = cluster(exit_code="143", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert rc == 143 and "scontrol requeue" not in log, out
+
+
+def test_sbatch_torchrun_launcher(cluster):
+    rc, out, _, argv = cluster(exit_code="0", LAUNCHER="torchrun")
+    assert rc == 0, out
+    assert argv[:9] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "8",
+        "--node_rank",
+        "1",
+        "--master_addr",
+        "gpu-a",
+    ]
+    assert argv[-2:] == ["--resume", "latest"]
