@@ -38,12 +38,13 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from clipline.launch.config import load_run_config
+    from clipline.launch.run import plan, run_pretrain
 
     cfg = load_run_config(args.recipe, args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        shape = plan(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        print(json.dumps({"config": cfg.to_dict(), "plan": shape}, indent=2))
         return 0
-    from clipline.launch.run import run_pretrain
 
     metrics = run_pretrain(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -134,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="a shipped recipe name or a TOML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loop.steps=100")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, world size, global batch, steps and samples; exit",
+    )
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="zero-shot / retrieval metrics of an export or checkpoint")
@@ -161,11 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipline`` console script and ``python -m clipline``."""
     args = build_parser().parse_args(argv)
     _setup_logging()
+    from clipline.pretrain.loop import Preempted
+
     try:
         return args.func(args)
     except ValueError as exc:  # bad user input: one clear line, no traceback
         print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:  # SIGTERM/SIGUSR1: checkpointed; 143 tells SLURM to requeue
+        print(f"clipline {args.command}: {exc}", file=sys.stderr)
+        return Preempted.exit_code
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ class RunConfig:
                 f"optim.warmup_steps={self.optim.warmup_steps} leaves no decay within "
                 f"loop.steps={self.loop.steps}; lower optim.warmup_steps"
             )
+        if self.optim.schedule == "constant_cooldown" and self.optim.cooldown_steps <= 0:
+            raise ValueError(
+                "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
+                f"{self.optim.cooldown_steps}"
+            )
         names = [t.name for t in [*self.zeroshot, *self.retrieval]]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")

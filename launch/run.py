@@ -32,6 +32,31 @@ def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
     }
 
 
+def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The run's shape as it would start: what ``clipline pretrain --dry-run`` prints.
+
+    Reads only the shard manifest; raises ValueError for missing shards like a real start.
+    """
+    from clipline.data.shards import list_shards, read_manifest
+
+    shards = list_shards(cfg.data.shards)
+    num_samples = cfg.data.num_samples or sum(read_manifest(cfg.data.shards).values())
+    readers = world_size * max(cfg.data.workers, 1)
+    per_epoch = num_samples // (readers * cfg.data.batch_size) * max(cfg.data.workers, 1)
+    total = cfg.loop.total_steps(per_epoch) if per_epoch else 0
+    global_batch = cfg.data.batch_size * cfg.loop.accum_steps * world_size
+    return {
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "shards": len(shards),
+        "samples_per_epoch": num_samples,
+        "steps_per_epoch": per_epoch // cfg.loop.accum_steps,
+        "total_steps": total,
+        "total_samples": total * global_batch,
+        "epochs": total * cfg.loop.accum_steps / per_epoch if per_epoch else 0.0,
+    }
+
+
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;

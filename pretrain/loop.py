@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -49,6 +50,8 @@ class LoopConfig:
         mixed_precision: ``no`` (fp32), ``bf16`` or ``fp16`` autocast; the loss is fp32 always.
         log_every: Steps between metric lines (JSONL, TensorBoard, progress bar).
         checkpoint_every: Steps between checkpoints; the last step is always saved.
+        checkpoint_minutes: Also checkpoint when this many minutes have passed since the
+            last one (0: off); bounds the work lost to a crash whatever the step time.
         keep_last: Checkpoints kept on disk (older ones are deleted).
         eval_every: Steps between evaluations; 0 evaluates only after the last step.
         max_nonfinite: Consecutive non-finite steps (skipped, weights untouched) before the
@@ -62,6 +65,7 @@ class LoopConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     log_every: int = 10
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 0.0
     keep_last: int = 3
     eval_every: int = 0
     max_nonfinite: int = 5
@@ -82,6 +86,36 @@ def is_due(step: int, every: int) -> bool:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    """A stop signal was turned into a checkpoint; the process should exit with 143."""
+
+    exit_code = 143  # 128 + SIGTERM: what schedulers (SLURM requeue) read as "terminated"
+
+
+class _StopSignals:
+    """Records SIGTERM / SIGUSR1 (SLURM's pre-emption warning) instead of dying mid-step.
+
+    The handler only sets a flag (it may fire twice: SLURM and the launcher both forward);
+    the loop checks it between steps, all ranks agree, and the run checkpoints and stops.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __enter__(self) -> _StopSignals:
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -207,94 +241,110 @@ def train(
     batches = batches_from(step)
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
     window_start, data_wait, window_steps, consecutive_bad = time.perf_counter(), 0.0, 0, 0
+    last_save = window_start
     ddp_model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(accum)]
-        data_wait += time.perf_counter() - t0
-        for batch in micro:
-            skipped.update(batch["skipped"])
+    with _StopSignals() as stop_signals:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            data_wait += time.perf_counter() - t0
+            for batch in micro:
+                skipped.update(batch["skipped"])
 
-        lr = lr_at(step, optim_cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        device = accelerator.device
-        inputs = [
-            (b["image"].to(device, non_blocking=True), b["text"].to(device, non_blocking=True))
-            for b in micro
-        ]
-        loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
-        max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
-        grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
-        # The norm is all-reduced with the gradients, so every rank takes the same branch.
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            consecutive_bad = 0
-        else:
-            state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
-            consecutive_bad += 1
-            log.warning("step %d: non-finite loss/gradients, step skipped", step)
-            if consecutive_bad >= loop_cfg.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{consecutive_bad} consecutive non-finite steps at step {step}; weights "
-                    f"are those of the last finite step (last checkpoint in {run_dir}). Lower "
-                    "optim.lr, raise optim.warmup_steps, or use mixed_precision='bf16' "
-                    "instead of 'fp16'."
+            lr = lr_at(step, optim_cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            device = accelerator.device
+            inputs = [
+                (b["image"].to(device, non_blocking=True), b["text"].to(device, non_blocking=True))
+                for b in micro
+            ]
+            loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
+            max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
+            # The norm is all-reduced with the gradients, so every rank takes the same branch.
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                consecutive_bad = 0
+            else:
+                state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss/gradients, step skipped", step)
+                if consecutive_bad >= loop_cfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive non-finite steps at step {step}; weights "
+                        f"are those of the last finite step (last checkpoint in {run_dir}). Lower "
+                        "optim.lr, raise optim.warmup_steps, or use mixed_precision='bf16' "
+                        "instead of 'fp16'."
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            model.clamp_logit_scale()
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            if is_due(step, loop_cfg.log_every) or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+                counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+                counts = accelerator.reduce(counts, reduction="sum").tolist()
+                last = {
+                    "train/loss": loss_mean,
+                    "train/lr": lr,
+                    "train/logit_scale": logit_scale.item(),
+                    "train/grad_norm": grad_norm.item(),
+                    "train/samples_per_s": global_batch * window_steps / elapsed,
+                    "train/samples_per_s_per_device": global_batch
+                    * window_steps
+                    / elapsed
+                    / accelerator.num_processes,
+                    "train/data_wait_share": data_wait / elapsed,
+                    "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
+                    "train/epoch": step * accum / loader.batches_per_epoch,
+                    "train/nonfinite_steps": state.get("nonfinite_steps", 0),
+                    **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
+                }
+                sink.write(step, last)
+                bar.set_postfix(
+                    loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}"
                 )
-        optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
-        step += 1
-        window_steps += 1
-        bar.update(1)
+                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
 
-        if is_due(step, loop_cfg.log_every) or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-            counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
-            counts = accelerator.reduce(counts, reduction="sum").tolist()
-            last = {
-                "train/loss": loss_mean,
-                "train/lr": lr,
-                "train/logit_scale": logit_scale.item(),
-                "train/grad_norm": grad_norm.item(),
-                "train/samples_per_s": global_batch * window_steps / elapsed,
-                "train/samples_per_s_per_device": global_batch
-                * window_steps
-                / elapsed
-                / accelerator.num_processes,
-                "train/data_wait_share": data_wait / elapsed,
-                "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
-                "train/epoch": step * accum / loader.batches_per_epoch,
-                "train/nonfinite_steps": state.get("nonfinite_steps", 0),
-                **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
-            }
-            sink.write(step, last)
-            bar.set_postfix(loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}")
-            window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+            if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):
+                results = evaluate()
+                sink.write(step, results)
+                last.update(results)
+                window_start = time.perf_counter()  # eval time is not training throughput
 
-        if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):
-            results = evaluate()
-            sink.write(step, results)
-            last.update(results)
-            window_start = time.perf_counter()  # eval time is not training throughput
-
-        if is_due(step, loop_cfg.checkpoint_every) or step == total_steps:
-            if main:
-                save_checkpoint(
-                    run_dir,
-                    step=step,
-                    model=accelerator.unwrap_model(ddp_model),
-                    optimizer=optimizer,
-                    state={
-                        "epoch": step * accum // loader.batches_per_epoch,
-                        "nonfinite_steps": state.get("nonfinite_steps", 0),
-                        "skipped": dict(skipped),
-                    },
-                    config=run_config,
-                    keep_last=loop_cfg.keep_last,
+            # One tiny collective per step so that every rank stops at the same step.
+            minutes = (time.perf_counter() - last_save) / 60
+            timed = loop_cfg.checkpoint_minutes > 0 and minutes >= loop_cfg.checkpoint_minutes
+            flags = torch.tensor(
+                [stop_signals.received is not None, timed], device=accelerator.device
+            )
+            stop, timed = (accelerator.reduce(flags.float(), reduction="sum") > 0).tolist()
+            if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
+                if main:
+                    save_checkpoint(
+                        run_dir,
+                        step=step,
+                        model=accelerator.unwrap_model(ddp_model),
+                        optimizer=optimizer,
+                        state={
+                            "epoch": step * accum // loader.batches_per_epoch,
+                            "nonfinite_steps": state.get("nonfinite_steps", 0),
+                            "skipped": dict(skipped),
+                        },
+                        config=run_config,
+                        keep_last=loop_cfg.keep_last,
+                    )
+                accelerator.wait_for_everyone()
+                window_start = last_save = time.perf_counter()
+            if stop:
+                raise Preempted(
+                    f"stopped by a signal after step {step}; checkpoint saved in {run_dir}; "
+                    "continue with --resume latest"
                 )
-            accelerator.wait_for_everyone()
-            window_start = time.perf_counter()
     bar.close()
     sink.close()
     return last

@@ -25,7 +25,10 @@ class OptimConfig:
         betas: Adam betas; (0.9, 0.98) is CLIP's choice for ViTs.
         eps: Adam epsilon.
         warmup_steps: Linear warmup from 0 to ``lr``.
-        schedule: ``cosine`` decays to ``min_lr`` at the last step; ``constant`` holds ``lr``.
+        schedule: ``cosine`` decays to ``min_lr`` at the last step; ``constant`` holds
+            ``lr``; ``constant_cooldown`` holds ``lr``, then decays linearly to ``min_lr``
+            over the last ``cooldown_steps`` (open_clip's ``const-cooldown``).
+        cooldown_steps: Length of the final decay of ``constant_cooldown``.
         grad_clip_norm: Max global gradient norm; 0 disables clipping (the norm is still
             computed and logged, and a non-finite norm still skips the step).
     """
@@ -36,7 +39,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
+    cooldown_steps: int = 0
     grad_clip_norm: float = 1.0
 
 
@@ -77,6 +81,12 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "constant_cooldown":
+        cooldown_start = total_steps - cfg.cooldown_steps
+        if step < cooldown_start:
+            return cfg.lr
+        progress = (step - cooldown_start) / max(1, cfg.cooldown_steps)
+        return cfg.lr - (cfg.lr - cfg.min_lr) * min(1.0, progress)
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -84,3 +85,23 @@ def micro_recipe(shards: Path, run_dir: Path, **loop) -> dict:
         "optim": {"lr": 1e-3, "warmup_steps": 1, "weight_decay": 0.1},
         "loop": {"steps": 4, "log_every": 1, "checkpoint_every": 2, "keep_last": 2, **loop},
     }
+
+
+def to_toml(data: dict) -> str:
+    """Minimal TOML writer for recipe dicts: top-level tables, inline tables, scalars, lists."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float | str):
+            return json.dumps(v)  # JSON numbers and basic strings are valid TOML
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table, items in ((k, v) for k, v in data.items() if isinstance(v, dict)):
+        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in items.items()]
+    return "\n".join(lines) + "\n"

@@ -66,6 +66,26 @@ def test_cli_reports_errors_in_one_line_before_training(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_dry_run_prints_resolved_config(capsys):
-    assert main(["pretrain", "--recipe", "cpu-debug", "data.shards=/d", "--dry-run"]) == 0
-    assert '"batch_size": 32' in capsys.readouterr().out
+def test_dry_run_prints_resolved_config_and_plan(tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.helpers import make_shards
+
+    shards = make_shards(tmp_path / "s", n=96, per_shard=16)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    overrides = [f"data.shards={shards}", "data.batch_size=8", "loop.accum_steps=2"]
+    rc = main(["pretrain", "--recipe", "cpu-debug", *overrides, "--dry-run"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["data"]["batch_size"] == 8
+    # 96 samples / (2 ranks x 1 worker x 8) = 6 micro-batches per epoch = 3 steps of 2.
+    assert out["plan"] == {
+        "world_size": 2,
+        "global_batch": 32,
+        "shards": 6,
+        "samples_per_epoch": 96,
+        "steps_per_epoch": 3,
+        "total_steps": 50,
+        "total_samples": 1600,
+        "epochs": 50 / 3,
+    }

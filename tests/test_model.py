@@ -59,6 +59,10 @@ def test_schedule_is_a_pure_function_of_step():
     assert lr_at(60, cfg, 110) == pytest.approx(0.5)
     assert lr_at(110, cfg, 110) == pytest.approx(0.0)
     assert lr_at(60, OptimConfig(lr=1.0, warmup_steps=10, schedule="constant"), 110) == 1.0
+    cooldown = OptimConfig(lr=1.0, warmup_steps=10, schedule="constant_cooldown", cooldown_steps=20)
+    assert [lr_at(s, cooldown, 110) for s in (5, 60, 89, 90, 100, 110)] == pytest.approx(
+        [0.6, 1.0, 1.0, 1.0, 0.5, 0.0]
+    )
 
 
 @pytest.mark.parametrize("name", ["micro", "clipline:tiny"])
