@@ -18,6 +18,7 @@ from clipline.launch.config import RunConfig, build
 from clipline.pretrain.checkpoint import list_checkpoints, load_weights, read_config
 from clipline.pretrain.export import load_export, read_export_meta
 from clipline.pretrain.loop import train
+from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             "--multi_gpu / torchrun --nproc_per_node)"
         )
     set_seed(cfg.loop.seed)  # same initial weights on every rank
-    model = DualEncoder.from_config(cfg.model)
+    model = DualEncoder.from_config(cfg.model, **model_overrides(cfg.loss))
     loader = build_train_loader(
         cfg.data,
         preprocess=model.image_transform(is_train=True),
@@ -139,7 +140,9 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualE
             f"{path} is neither a clipline export (clipline_export.json), a checkpoint "
             "(model.safetensors) nor a run directory (checkpoints/)"
         )
-    model_cfg = build(ModelConfig, read_config(path)["model"], prefix="model.")
-    model = DualEncoder.from_config(model_cfg)
+    saved = read_config(path)
+    model_cfg = build(ModelConfig, saved["model"], prefix="model.")
+    loss_cfg = build(LossConfig, saved.get("loss", {}), prefix="loss.")
+    model = DualEncoder.from_config(model_cfg, **model_overrides(loss_cfg))
     load_weights(model, path)
     return model.to(device).eval()

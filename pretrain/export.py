@@ -50,7 +50,8 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
     image = {k: v for k, v in weights.items() if k.startswith("visual.")}
-    text = {k: v for k, v in weights.items() if not k.startswith("visual.") and k != "logit_scale"}
+    temperature = ("logit_scale", "logit_bias")  # in the JSON: they belong to neither tower
+    text = {k: v for k, v in weights.items() if not k.startswith(("visual.", *temperature))}
     save_file(image, out / IMAGE_FILE, metadata={"format": "pt"})
     save_file(text, out / TEXT_FILE, metadata={"format": "pt"})
     meta = {
@@ -62,6 +63,7 @@ def export_model(
         "tokenizer": _tokenizer_info(model),
         "logit_scale": float(model.logit_scale.detach().exp()),
         "log_logit_scale": float(model.logit_scale.detach()),  # the parameter itself, exact in JSON
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
         "step": step,
         "run_config": run_config,
     }
@@ -89,5 +91,7 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> D
     model = DualEncoder(meta["model_cfg"], meta["preprocess"])
     weights = {**load_file(export_dir / IMAGE_FILE), **load_file(export_dir / TEXT_FILE)}
     weights["logit_scale"] = torch.tensor(meta["log_logit_scale"], dtype=torch.float32)
+    if meta["logit_bias"] is not None:
+        weights["logit_bias"] = torch.tensor(meta["logit_bias"], dtype=torch.float32)
     model.clip.load_state_dict(weights, strict=True)
     return model.to(device).eval()

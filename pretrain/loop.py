@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from clipline.data.stream import SKIP_REASONS, TrainLoader
 from clipline.pretrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from clipline.pretrain.loss import InfoNCELoss, LossConfig
+from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at
 
@@ -159,11 +159,11 @@ def contrastive_step(
     the loss over the whole set (its own rows live, the others cached). Each backward
     gives d(loss)/d(its rows); their sum is exactly the large-batch gradient. The
     temperature's gradient is taken once, in the last pass (open_clip counts it once per
-    micro-batch), and DDP synchronises only on that last pass.
+    micro-batch; so is the SigLIP bias's), and DDP synchronises only on that last pass.
     """
     if len(micro_batches) == 1:
-        img_emb_BD, txt_emb_BD, logit_scale = ddp_model(*micro_batches[0])
-        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale)
+        img_emb_BD, txt_emb_BD, logit_scale, logit_bias = ddp_model(*micro_batches[0])
+        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale, logit_bias)
         accelerator.backward(loss)
         return loss.detach(), logit_scale.detach()
     with torch.no_grad():
@@ -172,11 +172,13 @@ def contrastive_step(
     last = len(micro_batches) - 1
     for j, (image, text) in enumerate(micro_batches):
         with contextlib.nullcontext() if j == last else accelerator.no_sync(ddp_model):
-            img_emb_BD, txt_emb_BD, logit_scale = ddp_model(image, text)
+            img_emb_BD, txt_emb_BD, logit_scale, logit_bias = ddp_model(image, text)
             scale = logit_scale if j == last else logit_scale.detach()
+            if logit_bias is not None and j != last:
+                logit_bias = logit_bias.detach()
             img_KB_D = torch.cat([*img_cache[:j], img_emb_BD, *img_cache[j + 1 :]])
             txt_KB_D = torch.cat([*txt_cache[:j], txt_emb_BD, *txt_cache[j + 1 :]])
-            loss = loss_fn(img_KB_D, txt_KB_D, scale)
+            loss = loss_fn(img_KB_D, txt_KB_D, scale, logit_bias)
             accelerator.backward(loss)
     return loss.detach(), logit_scale.detach()
 
@@ -211,7 +213,7 @@ def train(
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = InfoNCELoss(loss_cfg)
+    loss_fn = build_loss(loss_cfg)
     sink = _MetricSink(run_dir, main)
 
     def batches_from(step: int) -> Iterator[dict[str, Any]]:

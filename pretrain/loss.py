@@ -9,7 +9,9 @@ gradient of the mean loss over the global batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,15 @@ class LossConfig:
     """Contrastive loss settings.
 
     Attributes:
+        kind: ``infonce`` (CLIP's softmax loss) or ``siglip`` (SigLIP's pairwise sigmoid
+            loss; the model then gets a learnable logit bias, initialised to -10, and its
+            temperature starts at ln 10, as in the SigLIP paper).
         local_loss: Compute only this rank's rows of the global logit matrix (B x W*B per
             rank, memory linear in the global batch) instead of the full square on every
             rank. Same loss value after averaging over ranks, same gradients.
     """
 
+    kind: Literal["infonce", "siglip"] = "infonce"
     local_loss: bool = False
 
 
@@ -75,7 +81,11 @@ class InfoNCELoss(torch.nn.Module):
         self.cfg = cfg
 
     def forward(
-        self, img_emb_BD: torch.Tensor, txt_emb_BD: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        img_emb_BD: torch.Tensor,
+        txt_emb_BD: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean of image->text and text->image cross-entropy on this rank's rows.
 
@@ -83,11 +93,13 @@ class InfoNCELoss(torch.nn.Module):
             img_emb_BD: L2-normalised image embeddings of this rank's batch.
             txt_emb_BD: L2-normalised text embeddings, row i paired with image i.
             logit_scale: exp of the learnable log temperature (a scalar).
+            logit_bias: must be None: CLIP's softmax loss has no bias.
 
         Returns:
             The fp32 scalar loss. Averaged over ranks, it equals the loss of one process on
             the concatenated global batch.
         """
+        assert logit_bias is None, "a logit bias belongs to the siglip loss"
         # fp32 whatever the autocast context: a bf16 softmax over thousands of logits is lossy.
         with torch.autocast(device_type=img_emb_BD.device.type, enabled=False):
             img_BD, txt_BD, scale = img_emb_BD.float(), txt_emb_BD.float(), logit_scale.float()
@@ -107,3 +119,43 @@ class InfoNCELoss(torch.nn.Module):
             return 0.5 * (
                 F.cross_entropy(logits_i2t_BN, labels_B) + F.cross_entropy(logits_t2i_BN, labels_B)
             )
+
+
+class SigLipLoss(torch.nn.Module):
+    """SigLIP's sigmoid loss: every image-text pair is an independent binary decision.
+
+    Each rank scores its images against the texts of all ranks (gathered with gradients),
+    normalised by its own image count, as open_clip's ``SigLipLoss`` does with its ring
+    exchange; averaged over ranks it equals the loss of one process on the global batch.
+    """
+
+    def forward(
+        self,
+        img_emb_BD: torch.Tensor,
+        txt_emb_BD: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert logit_bias is not None, "the siglip loss needs the model's logit bias"
+        with torch.autocast(device_type=img_emb_BD.device.type, enabled=False):
+            img_BD, txt_BD = img_emb_BD.float(), txt_emb_BD.float()
+            rank, _ = world_info()
+            batch = img_BD.shape[0]
+            all_txt_ND = gather_with_grad(txt_BD)
+            logits_BN = logit_scale.float() * img_BD @ all_txt_ND.T + logit_bias.float()
+            labels_BN = -torch.ones_like(logits_BN)  # +1 on this rank's positive pairs only
+            rows_B = torch.arange(batch, device=img_BD.device)
+            labels_BN[rows_B, rows_B + rank * batch] = 1.0
+            return -F.logsigmoid(labels_BN * logits_BN).sum() / batch
+
+
+def build_loss(cfg: LossConfig) -> torch.nn.Module:
+    """The loss module ``cfg.kind`` names."""
+    return SigLipLoss() if cfg.kind == "siglip" else InfoNCELoss(cfg)
+
+
+def model_overrides(cfg: LossConfig) -> dict[str, float]:
+    """open_clip model-config keys the loss needs (SigLIP: a bias and its initial scale)."""
+    if cfg.kind == "siglip":
+        return {"init_logit_bias": -10.0, "init_logit_scale": math.log(10.0)}
+    return {}

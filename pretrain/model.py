@@ -29,7 +29,6 @@ from torch.nn import functional as F
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 1/100
-INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
 _PREFIXES = ("open_clip:", "clipline:")
 
@@ -157,12 +156,11 @@ class DualEncoder(nn.Module):
         self.tokenize = Tokenize(
             tokenizer=self.tokenizer, pad_id=model_cfg["text_cfg"].get("pad_id", 0), trim=trim
         )
-        with torch.no_grad():
-            self.clip.logit_scale.fill_(INIT_LOGIT_SCALE)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> DualEncoder:
-        return cls(cfg.resolve(), cfg.preprocess)
+    def from_config(cls, cfg: ModelConfig, **overrides: Any) -> DualEncoder:
+        """Builds the model ``cfg`` names; ``overrides`` update its open_clip config."""
+        return cls({**cfg.resolve(), **overrides}, cfg.preprocess)
 
     @property
     def embed_dim(self) -> int:
@@ -224,10 +222,15 @@ class DualEncoder(nn.Module):
             x_BD = x_BW @ clip.text_projection
         return F.normalize(x_BD, dim=-1)  # txt_emb_BD, unit norm
 
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """SigLIP's learnable bias; None for CLIP-style models."""
+        return getattr(self.clip, "logit_bias", None)
+
     def forward(
         self, image_BCHW: torch.Tensor, text_BL: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (img_emb_BD, txt_emb_BD, logit_scale) with logit_scale = exp(param)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (img_emb_BD, txt_emb_BD, exp(logit_scale), logit_bias or None)."""
         img_emb_BD = self.encode_image(image_BCHW)
         txt_emb_BD = self.encode_text(text_BL)
-        return img_emb_BD, txt_emb_BD, self.clip.logit_scale.exp()
+        return img_emb_BD, txt_emb_BD, self.clip.logit_scale.exp(), self.logit_bias

@@ -21,9 +21,11 @@ MICRO_CFG = {
 }
 
 
-def micro_model(seed: int = 0) -> DualEncoder:
+def micro_model(seed: int = 0, loss: str = "infonce") -> DualEncoder:
+    from clipline.pretrain.loss import LossConfig, model_overrides
+
     torch.manual_seed(seed)
-    return DualEncoder(MICRO_CFG)
+    return DualEncoder({**MICRO_CFG, **model_overrides(LossConfig(kind=loss))})
 
 
 def global_batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

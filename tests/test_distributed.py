@@ -6,14 +6,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipline.pretrain.loss import InfoNCELoss, LossConfig
+from clipline.pretrain.loss import LossConfig, build_loss
 from tests.helpers import global_batch, micro_model, torchrun
 
 DIST = Path(__file__).parent / "dist"
 
 
-@pytest.mark.parametrize(("local_loss", "accum"), [(0, 1), (1, 1), (0, 2), (1, 2)])
-def test_two_ranks_equal_one_process(tmp_path, local_loss, accum):
+@pytest.mark.parametrize(
+    ("loss_kind", "local_loss", "accum"),
+    [
+        ("infonce", 0, 1),
+        ("infonce", 1, 1),
+        ("infonce", 0, 2),
+        ("infonce", 1, 2),
+        ("siglip", 0, 1),
+        ("siglip", 0, 2),
+    ],
+)
+def test_two_ranks_equal_one_process(tmp_path, loss_kind, local_loss, accum):
     """2 ranks (x accum micro-batches each) == 1 process on the concatenated batch."""
     per_rank = 4
     out = tmp_path / "rank0.safetensors"
@@ -23,12 +33,15 @@ def test_two_ranks_equal_one_process(tmp_path, local_loss, accum):
         f"--local-loss={local_loss}",
         f"--per-rank={per_rank}",
         f"--accum={accum}",
+        f"--loss={loss_kind}",
     )
     got = load_file(out)
 
-    model = micro_model()
+    model = micro_model(loss=loss_kind)
     images, texts = global_batch(2 * per_rank)
-    loss = InfoNCELoss(LossConfig(local_loss=bool(local_loss)))(*model(images, texts))
+    loss = build_loss(LossConfig(kind=loss_kind, local_loss=bool(local_loss)))(
+        *model(images, texts)
+    )
     loss.backward()
 
     torch.testing.assert_close(got["loss"][0], loss.detach(), rtol=1e-5, atol=1e-6)

@@ -151,3 +151,19 @@ def test_accumulation_in_the_loop_equals_the_large_batch(workspace, tmp_path):
     w_acc = load_file(list_checkpoints(tmp_path / "acc")[-1] / "model.safetensors")
     for k in w_big:
         torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_siglip_run_exports_its_bias(workspace, tmp_path):
+    recipe = micro_recipe(workspace / "shards", tmp_path / "sig", steps=2)
+    recipe["loss"] = {"kind": "siglip"}
+    metrics = run_pretrain(load_run_config(recipe))
+    assert metrics["train/loss"] > 0
+    assert main(["export", str(tmp_path / "sig"), str(tmp_path / "exp")]) == 0
+    trained, exported = load_encoders(tmp_path / "sig"), load_encoders(tmp_path / "exp")
+    assert exported.logit_bias is not None
+    assert exported.logit_bias.item() == trained.logit_bias.item() != -10.0  # it trained
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            exported.encode_image(images), trained.encode_image(images), rtol=0, atol=0
+        )

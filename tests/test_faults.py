@@ -30,7 +30,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeyp
             loss = super().forward(*args)
             return loss if calls["n"] <= 2 else loss * math.nan
 
-    monkeypatch.setattr(loop, "InfoNCELoss", FlakyLoss)
+    monkeypatch.setattr(loop, "build_loss", FlakyLoss)
     recipe = micro_recipe(shards, tmp_path / "run", steps=8, checkpoint_every=1, max_nonfinite=3)
     with pytest.raises(loop.NonFiniteLossError, match="3 consecutive non-finite steps"):
         run_pretrain(load_run_config(recipe))
@@ -50,13 +50,13 @@ def test_bf16_autocast_trains_with_fp32_loss(shards, tmp_path, monkeypatch):
         return forward(self, image, text)
 
     class RecordingLoss(InfoNCELoss):
-        def forward(self, img, txt, scale):
-            loss = super().forward(img, txt, scale)
+        def forward(self, img, txt, scale, bias=None):
+            loss = super().forward(img, txt, scale, bias)
             seen.append(("loss", loss.dtype))
             return loss
 
     monkeypatch.setattr(DualEncoder, "forward", recording_forward)
-    monkeypatch.setattr(loop, "InfoNCELoss", RecordingLoss)
+    monkeypatch.setattr(loop, "build_loss", RecordingLoss)
     recipe = micro_recipe(shards, tmp_path / "run", steps=2, mixed_precision="bf16")
     metrics = run_pretrain(load_run_config(recipe))
     assert math.isfinite(metrics["train/loss"])

@@ -56,3 +56,18 @@ def test_perfect_alignment_gives_low_loss():
     img = torch.eye(8)
     loss = InfoNCELoss(LossConfig())(img, img, torch.tensor(100.0))
     assert loss.item() < 1e-6
+
+
+def test_siglip_matches_open_clip():
+    from clipline.pretrain.loss import SigLipLoss
+
+    img, txt, scale = _features()
+    bias = torch.tensor(-10.0).requires_grad_()
+    ref_in = [t.detach().clone().requires_grad_() for t in (img, txt, scale, bias)]
+    ours = SigLipLoss()(img, txt, scale.exp(), bias)
+    ref = open_clip.loss.SigLipLoss()(ref_in[0], ref_in[1], ref_in[2].exp(), ref_in[3])
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip((img, txt, scale, bias), ref_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)

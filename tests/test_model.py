@@ -26,7 +26,8 @@ def test_custom_config_needs_all_keys():
 def test_embeddings_are_unit_norm_and_temperature_is_clip_init():
     model = micro_model()
     images, texts = global_batch(4)
-    img, txt, scale = model(images, texts)
+    img, txt, scale, bias = model(images, texts)
+    assert bias is None  # CLIP-style: no logit bias
     assert img.shape == txt.shape == (4, 32)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(4))
@@ -88,3 +89,9 @@ def test_no_trimming_for_a_text_tower_without_causal_mask():
     model = DualEncoder(cfg)
     assert not model.tokenize.trim
     assert model.tokenize(["a b"]).shape[1] == 16
+
+
+def test_siglip_models_get_a_bias_and_siglip_init():
+    model = micro_model(loss="siglip")
+    assert model.logit_bias.item() == -10.0
+    assert math.isclose(model.logit_scale.exp().item(), 10.0, rel_tol=1e-5)

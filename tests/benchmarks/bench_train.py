@@ -71,7 +71,7 @@ CPUS = os.cpu_count() or 1
 # Share of all CPUs that other processes may take during a run before it is re-measured:
 # with 2 cores, torch's OpenMP threads wait at every barrier for a preempted thread, so even
 # a niced competitor slows a step far more than its CPU share suggests.
-CONTAMINATED = 0.10
+CONTAMINATED = 0.05
 DATA_VERSION = 1  # bump when the generated data changes, so caches are rebuilt
 
 
