@@ -73,6 +73,14 @@ class RunConfig:
                 f"optim.warmup_steps={self.optim.warmup_steps} leaves no decay within "
                 f"loop.steps={self.loop.steps}; lower optim.warmup_steps"
             )
+        if not 0.0 <= self.model.patch_dropout < 1.0:
+            raise ValueError(
+                f"model.patch_dropout must be in [0, 1), got {self.model.patch_dropout}"
+            )
+        if self.model.lock_image_unlocked_groups and not self.model.lock_image:
+            raise ValueError(
+                "model.lock_image_unlocked_groups is only read with model.lock_image=true"
+            )
         if self.optim.schedule == "constant_cooldown" and self.optim.cooldown_steps <= 0:
             raise ValueError(
                 "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "

@@ -95,3 +95,47 @@ def test_siglip_models_get_a_bias_and_siglip_init():
     model = micro_model(loss="siglip")
     assert model.logit_bias.item() == -10.0
     assert math.isclose(model.logit_scale.exp().item(), 10.0, rel_tol=1e-5)
+
+
+def _custom(**kw) -> ModelConfig:
+    return ModelConfig(name="custom", config=MICRO_CFG, **kw)
+
+
+def test_lit_locks_the_image_tower_and_the_optimizer_skips_it():
+    model = DualEncoder.from_config(_custom(lock_image=True))
+    visual = [p for n, p in model.named_parameters() if n.startswith("clip.visual.")]
+    assert visual and not any(p.requires_grad for p in visual)
+    decay, no_decay = param_groups(model, 0.2)
+    optimised = {id(p) for g in (decay, no_decay) for p in g["params"]}
+    assert not optimised & {id(p) for p in visual}
+    partly = DualEncoder.from_config(_custom(lock_image=True, lock_image_unlocked_groups=1))
+    assert any(
+        p.requires_grad for n, p in partly.named_parameters() if n.startswith("clip.visual.")
+    )
+
+
+def test_patch_dropout_only_in_training():
+    model = DualEncoder.from_config(_custom(patch_dropout=0.5))
+    assert model.model_cfg["vision_cfg"]["patch_dropout"] == 0.5
+    images, _ = global_batch(2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = model.encode_image(images), model.encode_image(images)
+        assert not torch.allclose(a, b)  # different patches dropped
+        model.eval()
+        torch.testing.assert_close(model.encode_image(images), model.encode_image(images))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    from clipline.pretrain.loss import InfoNCELoss, LossConfig
+
+    images, texts = global_batch(4)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = DualEncoder.from_config(_custom(grad_checkpointing=ckpt))
+        InfoNCELoss(LossConfig())(*model(images, texts)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
