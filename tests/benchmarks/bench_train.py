@@ -10,8 +10,8 @@ What it does:
 1. Writes ~1,500 (image, caption) pairs once into webdataset shards with clipline's own
    writer (``clipline.data.shards.write_samples``) under ``--cache-dir`` (reused while the
    data parameters match). Images are clipline's generated shape scenes at 256 px with mild
-   per-pixel noise, saved as quality-90 JPEGs of ~20 KB: flat synthetic scenes would be
-   4 KB files that decode in a third of the time of a web photo of that size.
+   per-pixel noise, saved as quality-90 JPEGs of ~25 KB: flat synthetic scenes would be
+   4 KB files that decode in half the time of a web photo of that size.
 2. Runs ``open_clip_train`` (1 process, fp32, webdataset input, ``--train-num-samples =
    steps x batch``) through a small ``python -c`` wrapper that registers clipline's model
    config with ``open_clip.add_model_config`` and applies webdataset's ``eof_value=None``
@@ -226,8 +226,12 @@ _PURE_CHILD = textwrap.dedent(
     labels = torch.arange(batch)
     times = {k: [] for k in texts}
     clip_times = []
-    for i in range(warmup + steps):
-        for kind, text in texts.items():  # interleaved, so drift hits both alike
+    # Blocks (A B A B), each after its own warm-up steps: alternating every step would
+    # churn the allocator between two activation sizes, which neither trainer does.
+    blocks = [(kind, n) for n in (steps // 2, steps - steps // 2) for kind in texts]
+    for kind, n in blocks:
+        text = texts[kind]
+        for i in range(warmup + n):
             t0 = time.perf_counter()
             # L2-normalised embeddings and exp(logit scale) first (a SigLIP bias may follow).
             img_emb, txt_emb, scale = model(image, text)[:3]
@@ -460,7 +464,8 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
 
 def run_pure(a: argparse.Namespace, shards: Path, tag: str) -> list[dict]:
     """Pure model steps on one fixed batch: full-context text, and clipline's trimmed text."""
-    args = [f"clipline:{a.model}", str(shards), str(a.batch_size), "3", str(a.pure_steps)]
+    # 2 warm-up steps before each block of pure_steps / 2 timed steps.
+    args = [f"clipline:{a.model}", str(shards), str(a.batch_size), "2", str(a.pure_steps)]
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     text, cpu = _run_child(_PURE_CHILD, args, log_path, a.timeout)
     line = next(ln for ln in text.splitlines() if ln.startswith("BENCH_RESULT "))
@@ -484,6 +489,14 @@ def run_pure(a: argparse.Namespace, shards: Path, tag: str) -> list[dict]:
             }
         )
     return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def clipline_version() -> str:
@@ -576,8 +589,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="tiny-224", help="a clipline model config name")
     p.add_argument("--workers", type=int, default=1, help="dataloader workers, both trainers")
     p.add_argument("--repeats", type=int, default=2, help="runs per trainer, alternating")
-    p.add_argument("--log-every", type=int, default=5, help="window size; first window skipped")
-    p.add_argument("--pure-steps", type=int, default=12, help="timed pure steps per run")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=5,
+        help="window size; the first and last window of each run are left out",
+    )
+    p.add_argument(
+        "--pure-steps", type=int, default=16, help="timed pure steps per run and text length"
+    )
     p.add_argument("--num-pairs", type=int, default=1500)
     p.add_argument("--samples-per-shard", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -654,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
     version = clipline_version()
     print(
         f"model clipline:{a.model} ({cfg_path}), batch {a.batch_size}, fp32, {a.steps} steps, "
-        f"{a.workers} worker(s), {a.repeats} repeats, {os.cpu_count()} CPUs\n"
+        f"{a.workers} worker(s), {a.repeats} repeats, {os.cpu_count()} CPUs ({cpu_model()})\n"
         f"clipline {version}",
         flush=True,
     )
@@ -689,8 +709,7 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "date": dt.datetime.now().isoformat(timespec="seconds"),
                     "argv": sys.argv,
-                    "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} CPUs",
+                    "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
                     "args": {k: str(v) for k, v in vars(a).items()},
                     "clipline": version,
                     "summary": summary,
