@@ -139,3 +139,30 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_timm_image_tower_trains_and_exports(tmp_path):
+    from clipline.pretrain.export import export_model, load_export
+    from clipline.pretrain.loss import InfoNCELoss, LossConfig
+
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {
+            "timm_model_name": "resnet18",  # any timm model; random init, nothing downloaded
+            "timm_model_pretrained": False,
+            "timm_pool": "avg",
+            "timm_proj": "linear",
+            "image_size": 32,
+        },
+        "text_cfg": MICRO_CFG["text_cfg"],
+    }
+    model = DualEncoder.from_config(ModelConfig(name="custom", config=cfg))
+    images, texts = global_batch(4)
+    InfoNCELoss(LossConfig())(*model(images, texts)).backward()
+    assert model.clip.visual.trunk.conv1.weight.grad is not None
+    loaded = load_export(export_model(model, tmp_path / "exp", run_config={}))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0
+        )
