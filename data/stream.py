@@ -17,7 +17,9 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import multiprocessing
 import random
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,7 +102,16 @@ class ContrastiveStream(IterableDataset):
         self.preprocess, self.tokenize = preprocess, tokenize
         self.rank, self.world_size = rank, world_size
         self.batches_per_worker = batches_per_worker
-        self.epoch = 0  # set by the owner before each iter(); workers get a copy
+        # Shared memory, so persistent workers see the epoch the owner sets before iter().
+        self._epoch = multiprocessing.Value("i", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
     def _slot_urls(self, worker: int, num_workers: int) -> list[str]:
         order = list(self.urls)
@@ -138,18 +149,31 @@ class ContrastiveStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         urls = self._slot_urls(worker, num_workers)
-        rng = random.Random(f"{self.cfg.seed}/samples/{self.epoch}/{self.rank}/{worker}")
+        rng_key = f"{self.cfg.seed}/samples/{self.epoch}/{self.rank}/{worker}"
+        rng = random.Random(rng_key)
         counts: Counter = Counter()
         reported: Counter = Counter()
         samples = wds.shuffle(self.cfg.shuffle_buffer, rng=rng)(self._cycle(urls, rng, counts))
         decoded = (d for s in samples if (d := _decode(s, counts)) is not None)
         batches = wds.batched(self.cfg.batch_size, collation_fn=None)(decoded)
+        position = 0  # samples this worker has yielded this epoch
         for batch in itertools.islice(batches, self.batches_per_worker):
             keys, images, captions = zip(*batch, strict=True)
             skipped = counts - reported
             reported = counts.copy()
+            # Augmentation draws from torch's global RNG; seeding it per sample from its
+            # coordinates makes every crop a pure function of (seed, epoch, rank, worker,
+            # position): resumed runs, fresh or persistent workers and any batch split see
+            # the same pixels. fork_rng leaves the caller's RNG alone (workers=0 runs here).
+            with torch.random.fork_rng(devices=[]):
+                tensors = []
+                for image in images:
+                    torch.manual_seed(zlib.crc32(f"{rng_key}/augment/{position}".encode()))
+                    tensors.append(self.preprocess(image))
+                    position += 1
+                image_BCHW = torch.stack(tensors)
             yield {
-                "image": torch.stack([self.preprocess(im) for im in images]),  # f32[B,3,H,W]
+                "image": image_BCHW,  # f32[B,3,H,W]
                 "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
                 "key": list(keys),
                 "skipped": dict(skipped),
@@ -164,18 +188,25 @@ class TrainLoader:
     workers: int
     batches_per_epoch: int
     num_samples: int
+    _loader: DataLoader | None = None
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """A fresh iterator over epoch ``epoch`` (shard order and shuffles depend on it)."""
+        """A fresh iterator over epoch ``epoch`` (shard order and shuffles depend on it).
+
+        The previous epoch's iterator must be exhausted: workers persist across epochs
+        (no process start-up at each epoch boundary) and restart on the new epoch.
+        """
         self.stream.epoch = epoch
-        loader = DataLoader(
-            self.stream,
-            batch_size=None,  # batches are built (and tokenised) inside the workers
-            num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if self.workers else None,
-        )
-        return iter(loader)
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.stream,
+                batch_size=None,  # batches are built (and tokenised) inside the workers
+                num_workers=self.workers,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0,
+            )
+        return iter(self._loader)
 
 
 def build_train_loader(

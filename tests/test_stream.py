@@ -97,3 +97,30 @@ def test_too_few_shards_for_ranks_times_workers_is_a_clear_error(tmp_path):
 def test_missing_shard_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="missing.tar"):
         _loader(f"{tmp_path}/missing.tar")
+
+
+def test_persistent_workers_follow_the_epoch_like_a_fresh_loader(tmp_path):
+    # Resume relies on it: epoch 1 from workers that lived through epoch 0 must equal
+    # epoch 1 from a loader started fresh at epoch 1.
+    shards = make_shards(tmp_path / "s", n=64, per_shard=16)
+    kept = _loader(shards, workers=2)
+    keys0 = [k for b in kept.epoch(0) for k in b["key"]]
+    keys1 = [k for b in kept.epoch(1) for k in b["key"]]
+    fresh1 = [k for b in _loader(shards, workers=2).epoch(1) for k in b["key"]]
+    assert keys1 == fresh1
+    assert keys0 != keys1  # shard order and shuffles change with the epoch
+
+
+def test_augmented_pixels_depend_only_on_the_batch_coordinates(tmp_path):
+    shards = make_shards(tmp_path / "s", n=64, per_shard=16)
+    kept = _loader(shards, workers=2)
+    list(kept.epoch(0))
+    persistent = [b["image"] for b in kept.epoch(1)]
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    fresh = [b["image"] for b in _loader(shards, workers=2).epoch(1)]
+    assert len(persistent) == len(fresh) > 0
+    for a, b in zip(persistent, fresh, strict=True):
+        assert torch.equal(a, b)
+    state = torch.get_rng_state()
+    next(_loader(shards, workers=0).epoch(0))
+    assert torch.equal(torch.get_rng_state(), state)  # in-process reading leaves it alone
