@@ -209,15 +209,23 @@ class TrainLoader:
         return iter(self._loader)
 
 
-def build_train_loader(
-    cfg: StreamConfig,
-    *,
-    preprocess: Callable[[Image.Image], torch.Tensor],
-    tokenize: Callable[[list[str]], torch.Tensor],
-    rank: int,
-    world_size: int,
-) -> TrainLoader:
-    """Checks the shards against the run shape and builds this rank's loader.
+@dataclass(frozen=True)
+class EpochShape:
+    """How one epoch divides among ranks and workers (the same on every rank)."""
+
+    urls: list[str]
+    num_samples: int
+    readers_per_rank: int  # dataloader workers, or 1 reading in-process
+    batches_per_worker: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch."""
+        return self.batches_per_worker * self.readers_per_rank
+
+
+def epoch_shape(cfg: StreamConfig, world_size: int) -> EpochShape:
+    """Checks the shards against the run shape and divides an epoch among the readers.
 
     Raises:
         ValueError: missing shards, too few shards for ranks x workers, or too few samples
@@ -227,32 +235,48 @@ def build_train_loader(
     num_samples = cfg.num_samples
     if num_samples is None:
         num_samples = sum(read_manifest(cfg.shards).values())
-    slots = world_size * max(cfg.workers, 1)
+    per_rank = max(cfg.workers, 1)
+    slots = world_size * per_rank
     if len(urls) < slots:
         raise ValueError(
             f"{len(urls)} shards in {cfg.shards!r} but {world_size} ranks x "
-            f"{max(cfg.workers, 1)} workers = {slots} readers: some would read nothing. "
+            f"{per_rank} workers = {slots} readers: some would read nothing. "
             f"Lower data.workers, or rewrite the shards smaller (clipline shards "
             f"--samples-per-shard) so there are at least {slots}."
         )
-    per_worker = num_samples // (world_size * max(cfg.workers, 1) * cfg.batch_size)
+    per_worker = num_samples // (slots * cfg.batch_size)
     if per_worker == 0:
         raise ValueError(
             f"{num_samples} samples cannot give one batch of {cfg.batch_size} to each of "
             f"{slots} readers; lower data.batch_size or data.workers"
         )
+    return EpochShape(
+        urls=urls, num_samples=num_samples, readers_per_rank=per_rank, batches_per_worker=per_worker
+    )
+
+
+def build_train_loader(
+    cfg: StreamConfig,
+    *,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    rank: int,
+    world_size: int,
+) -> TrainLoader:
+    """This rank's loader, after :func:`epoch_shape` has checked the run shape."""
+    shape = epoch_shape(cfg, world_size)
     stream = ContrastiveStream(
         cfg,
-        urls,
+        shape.urls,
         preprocess=preprocess,
         tokenize=tokenize,
         rank=rank,
         world_size=world_size,
-        batches_per_worker=per_worker,
+        batches_per_worker=shape.batches_per_worker,
     )
     return TrainLoader(
         stream=stream,
         workers=cfg.workers,
-        batches_per_epoch=per_worker * max(cfg.workers, 1),
-        num_samples=num_samples,
+        batches_per_epoch=shape.batches_per_epoch,
+        num_samples=shape.num_samples,
     )

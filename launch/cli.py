@@ -95,12 +95,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from clipline.launch.run import load_encoders
-    from clipline.pretrain.checkpoint import list_checkpoints, read_config
+    from clipline.launch.run import load_encoders, resolve_checkpoint
+    from clipline.pretrain.checkpoint import read_config
     from clipline.pretrain.export import export_model
 
-    src = Path(args.checkpoint)
-    ckpt = list_checkpoints(src)[-1] if (src / "checkpoints").is_dir() else src
+    ckpt = resolve_checkpoint(args.checkpoint)
     model = load_encoders(ckpt)
     state = json.loads((ckpt / "state.json").read_text())
     out = export_model(model, args.output, run_config=read_config(ckpt), step=state["step"])

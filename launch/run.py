@@ -12,11 +12,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from clipline.data.stream import build_train_loader
+from clipline.data.stream import build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
 from clipline.pretrain.checkpoint import list_checkpoints, load_weights, read_config
-from clipline.pretrain.export import load_export, read_export_meta
+from clipline.pretrain.export import load_export
 from clipline.pretrain.loop import train
 from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
@@ -36,25 +36,21 @@ def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
 def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The run's shape as it would start: what ``clipline pretrain --dry-run`` prints.
 
-    Reads only the shard manifest; raises ValueError for missing shards like a real start.
+    Reads only the shard manifest, and fails (ValueError) exactly where a real start would.
     """
-    from clipline.data.shards import list_shards, read_manifest
-
-    shards = list_shards(cfg.data.shards)
-    num_samples = cfg.data.num_samples or sum(read_manifest(cfg.data.shards).values())
-    readers = world_size * max(cfg.data.workers, 1)
-    per_epoch = num_samples // (readers * cfg.data.batch_size) * max(cfg.data.workers, 1)
-    total = cfg.loop.total_steps(per_epoch) if per_epoch else 0
+    shape = epoch_shape(cfg.data, world_size)
+    per_epoch = shape.batches_per_epoch
+    total = cfg.loop.total_steps(per_epoch)
     global_batch = cfg.data.batch_size * cfg.loop.accum_steps * world_size
     return {
         "world_size": world_size,
         "global_batch": global_batch,
-        "shards": len(shards),
-        "samples_per_epoch": num_samples,
+        "shards": len(shape.urls),
+        "samples_per_epoch": shape.num_samples,
         "steps_per_epoch": per_epoch // cfg.loop.accum_steps,
         "total_steps": total,
         "total_samples": total * global_batch,
-        "epochs": total * cfg.loop.accum_steps / per_epoch if per_epoch else 0.0,
+        "epochs": total * cfg.loop.accum_steps / per_epoch,
     }
 
 
@@ -118,18 +114,13 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         accelerator.end_training()
 
 
-def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
-    """A dual encoder from an export directory, a checkpoint directory or a run directory.
-
-    A run directory means its latest checkpoint.
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's latest checkpoint.
 
     Raises:
-        ValueError: the path is none of these.
+        ValueError: the path is neither, or the run has no complete checkpoint yet.
     """
     path = Path(path)
-    if (path / "clipline_export.json").is_file():
-        read_export_meta(path)
-        return load_export(path, device)
     if (path / "checkpoints").is_dir():
         found = list_checkpoints(path)
         if not found:
@@ -140,6 +131,18 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualE
             f"{path} is neither a clipline export (clipline_export.json), a checkpoint "
             "(model.safetensors) nor a run directory (checkpoints/)"
         )
+    return path
+
+
+def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
+    """A dual encoder from an export directory, a checkpoint directory or a run directory.
+
+    Raises:
+        ValueError: the path is none of these.
+    """
+    if (Path(path) / "clipline_export.json").is_file():
+        return load_export(path, device)
+    path = resolve_checkpoint(path)
     saved = read_config(path)
     model_cfg = build(ModelConfig, saved["model"], prefix="model.")
     loss_cfg = build(LossConfig, saved.get("loss", {}), prefix="loss.")
