@@ -65,6 +65,15 @@ class ModelConfig:
             evaluation); trains faster per step at some accuracy cost.
         grad_checkpointing: Recompute tower activations in the backward pass instead of
             storing them: less memory, about a third more compute; same gradients.
+        image_tower: ``timm:<model name>`` replaces the named config's image tower with any
+            timm model (e.g. ``timm:resnet50``, ``timm:vit_small_patch16_224``) pooled by
+            timm's own head pooling and projected linearly to ``embed_dim``.
+        image_tower_weights: A local ``.safetensors`` file of timm weights for that tower
+            (e.g. a pretrained backbone for LiT); its classifier head is ignored.
+        text_tower: ``hf:<local directory>`` replaces the text tower with a HuggingFace
+            transformers encoder (BERT-like: ``config.json``, weights and tokenizer files,
+            as ``save_pretrained`` writes them), mean-pooled and projected by a small MLP as
+            in open_clip's HF-text configs. Nothing is downloaded: the path must exist.
     """
 
     name: str = "clipline:tiny"
@@ -74,13 +83,31 @@ class ModelConfig:
     lock_image_unlocked_groups: int = 0
     patch_dropout: float = 0.0
     grad_checkpointing: bool = False
+    image_tower: str | None = None
+    image_tower_weights: str | None = None
+    text_tower: str | None = None
 
     def resolve(self) -> dict[str, Any]:
-        """Returns the open_clip model config this spec names.
+        """Returns the open_clip model config: the named one with any tower replaced.
 
         Raises:
-            ValueError: unknown name, or ``config`` given with a named model.
+            ValueError: unknown model or tower name, missing tower path.
         """
+        model_cfg = self._resolve_named()
+        if self.image_tower is not None:
+            model_cfg["vision_cfg"] = _timm_vision_cfg(self.image_tower, model_cfg["vision_cfg"])
+        elif self.image_tower_weights is not None:
+            raise ValueError(
+                "model.image_tower_weights needs model.image_tower = 'timm:<name>' "
+                "(the weights are loaded into that timm model)"
+            )
+        if self.image_tower_weights is not None and not Path(self.image_tower_weights).is_file():
+            raise ValueError(f"model.image_tower_weights: no such file {self.image_tower_weights}")
+        if self.text_tower is not None:
+            model_cfg["text_cfg"] = _hf_text_cfg(self.text_tower)
+        return model_cfg
+
+    def _resolve_named(self) -> dict[str, Any]:
         if self.name == "custom":
             if not self.config or not {"embed_dim", "vision_cfg", "text_cfg"} <= self.config.keys():
                 raise ValueError(
@@ -108,6 +135,46 @@ class ModelConfig:
         )
 
 
+def _timm_vision_cfg(spec: str, base: dict[str, Any]) -> dict[str, Any]:
+    import timm
+
+    prefix, _, name = spec.partition(":")
+    if prefix != "timm" or not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(f'timm:{c}') for c in close)}?" if close else ""
+        raise ValueError(
+            f"model.image_tower {spec!r}: expected 'timm:<name>' with a name from "
+            f"timm.list_models().{hint}"
+        )
+    return {
+        "timm_model_name": name,
+        "timm_model_pretrained": False,  # weights only ever come from image_tower_weights
+        "timm_pool": "",  # timm's own pooling: tokens for ViTs, average for conv nets
+        "timm_proj": "linear",
+        "image_size": base.get("image_size", 224),
+    }
+
+
+def _hf_text_cfg(spec: str) -> dict[str, Any]:
+    prefix, _, path = spec.partition(":")
+    if prefix != "hf" or not Path(path, "config.json").is_file():
+        raise ValueError(
+            f"model.text_tower {spec!r}: expected 'hf:<local directory>' holding config.json, "
+            "the weights and tokenizer files (what save_pretrained writes); clipline never "
+            "downloads models"
+        )
+    config = json.loads(Path(path, "config.json").read_text())
+    return {
+        "hf_model_name": path,
+        "hf_tokenizer_name": path,
+        "hf_model_pretrained": True,
+        "hf_pooler_type": "mean_pooler",
+        "hf_proj_type": "mlp",
+        # CLIP-style captions are short; the tower's own limit caps it.
+        "context_length": min(77, int(config.get("max_position_embeddings", 77))),
+    }
+
+
 def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tuple[nn.Module, Any]:
     """Builds an open_clip model (random init) and its tokenizer from a model config dict."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +186,18 @@ def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tu
         logging.root.setLevel(logging.ERROR)
         try:
             model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False)
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+            text_cfg = model_cfg["text_cfg"]
+            if "hf_tokenizer_name" in text_cfg:
+                # open_clip's local-dir schema looks for tokenizer files beside the config;
+                # ours live where the config points.
+                tokenizer = open_clip.tokenizer.HFTokenizer(
+                    text_cfg["hf_tokenizer_name"],
+                    context_length=text_cfg.get("context_length", 77),
+                    tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                    **text_cfg.get("tokenizer_kwargs", {}),
+                )
+            else:
+                tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
         finally:
             logging.root.setLevel(previous)
     return model, tokenizer
@@ -179,11 +257,27 @@ class DualEncoder(nn.Module):
                 "patch_dropout": cfg.patch_dropout,
             }
         model = cls(model_cfg, cfg.preprocess)
+        if cfg.image_tower_weights is not None:
+            model.load_image_tower_weights(cfg.image_tower_weights)
         if cfg.lock_image:
             model.clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
         if cfg.grad_checkpointing:
             model.clip.set_grad_checkpointing(True)
         return model
+
+    def load_image_tower_weights(self, path: str) -> None:
+        """Loads timm weights (safetensors) into the timm image tower; the head is not used."""
+        from safetensors.torch import load_file
+
+        trunk = self.clip.visual.trunk
+        missing, unexpected = trunk.load_state_dict(load_file(path), strict=False)
+        if missing:
+            name = self.model_cfg["vision_cfg"]["timm_model_name"]
+            raise ValueError(
+                f"{path}: not weights of timm model {name}; missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
+        log.info("loaded image tower weights from %s (ignored: %s)", path, unexpected)
 
     @property
     def embed_dim(self) -> int:
