@@ -6,12 +6,12 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from tests.helpers import MICRO_CFG, global_batch
 
 from clipline.launch.config import load_run_config
 from clipline.pretrain.export import export_model, load_export
 from clipline.pretrain.loss import InfoNCELoss, LossConfig
 from clipline.pretrain.model import DualEncoder, ModelConfig
+from tests.helpers import MICRO_CFG, global_batch
 
 CAPTIONS = ["a red cat", "a blue dog", "smiling face with heart eyes", "a green photo of the cat"]
 
@@ -32,7 +32,13 @@ def tiny_bert(path) -> str:
     )
     PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        **dict(zip(["pad_token", "unk_token", "cls_token", "sep_token", "mask_token"], specials)),
+        **dict(
+            zip(
+                ["pad_token", "unk_token", "cls_token", "sep_token", "mask_token"],
+                specials,
+                strict=True,
+            )
+        ),
     ).save_pretrained(path)
     torch.manual_seed(0)
     config = BertConfig(
