@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from clipline.data.stream import build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
@@ -22,6 +22,8 @@ from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
 
 log = logging.getLogger(__name__)
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in a compiler-free one
 
 
 def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
@@ -59,7 +61,13 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
     # otherwise every torchrun rank would silently train alone and overwrite the others' files.
     accelerator = Accelerator(
-        mixed_precision=cfg.loop.mixed_precision, cpu=not torch.accelerator.is_available()
+        mixed_precision=cfg.loop.mixed_precision,
+        cpu=not torch.accelerator.is_available(),
+        # Accelerate compiles the model in prepare(); caption lengths vary (trimmed batches),
+        # so let a second length switch that dimension to dynamic instead of recompiling.
+        dynamo_plugin=TorchDynamoPlugin(backend=COMPILE_BACKEND, dynamic=None)
+        if cfg.loop.compile
+        else None,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:

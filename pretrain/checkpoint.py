@@ -1,8 +1,10 @@
 """Checkpoints: ``run_dir/checkpoints/step_000123/`` written atomically.
 
 Layout of one checkpoint:
-  model.safetensors   the unwrapped DualEncoder's weights
-  optimizer.pt        optimizer state (tensors and plain types; loaded with weights_only=True)
+  model.safetensors   the DualEncoder's full (unsharded) weights
+  optimizer.pt        full optimizer state keyed by parameter name (torch.distributed's
+                      full state dict: the same file under DDP, FSDP or one process;
+                      tensors and plain types, loaded with weights_only=True)
   state.json          step, epoch and counters of the loop
   config.json         the resolved run config
 
@@ -23,6 +25,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +50,44 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full model and optimizer state on CPU, gathered from any wrapping (DDP, FSDP2, compile).
+
+    A collective under FSDP: call it on every rank. Rank 0 gets the states; under FSDP the
+    other ranks get empty dicts.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
+
+
 def save_checkpoint(
     run_dir: str | Path,
     *,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Writes checkpoint ``step`` (call on the main process only) and prunes old ones."""
+    """Writes checkpoint ``step`` (call on the main process only) and prunes old ones.
+
+    ``model_state`` and ``optimizer_state`` come from :func:`full_state_dicts`.
+    """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
     for stale in root.glob("*.tmp"):  # left by a process killed while saving
         shutil.rmtree(stale)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     for f in tmp.iterdir():  # the rename is only atomic for data already on disk
@@ -101,16 +127,18 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
     model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
 
 
-def load_checkpoint(
-    ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> dict[str, Any]:
-    """Restores model (and optimizer) in place; returns the saved loop state."""
+def load_checkpoint(ckpt: Path, *, model: nn.Module) -> dict[str, Any]:
+    """Restores the (unwrapped) model's weights in place; returns the saved loop state."""
     load_weights(model, ckpt)
-    if optimizer is not None:
-        optimizer.load_state_dict(
-            torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        )
     return json.loads((ckpt / "state.json").read_text())
+
+
+def load_optimizer_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restores the optimizer of a wrapped model (DDP, FSDP2 or none); on every rank."""
+    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(
+        model, optimizer, saved, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def read_config(ckpt: Path) -> dict[str, Any]:

@@ -90,8 +90,8 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> D
     meta = read_export_meta(export_dir)
     model = DualEncoder(meta["model_cfg"], meta["preprocess"])
     weights = {**load_file(export_dir / IMAGE_FILE), **load_file(export_dir / TEXT_FILE)}
-    weights["logit_scale"] = torch.tensor(meta["log_logit_scale"], dtype=torch.float32)
+    weights["logit_scale"] = torch.tensor([meta["log_logit_scale"]], dtype=torch.float32)
     if meta["logit_bias"] is not None:
-        weights["logit_bias"] = torch.tensor(meta["logit_bias"], dtype=torch.float32)
+        weights["logit_bias"] = torch.tensor([meta["logit_bias"]], dtype=torch.float32)
     model.clip.load_state_dict(weights, strict=True)
     return model.to(device).eval()

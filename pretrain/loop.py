@@ -23,11 +23,19 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from clipline.data.stream import SKIP_REASONS, TrainLoader
-from clipline.pretrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from clipline.pretrain.checkpoint import (
+    full_state_dicts,
+    load_checkpoint,
+    load_optimizer_state,
+    resolve_resume,
+    save_checkpoint,
+)
+from clipline.pretrain.flops import count_model_flops, peak_tflops
 from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at
@@ -57,6 +65,15 @@ class LoopConfig:
         max_nonfinite: Consecutive non-finite steps (skipped, weights untouched) before the
             run stops with an error.
         seed: Seeds model initialisation.
+        compile: ``torch.compile`` the model (Inductor) for training steps; the first steps
+            are slower while it compiles, and a new caption length may recompile once
+            before shapes are marked dynamic.
+        peak_tflops: The device's peak TFLOP/s for the training precision, for the MFU
+            metric where clipline's table (pretrain/flops.py) does not know the device
+            (e.g. a CPU); unset and unknown: MFU is not reported, TFLOP/s still are.
+        wandb_project: Also log metrics to this Weights & Biases project (needs
+            ``pip install wandb``; the run id is kept in the run directory, so a resumed
+            run continues the same W&B run).
     """
 
     steps: int | None = None
@@ -70,6 +87,9 @@ class LoopConfig:
     eval_every: int = 0
     max_nonfinite: int = 5
     seed: int = 0
+    compile: bool = False
+    peak_tflops: float | None = None
+    wandb_project: str | None = None
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run, given micro-batches per epoch on each rank."""
@@ -125,12 +145,22 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class _MetricSink:
-    """JSONL + TensorBoard on the main process; no-ops elsewhere."""
+    """JSONL + TensorBoard (+ W&B when configured) on the main process; no-ops elsewhere."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        *,
+        wandb_project: str | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tb")) if enabled else None
+        self.wandb = None
+        if enabled and wandb_project:
+            self.wandb = _start_wandb(run_dir, wandb_project, run_config or {})
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -140,10 +170,55 @@ class _MetricSink:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, project: str, run_config: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            f"loop.wandb_project={project!r} needs Weights & Biases: pip install wandb "
+            "(or unset loop.wandb_project)"
+        ) from None
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.is_file():
+        id_file.write_text(wandb.util.generate_id())
+    return wandb.init(
+        project=project,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(run_dir),
+        name=run_dir.name,
+        config=run_config,
+    )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's gradient norm) as a plain tensor; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _check_sharding(accelerator: Accelerator, model: DualEncoder) -> None:
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError(
+            "clipline trains with FSDP2 (torch fully_shard) only: set fsdp_version: 2 in the "
+            "accelerate config (see launch/accelerate/fsdp.yaml)"
+        )
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    # Evaluators call these instead of forward(); FSDP must gather the root's weights for them.
+    for method in ("encode_image", "encode_text"):
+        register_fsdp_forward_method(model, method)
 
 
 def contrastive_step(
@@ -204,17 +279,22 @@ def train(
     accum = loop_cfg.accum_steps
     global_batch = loader.stream.cfg.batch_size * accum * accelerator.num_processes
 
+    flops = count_model_flops(model)
+    peak = loop_cfg.peak_tflops or peak_tflops(accelerator.device, loop_cfg.mixed_precision)
     optimizer = build_optimizer(model, optim_cfg)
     state: dict[str, Any] = {"nonfinite_steps": 0, "skipped": {}}
     ckpt = resolve_resume(run_dir, resume)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
-        log.info("resumed from %s at step %d", ckpt, state["step"])
+    if ckpt is not None:  # weights before wrapping: every rank reads the full file
+        state = load_checkpoint(ckpt, model=model)
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    _check_sharding(accelerator, model)
+    if ckpt is not None:  # optimizer state after wrapping: FSDP re-creates the parameters
+        load_optimizer_state(ckpt, ddp_model, optimizer)
+        log.info("resumed from %s at step %d", ckpt, step)
     loss_fn = build_loss(loss_cfg)
-    sink = _MetricSink(run_dir, main)
+    sink = _MetricSink(run_dir, main, wandb_project=loop_cfg.wandb_project, run_config=run_config)
 
     def batches_from(step: int) -> Iterator[dict[str, Any]]:
         epoch, offset = divmod(step * accum, loader.batches_per_epoch)
@@ -229,20 +309,24 @@ def train(
             epoch += 1
 
     def evaluate() -> dict[str, float]:
+        # Every rank runs the evaluators: under FSDP each forward needs all ranks, and a
+        # rank-0-only path is how runs deadlock. Evaluators that split their data by rank
+        # gather the results; all ranks return the same numbers.
         results: dict[str, float] = {}
-        if main and evaluators:
-            model.eval()
-            with torch.no_grad(), accelerator.autocast():
-                for name, fn in evaluators.items():
-                    results.update({f"eval/{name}/{k}": v for k, v in fn(model).items()})
-            model.train()
-        accelerator.wait_for_everyone()
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            for name, fn in evaluators.items():
+                results.update({f"eval/{name}/{k}": v for k, v in fn(model).items()})
+        model.train()
+        if hasattr(model, "reshard"):  # FSDP2 keeps the root's gathered weights after a forward
+            model.reshard()
         return results
 
     last: dict[str, float] = {}
     batches = batches_from(step)
     bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
     window_start, data_wait, window_steps, consecutive_bad = time.perf_counter(), 0.0, 0, 0
+    window_flops = 0.0
     last_save = window_start
     ddp_model.train()
     with _StopSignals() as stop_signals:
@@ -262,6 +346,7 @@ def train(
                 for b in micro
             ]
             loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
+            window_flops += flops.train_step([tuple(text.shape) for _, text in inputs])
             max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
             grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
             # The norm is all-reduced with the gradients, so every rank takes the same branch.
@@ -287,20 +372,24 @@ def train(
 
             if is_due(step, loop_cfg.log_every) or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+                means = torch.tensor(
+                    [loss.float().item(), window_flops / elapsed, data_wait / elapsed],
+                    device=accelerator.device,
+                )
+                loss_mean, flops_per_s, wait_share = accelerator.reduce(means, "mean").tolist()
                 counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
                 counts = accelerator.reduce(counts, reduction="sum").tolist()
+                samples_per_s = global_batch * window_steps / elapsed
                 last = {
                     "train/loss": loss_mean,
                     "train/lr": lr,
-                    "train/logit_scale": logit_scale.item(),
-                    "train/grad_norm": grad_norm.item(),
-                    "train/samples_per_s": global_batch * window_steps / elapsed,
-                    "train/samples_per_s_per_device": global_batch
-                    * window_steps
-                    / elapsed
-                    / accelerator.num_processes,
-                    "train/data_wait_share": data_wait / elapsed,
+                    "train/logit_scale": logit_scale.float().item(),
+                    "train/grad_norm": _full(grad_norm).item(),
+                    "train/samples_per_s": samples_per_s,
+                    "train/samples_per_s_per_device": samples_per_s / accelerator.num_processes,
+                    "train/data_wait_share": wait_share,
+                    "train/tflops_per_device": flops_per_s / 1e12,
+                    **({"train/mfu": flops_per_s / 1e12 / peak} if peak else {}),
                     "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
                     "train/epoch": step * accum / loader.batches_per_epoch,
                     "train/nonfinite_steps": state.get("nonfinite_steps", 0),
@@ -310,7 +399,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}"
                 )
-                window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
+                window_start, data_wait, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0
 
             if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):
                 results = evaluate()
@@ -326,12 +415,13 @@ def train(
             )
             stop, timed = (accelerator.reduce(flags.float(), reduction="sum") > 0).tolist()
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
+                model_state, optimizer_state = full_state_dicts(ddp_model, optimizer)  # all ranks
                 if main:
                     save_checkpoint(
                         run_dir,
                         step=step,
-                        model=accelerator.unwrap_model(ddp_model),
-                        optimizer=optimizer,
+                        model_state=model_state,
+                        optimizer_state=optimizer_state,
                         state={
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),

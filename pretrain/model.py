@@ -203,6 +203,17 @@ def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tu
     return model, tokenizer
 
 
+def _repeated_block_classes(module: nn.Module) -> set[str]:
+    """Class names of stacked blocks: a ModuleList, or a Sequential of 2+, all of one class."""
+    names = set()
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) or (isinstance(m, nn.Sequential) and len(m) >= 2):
+            classes = {type(child).__name__ for child in m}
+            if len(classes) == 1:
+                names |= classes
+    return names
+
+
 @dataclass
 class Tokenize:
     """open_clip's tokenizer, cutting each batch after its longest sequence when that is exact.
@@ -246,6 +257,15 @@ class DualEncoder(nn.Module):
         self.tokenize = Tokenize(
             tokenizer=self.tokenizer, pad_id=model_cfg["text_cfg"].get("pad_id", 0), trim=trim
         )
+        # FSDP2 shards every parameter along dim 0 and rejects 0-d ones; a 1-element vector
+        # is the same temperature everywhere else (open_clip-format exports squeeze it back).
+        for name in ("logit_scale", "logit_bias"):
+            param = getattr(self.clip, name, None)
+            if param is not None and param.ndim == 0:
+                setattr(self.clip, name, nn.Parameter(param.detach().reshape(1)))
+        # FSDP units (read by Accelerate's transformer wrap policy): each tower's repeated
+        # blocks, whatever the tower (open_clip ResidualAttentionBlock, timm Block, HF layers).
+        self._no_split_modules = sorted(_repeated_block_classes(self.clip))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **overrides: Any) -> DualEncoder:
