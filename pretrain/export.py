@@ -168,6 +168,8 @@ def export(
     out = Path(out_dir)
     if format not in (*FORMATS, "all"):
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)} or 'all'")
+    if name is not None and format not in ("open_clip", "all"):
+        log.warning("name=%r is only used by the open_clip format; ignored", name)
     name = name or out.resolve().name
     targets = {f: out / f for f in FORMATS} if format == "all" else {format: out}
     written = {}

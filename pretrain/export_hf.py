@@ -61,7 +61,12 @@ _INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resamp
 
 def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
     """The options of ``model_cfg`` that CLIPModel cannot express, as ``key=value``."""
-    bad = [f"{k}={v!r}" for k, v in model_cfg.items() if k not in _MODEL_FREE and v]
+    # `is`, not ==: init_logit_bias=0.0 still adds a logit bias, which CLIPModel lacks.
+    bad = [
+        f"{k}={v!r}"
+        for k, v in model_cfg.items()
+        if k not in _MODEL_FREE and v is not None and v is not False
+    ]
     for prefix, cfg, cls, free in (
         ("vision_cfg", model_cfg["vision_cfg"], CLIPVisionCfg, _VISION_FREE),
         ("text_cfg", model_cfg["text_cfg"], CLIPTextCfg, _TEXT_FREE),
@@ -92,8 +97,6 @@ def hf_config(model: DualEncoder) -> CLIPConfig:
     """
     cfg = model.model_cfg
     bad = _unsupported(cfg)
-    if model.logit_bias is not None and "init_logit_bias" not in cfg:
-        bad.append("logit_bias")
     if bad or type(model.clip) is not open_clip.CLIP:
         raise UnsupportedModel(
             f"transformers' CLIPModel cannot express {', '.join(bad) or type(model.clip).__name__}"

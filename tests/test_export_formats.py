@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import numpy as np
 import open_clip
@@ -153,11 +154,13 @@ def test_open_clip_name_must_not_replace_a_builtin(tmp_path):
 
 
 def test_hf_tokenizer_equals_open_clip(exported):
-    from transformers import CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from clipline.pretrain.export_hf import load_hf
 
     model, out = exported
     hf_tok = CLIPTokenizer.from_pretrained(out / "hf")
-    assert CLIPProcessor.from_pretrained(out / "hf").tokenizer.get_vocab() == hf_tok.get_vocab()
+    assert load_hf(out / "hf")[1].tokenizer.get_vocab() == hf_tok.get_vocab()
     ours_BL = model.tokenizer(CAPTIONS)  # open_clip: pads with 0 to the context length
     theirs = hf_tok(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")
     assert hf_tok.model_max_length == model.context_length == theirs["input_ids"].shape[1]
@@ -203,10 +206,11 @@ def test_hf_image_processor_equals_open_clip_preprocessing(exported, reference):
     pil = CLIPImageProcessorPil.from_pretrained(out / "hf")
     theirs = torch.as_tensor(np.stack(pil(images=_images())["pixel_values"]))
     torch.testing.assert_close(theirs, pixels_BCHW, rtol=0, atol=1e-6)
-    # transformers 5's default torchvision backend antialiases differently: within a grey level.
+    # transformers 5's default torchvision backend resamples a little differently: a grey
+    # level or so (one level after normalisation is 1 / 255 / std).
     default = CLIPProcessor.from_pretrained(out / "hf")
     theirs = default(images=_images(), return_tensors="pt")["pixel_values"]
-    assert (theirs - pixels_BCHW).abs().max() < 1.01 / 255 / min(default.image_processor.image_std)
+    assert (theirs - pixels_BCHW).abs().max() < 2.01 / 255 / min(default.image_processor.image_std)
 
 
 def _with(section: str, **options) -> dict:
@@ -217,6 +221,7 @@ def _with(section: str, **options) -> dict:
     ("model_cfg", "preprocess", "match"),
     [
         (_with("vision_cfg", ls_init_value=0.1), {}, "vision_cfg.ls_init_value=0.1"),
+        ({**MICRO_CFG, "init_logit_bias": 0.0}, {}, "init_logit_bias=0.0"),
         (_with("vision_cfg", attentional_pool=True), {}, "vision_cfg.attentional_pool=True"),
         (_with("text_cfg", pool_type="last"), {}, "text_cfg.pool_type='last'"),
         (_with("text_cfg", no_causal_mask=True), {}, "no_causal_mask"),
@@ -279,3 +284,10 @@ def test_cli_converts_a_clipline_export(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(source), str(tmp_path / "x"), "--format", "tflite"])
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+def test_missing_export_extra_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "clipline.pretrain.export_onnx", raising=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"needs 'onnxruntime'.*clipline\[export\]"):
+        export(micro_model(), tmp_path, format="onnx", run_config={})
