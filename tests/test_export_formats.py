@@ -291,3 +291,26 @@ def test_missing_export_extra_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(ValueError, match=r"needs 'onnxruntime'.*clipline\[export\]"):
         export(micro_model(), tmp_path, format="onnx", run_config={})
+
+
+def test_hf_quick_gelu_and_the_export_time_parity_check(tmp_path, monkeypatch):
+    from clipline.pretrain import export_hf
+
+    model = DualEncoder({**MICRO_CFG, "quick_gelu": True})  # OpenAI's activation
+    export(model, tmp_path / "ok", format="hf", run_config={})  # reloads and compares inside
+    assert (
+        json.loads((tmp_path / "ok" / "config.json").read_text())["text_config"]["hidden_act"]
+        == "quick_gelu"
+    )
+
+    # A mapping error that still loads (the wrong activation) is caught before returning.
+    right_config = export_hf.hf_config
+
+    def wrong_config(model):
+        config = right_config(model)
+        config.vision_config.hidden_act = "gelu"
+        return config
+
+    monkeypatch.setattr(export_hf, "hf_config", wrong_config)
+    with pytest.raises(RuntimeError, match="reloaded image embeddings differ"):
+        export(model, tmp_path / "bad", format="hf", run_config={})
