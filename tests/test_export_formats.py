@@ -318,3 +318,15 @@ def test_hf_quick_gelu_and_the_export_time_parity_check(tmp_path, monkeypatch):
     monkeypatch.setattr(export_hf, "hf_config", wrong_config)
     with pytest.raises(RuntimeError, match="reloaded image embeddings differ"):
         export(model, tmp_path / "bad", format="hf", run_config={})
+
+
+def test_onnx_text_length_is_fixed_when_padding_matters(tmp_path):
+    from clipline.pretrain.export_onnx import load_onnx
+
+    # Without the causal mask, padding tokens change every embedding: no trimming, fixed L.
+    model = DualEncoder(_with("text_cfg", no_causal_mask=True))
+    assert not model.tokenize.trim
+    export(model, tmp_path, format="onnx", run_config={})  # parity-checked inside
+    encoders = load_onnx(tmp_path)
+    assert encoders.meta["text"]["input"]["shape"] == ["B", model.context_length]
+    assert encoders.text.get_inputs()[0].shape[1] == model.context_length
