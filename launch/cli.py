@@ -16,7 +16,8 @@ def _setup_logging() -> None:
     # Rank 0 speaks; other ranks only warn (RANK is set by torchrun and accelerate launch).
     level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("root", "PIL", "matplotlib", "urllib3"):
+    noisy_loggers = ("root", "PIL", "matplotlib", "urllib3", "torch.onnx", "onnx_ir", "onnxscript")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -97,13 +98,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from clipline.launch.run import load_encoders, resolve_checkpoint
     from clipline.pretrain.checkpoint import read_config
-    from clipline.pretrain.export import export_model
+    from clipline.pretrain.export import META_FILE, export, read_export_meta
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = load_encoders(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
-    out = export_model(model, args.output, run_config=read_config(ckpt), step=state["step"])
-    print(f"exported {ckpt} -> {out}")
+    if (Path(args.checkpoint) / META_FILE).is_file():  # re-export a clipline export
+        source = Path(args.checkpoint)
+        meta = read_export_meta(source)
+        model = load_encoders(source)
+        run_config, step = meta["run_config"], meta["step"]
+    else:
+        source = resolve_checkpoint(args.checkpoint)
+        model = load_encoders(source)
+        run_config = read_config(source)
+        step = json.loads((source / "state.json").read_text())["step"]
+    written = export(
+        model, args.output, format=args.format, run_config=run_config, step=step, name=args.name
+    )
+    for fmt, out in written.items():
+        print(f"exported {source} -> {out} ({fmt})")
     return 0
 
 
@@ -149,9 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="checkpoint -> self-describing safetensors export")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
+    p = sub.add_parser(
+        "export", help="checkpoint -> clipline, open_clip, transformers (hf) or ONNX export"
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory, a run directory (its latest) or a clipline export",
+    )
     p.add_argument("output")
+    p.add_argument(
+        "--format",
+        default="clipline",
+        choices=["clipline", "open_clip", "hf", "onnx", "all"],
+        help="clipline: per-tower safetensors + clipline_export.json (default); open_clip: "
+        "open_clip's local-dir/hub layout; hf: transformers CLIPModel + CLIPProcessor; onnx: "
+        "image.onnx + text.onnx; all: each into OUTPUT/<format>/",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="open_clip model-config name of the open_clip format (default: the output "
+        "folder's name)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="emoji pairs -> shards -> train -> eval -> export, on CPU")

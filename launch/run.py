@@ -150,6 +150,8 @@ def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualE
     """
     if (Path(path) / "clipline_export.json").is_file():
         return load_export(path, device)
+    if (Path(path) / "clipline" / "clipline_export.json").is_file():  # export --format all
+        return load_export(Path(path) / "clipline", device)
     path = resolve_checkpoint(path)
     saved = read_config(path)
     model_cfg = build(ModelConfig, saved["model"], prefix="model.")

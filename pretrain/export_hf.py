@@ -1,0 +1,308 @@
+"""transformers ``CLIPModel`` format: open_clip's standard ViT + causal text transformer.
+
+An HF export directory is a transformers model folder, loadable with
+``CLIPModel.from_pretrained(DIR)`` and ``CLIPProcessor.from_pretrained(DIR)``:
+  config.json, model.safetensors              the model (weights renamed, q/k/v split)
+  processor_config.json                       the processor: open_clip's eval preprocessing and
+                                              the tokenizer settings (transformers 5)
+  preprocessor_config.json                    the image processor alone (transformers 4)
+  tokenizer.json, tokenizer_config.json       CLIP's BPE for ``CLIPTokenizer`` (transformers 5)
+  vocab.json, merges.txt                      the same BPE for older transformers versions
+
+The tokenizer is built from the BPE file open_clip bundles (OpenAI's), so nothing is
+downloaded. It gives open_clip's token ids up to the end-of-text token; after it, transformers
+pads with ``<|endoftext|>`` (OpenAI's convention) where open_clip pads with 0. Both models pool
+at the first end-of-text token behind a causal mask, so padding never changes an embedding.
+open_clip also repairs mojibake (ftfy) and unescapes HTML entities before tokenizing;
+transformers' tokenizer does neither, so such captions can tokenize differently.
+
+Only what ``CLIPModel`` can express is exported: a plain ViT image tower (class token,
+pre-norm, no layer scale, pooling at the class token) and open_clip's own text transformer
+(causal, pooled at the end-of-text token), with GELU or QuickGELU; anything else raises
+:class:`UnsupportedModel` naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from open_clip.tokenizer import SimpleTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+)
+
+from clipline.pretrain.export import UnsupportedModel, check_parity
+from clipline.pretrain.model import DualEncoder
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # OpenAI's names for open_clip's ids 49406, 49407
+BPE_VOCAB_SIZE = 49408
+
+# Options of open_clip's tower configs that CLIPModel represents, or that do not change the
+# eval-mode function (patch dropout; the settings of timm/HF towers that are absent).
+_VISION_FREE = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
+_VISION_FREE |= {"patch_dropout", "timm_model_pretrained", "timm_pool", "timm_proj"}
+_VISION_FREE |= {"timm_proj_bias", "timm_drop", "timm_drop_path"}
+_TEXT_FREE = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "pad_id"}
+_TEXT_FREE |= {"eos_id", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
+_MODEL_FREE = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
+
+_INTERPOLATION = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def _unsupported(model_cfg: dict[str, Any]) -> list[str]:
+    """The options of ``model_cfg`` that CLIPModel cannot express, as ``key=value``."""
+    # `is`, not ==: init_logit_bias=0.0 still adds a logit bias, which CLIPModel lacks.
+    bad = [
+        f"{k}={v!r}"
+        for k, v in model_cfg.items()
+        if k not in _MODEL_FREE and v is not None and v is not False
+    ]
+    for prefix, cfg, cls, free in (
+        ("vision_cfg", model_cfg["vision_cfg"], CLIPVisionCfg, _VISION_FREE),
+        ("text_cfg", model_cfg["text_cfg"], CLIPTextCfg, _TEXT_FREE),
+    ):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults["block_type"] = "default"  # None and "default" build the same block
+        for key, value in cfg.items():
+            if key not in free and value != defaults.get(key, object()):
+                if not (key == "block_type" and value is None):
+                    bad.append(f"{prefix}.{key}={value!r}")
+    vision = model_cfg["vision_cfg"]
+    for key in ("layers", "patch_size"):
+        if not isinstance(vision.get(key, 0), int):
+            bad.append(f"vision_cfg.{key}={vision[key]!r} (must be one int)")
+    size = vision.get("image_size", 224)
+    if not isinstance(size, int) and (len(size) != 2 or size[0] != size[1]):
+        bad.append(f"vision_cfg.image_size={size!r} (must be square)")
+    if model_cfg["text_cfg"].get("vocab_size", BPE_VOCAB_SIZE) != BPE_VOCAB_SIZE:
+        bad.append(f"text_cfg.vocab_size={model_cfg['text_cfg']['vocab_size']} (CLIP's BPE: 49408)")
+    return bad
+
+
+def hf_config(model: DualEncoder) -> CLIPConfig:
+    """The ``CLIPConfig`` of ``model``.
+
+    Raises:
+        UnsupportedModel: An option CLIPModel cannot express (named in the message).
+    """
+    cfg = model.model_cfg
+    bad = _unsupported(cfg)
+    if bad or type(model.clip) is not open_clip.CLIP:
+        raise UnsupportedModel(
+            f"transformers' CLIPModel cannot express {', '.join(bad) or type(model.clip).__name__}"
+            " (it has a plain ViT image tower and CLIP's causal text transformer only; SigLIP's "
+            "logit bias has no place in it either); export this model with --format open_clip "
+            "or --format onnx"
+        )
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    vision = {**dataclasses.asdict(CLIPVisionCfg()), **vision}
+    text = {**dataclasses.asdict(CLIPTextCfg()), **text}
+    act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"  # open_clip: QuickGELU or nn.GELU
+    size = vision["image_size"]
+    return CLIPConfig(
+        projection_dim=cfg["embed_dim"],
+        logit_scale_init_value=float(model.logit_scale.detach()),
+        vision_config={
+            "hidden_size": vision["width"],
+            "intermediate_size": int(vision["width"] * vision["mlp_ratio"]),
+            "num_hidden_layers": vision["layers"],
+            "num_attention_heads": vision["width"] // vision["head_width"],
+            "image_size": size if isinstance(size, int) else size[0],
+            "patch_size": vision["patch_size"],
+            "num_channels": 3,
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,  # torch's LayerNorm default, which open_clip uses
+            "projection_dim": cfg["embed_dim"],
+        },
+        text_config={
+            "vocab_size": text["vocab_size"],
+            "hidden_size": text["width"],
+            "intermediate_size": int(text["width"] * text["mlp_ratio"]),
+            "num_hidden_layers": text["layers"],
+            "num_attention_heads": text["heads"],
+            "max_position_embeddings": text["context_length"],
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+            "projection_dim": cfg["embed_dim"],
+            # CLIPModel pools at the first eos_token_id; open_clip at the argmax id, which is
+            # the same position: end-of-text is the largest id and comes once.
+            "bos_token_id": model.tokenizer.sot_token_id,
+            "eos_token_id": model.tokenizer.eot_token_id,
+            "pad_token_id": model.tokenizer.eot_token_id,
+        },
+    )
+
+
+def _blocks(src: str, dst: str, n: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip residual blocks -> CLIPEncoderLayer weights (in_proj split into q, k, v)."""
+    out = {}
+    for i in range(n):
+        s, d = f"{src}.{i}", f"{dst}.{i}"
+        q_W, k_W, v_W = sd.pop(f"{s}.attn.in_proj_weight").chunk(3)  # [3W, W] -> 3 x [W, W]
+        q_b, k_b, v_b = sd.pop(f"{s}.attn.in_proj_bias").chunk(3)
+        for name, weight, bias in (("q", q_W, q_b), ("k", k_W, k_b), ("v", v_W, v_b)):
+            out[f"{d}.self_attn.{name}_proj.weight"] = weight
+            out[f"{d}.self_attn.{name}_proj.bias"] = bias
+        for a, b in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            for p in ("weight", "bias"):
+                out[f"{d}.{b}.{p}"] = sd.pop(f"{s}.{a}.{p}")
+    return out
+
+
+def hf_state_dict(clip: open_clip.CLIP, config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """open_clip ``CLIP`` weights under CLIPModel's names (every source tensor used once)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
+    out = {
+        "logit_scale": sd.pop("logit_scale"),
+        "vision_model.embeddings.class_embedding": sd.pop("visual.class_embedding"),
+        "vision_model.embeddings.position_embedding.weight": sd.pop("visual.positional_embedding"),
+        "vision_model.embeddings.patch_embedding.weight": sd.pop("visual.conv1.weight"),
+        # x @ proj with proj [W, D] is a bias-free Linear whose weight is proj.T.
+        "visual_projection.weight": sd.pop("visual.proj").T.contiguous(),
+        "text_model.embeddings.token_embedding.weight": sd.pop("token_embedding.weight"),
+        "text_model.embeddings.position_embedding.weight": sd.pop("positional_embedding"),
+        "text_projection.weight": sd.pop("text_projection").T.contiguous(),
+    }
+    for a, b in (
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),  # sic: transformers' name
+        ("visual.ln_post", "vision_model.post_layernorm"),
+        ("ln_final", "text_model.final_layer_norm"),
+    ):
+        for p in ("weight", "bias"):
+            out[f"{b}.{p}"] = sd.pop(f"{a}.{p}")
+    n_vision = config.vision_config.num_hidden_layers
+    n_text = config.text_config.num_hidden_layers
+    out |= _blocks("visual.transformer.resblocks", "vision_model.encoder.layers", n_vision, sd)
+    out |= _blocks("transformer.resblocks", "text_model.encoder.layers", n_text, sd)
+    assert not sd, f"open_clip weights left unmapped: {sorted(sd)}"
+    return out
+
+
+def hf_tokenizer(tokenizer: SimpleTokenizer, context_length: int) -> CLIPTokenizer:
+    """``CLIPTokenizer`` with open_clip's (OpenAI's) BPE vocabulary and merges."""
+    vocab = dict(tokenizer.encoder)
+    for token_id, name in ((tokenizer.sot_token_id, SOT), (tokenizer.eot_token_id, EOT)):
+        del vocab[tokenizer.decoder[token_id]]  # open_clip names them <start_of_text> etc.
+        vocab[name] = token_id
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+def image_processor(preprocess: dict[str, Any]) -> CLIPImageProcessor:
+    """``CLIPImageProcessor`` doing open_clip's eval preprocessing (resize, centre crop, norm).
+
+    Raises:
+        UnsupportedModel: ``resize_mode="longest"`` (resize + pad: no CLIPImageProcessor
+            setting pads), or an interpolation PIL does not name the same way.
+    """
+    size = preprocess["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    mode, interpolation = preprocess.get("resize_mode", "shortest"), preprocess["interpolation"]
+    if mode not in ("shortest", "squash") or interpolation not in _INTERPOLATION:
+        raise UnsupportedModel(
+            f"CLIPImageProcessor cannot do resize_mode={mode!r} with interpolation="
+            f"{interpolation!r}; it resizes (shortest edge or both sides) with "
+            f"{sorted(_INTERPOLATION)} and centre-crops, never pads"
+        )
+    if mode == "shortest" and height != width:
+        raise UnsupportedModel(f"resize_mode='shortest' with a non-square size {size!r}")
+    resize = {"shortest_edge": height} if mode == "shortest" else {"height": height, "width": width}
+    return CLIPImageProcessor(
+        do_resize=True,
+        size=resize,
+        resample=_INTERPOLATION[interpolation],
+        do_center_crop=mode == "shortest",
+        crop_size={"height": height, "width": width},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(preprocess["mean"]),
+        image_std=list(preprocess["std"]),
+        do_convert_rgb=True,
+    )
+
+
+def export_hf(model: DualEncoder, out_dir: str | Path) -> Path:
+    """Writes ``model`` as a transformers CLIPModel folder and checks it reloads exactly.
+
+    Raises:
+        UnsupportedModel: Before writing anything, if CLIPModel, CLIPImageProcessor or
+            CLIPTokenizer cannot express the model, its preprocessing or its tokenizer.
+    """
+    config = hf_config(model)
+    processor = image_processor(model.preprocess_cfg)
+    if not isinstance(model.tokenizer, SimpleTokenizer) or model.tokenizer.reduction_fn:
+        raise UnsupportedModel(
+            f"the tokenizer {type(model.tokenizer).__name__} is not open_clip's plain CLIP BPE"
+        )
+    hf_model = CLIPModel(config)
+    hf_model.load_state_dict(hf_state_dict(model.clip, config), strict=True)
+    out = Path(out_dir)
+    hf_model.save_pretrained(out)
+    tokenizer = hf_tokenizer(model.tokenizer, model.context_length)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
+    # transformers 5 reads processor_config.json; 4 reads these two files.
+    processor.save_pretrained(out)
+    _write_bpe_files(tokenizer, out)
+
+    reloaded = CLIPModel.from_pretrained(out).to(model.device).eval()
+    check_parity(
+        model,
+        lambda image: image_features(reloaded, image.to(model.device)),
+        lambda text: text_features(reloaded, text.to(model.device)),
+        what=f"transformers export {out}",
+        atol=1e-5,
+    )
+    return out
+
+
+def _write_bpe_files(tokenizer: CLIPTokenizer, out: Path) -> None:
+    """vocab.json + merges.txt: what CLIPTokenizer of transformers 4 (slow and fast) reads."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected features;
+    # transformers 4 returned the tensor itself.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def image_features(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings ``[B, D]`` of a CLIPModel."""
+    emb_BD = _features(model.get_image_features(pixel_values=pixel_values))
+    return torch.nn.functional.normalize(emb_BD, dim=-1)
+
+
+def text_features(
+    model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L2-normalised text embeddings ``[B, D]`` of a CLIPModel."""
+    emb_BD = _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+    return torch.nn.functional.normalize(emb_BD, dim=-1)
+
+
+def load_hf(export_dir: str | Path) -> tuple[CLIPModel, CLIPProcessor]:
+    """Loads an HF export: ``(CLIPModel in eval mode, CLIPProcessor)``."""
+    export_dir = Path(export_dir)
+    if not (export_dir / "config.json").is_file():
+        raise ValueError(f"{export_dir} is not a transformers export: config.json is missing")
+    return CLIPModel.from_pretrained(export_dir).eval(), CLIPProcessor.from_pretrained(export_dir)
