@@ -169,7 +169,7 @@ def hf_state_dict(clip: open_clip.CLIP, config: CLIPConfig) -> dict[str, torch.T
     """open_clip ``CLIP`` weights under CLIPModel's names (every source tensor used once)."""
     sd = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
     out = {
-        "logit_scale": sd.pop("logit_scale"),
+        "logit_scale": sd.pop("logit_scale").reshape(()),  # 0-d in CLIPModel
         "vision_model.embeddings.class_embedding": sd.pop("visual.class_embedding"),
         "vision_model.embeddings.position_embedding.weight": sd.pop("visual.positional_embedding"),
         "vision_model.embeddings.patch_embedding.weight": sd.pop("visual.conv1.weight"),

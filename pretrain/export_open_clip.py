@@ -60,6 +60,9 @@ def export_open_clip(model: DualEncoder, out_dir: str | Path, *, name: str) -> P
     out = Path(out_dir)
     (out / MODEL_CONFIGS_DIR).mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
+    for k in ("logit_scale", "logit_bias"):  # 1-element in clipline (FSDP2); 0-d in open_clip
+        if k in weights:
+            weights[k] = weights[k].reshape(())
     save_file(weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {
         "model_cfg": model.model_cfg,
