@@ -70,6 +70,12 @@ def _parse_tasks(items: list[str], kind: str) -> list:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    if args.run is not None:
+        return _cmd_score_run(args)
+    if args.model is None:
+        raise ValueError("give a MODEL (export, checkpoint or run directory) or --run RUN_DIR")
+    if args.watch:
+        raise ValueError("--watch applies to --run RUN_DIR; pass the run directory with --run")
     from clipline.eval.evaluators import build_evaluator
     from clipline.launch.run import load_encoders
 
@@ -91,6 +97,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def _cmd_score_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipline.launch.score import ScoreConfig, score_run
+
+    if args.model is not None:
+        raise ValueError(f"give either MODEL ({args.model}) or --run RUN_DIR, not both")
+    if args.output is not None:
+        raise ValueError("--output does not apply to --run; results go to RUN_DIR/eval/")
+    given = [f for f in ("poll_seconds", "until_step", "timeout") if getattr(args, f) is not None]
+    if given and not args.watch:
+        raise ValueError(f"--{given[0].replace('_', '-')} only applies with --watch; add --watch")
+    report = score_run(
+        ScoreConfig(
+            run_dir=args.run,
+            tasks=_parse_tasks(args.zeroshot, "zeroshot")
+            + _parse_tasks(args.retrieval, "retrieval"),
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            watch=args.watch,
+            poll_s=60.0 if args.poll_seconds is None else args.poll_seconds,
+            until_step=args.until_step,
+            timeout_s=args.timeout,
+        )
+    )
+    print(
+        json.dumps({"results_dir": str(Path(args.run) / "eval"), "new": report.results}, indent=2)
+    )
+    if not report.finished:
+        print(
+            f"clipline eval: --timeout {args.timeout}s passed before the run finished",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -142,11 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="zero-shot / retrieval metrics of an export or checkpoint")
-    p.add_argument("model", help="an export directory, a checkpoint directory or a run directory")
+    p.add_argument(
+        "model", nargs="?", help="an export directory, a checkpoint directory or a run directory"
+    )
     p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=ROOT")
     p.add_argument("--retrieval", action="append", default=[], metavar="NAME=ROOT")
     p.add_argument("--output", help="write the metrics JSON here too")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots)",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="with --run: keep scoring until the run is done"
+    )
+    p.add_argument("--poll-seconds", type=float, help="with --watch: seconds between polls (60)")
+    p.add_argument("--until-step", type=int, help="with --watch: stop once this step is scored")
+    p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="checkpoint -> self-describing safetensors export")
