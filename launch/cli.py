@@ -1,4 +1,4 @@
-"""``clipline`` command line: shards, pretrain, eval, export, demo."""
+"""``clipline`` command line: shards, pretrain, eval, export, embed, search, demo."""
 
 from __future__ import annotations
 
@@ -149,6 +149,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from clipline.launch.embed import EmbedConfig, embed
+
+    report = embed(
+        EmbedConfig(
+            model=args.model,
+            output_dir=args.output,
+            images=args.images,
+            texts=args.texts,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device or _default_device(),
+        )
+    )
+    print(
+        f"embedded {report.count} {report.kind}s ({report.dim}-d) into {report.output_dir}; "
+        f"skipped {len(report.skipped)}"
+    )
+    for item in report.skipped:
+        print(f"  skipped {item['id']}: {item['error']}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from clipline.launch.embed import format_hits, search
+
+    hits = search(
+        args.model,
+        args.index,
+        text=args.query,
+        image=args.image,
+        k=args.k,
+        device=args.device or _default_device(),
+    )
+    print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from clipline.launch.demo import run_demo
 
@@ -208,6 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest)")
     p.add_argument("output")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "embed", help="a folder of images or a file of texts -> embeddings + a faiss index"
+    )
+    p.add_argument("model", metavar="EXPORT_DIR", help="the export that embeds")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="FOLDER", help="embed every image file under FOLDER")
+    source.add_argument("--texts", metavar="FILE", help="embed each non-blank line of FILE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the index directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("search", help="top-k items of an index for a text or image query")
+    p.add_argument("model", metavar="EXPORT_DIR", help="the export the index was built with")
+    p.add_argument("index", metavar="INDEX_DIR", help="written by clipline embed")
+    p.add_argument("query", nargs="?", help="a text query, e.g. 'a black cat on a keyboard'")
+    p.add_argument("--image", metavar="PATH", help="an image query instead of a text")
+    p.add_argument("-k", type=int, default=5, help="number of hits (5)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("demo", help="emoji pairs -> shards -> train -> eval -> export, on CPU")
     p.add_argument("--output", default="demo_out")
