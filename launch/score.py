@@ -192,9 +192,11 @@ def _score_pass(cfg: ScoreConfig, eval_dir: Path, report: ScoreReport) -> list[i
             continue
         try:
             new_rows = _evaluate_checkpoint(ckpt, step, pending, hashes, cfg.device)
-        except FileNotFoundError as exc:
-            # keep_last pruned it between listing and loading: nothing left to score.
-            log.warning("checkpoint %s vanished while scoring (%s); skipped", ckpt, exc)
+        except (FileNotFoundError, ValueError) as exc:
+            if ckpt.exists():
+                raise
+            # The run's keep_last pruned it between listing and loading: nothing to score.
+            log.warning("checkpoint %s was deleted before it could be scored (%s)", ckpt, exc)
             continue
         _append_jsonl(eval_dir / RESULTS_JSONL, new_rows)
         rows += new_rows
@@ -226,7 +228,8 @@ def _evaluate_checkpoint(
                     "step": step,
                     "task": task.name,
                     "metric": metric,
-                    "value": float(value),
+                    # null, not NaN (e.g. acc5 with under 5 classes): NaN is not JSON.
+                    "value": float(value) if math.isfinite(value) else None,
                     "manifest_hash": hashes[task.name],
                     "checkpoint": ckpt.name,
                     "scored_at": scored_at,
@@ -362,7 +365,8 @@ def plot_results(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         lambda: defaultdict(dict)
     )
     for r in rows:
-        series[r["task"], r["metric"]][r["manifest_hash"]][r["step"]] = r["value"]
+        value = math.nan if r["value"] is None else r["value"]
+        series[r["task"], r["metric"]][r["manifest_hash"]][r["step"]] = value
     written, warned = [], set()
     for (task, metric), by_hash in sorted(series.items()):
         if len(by_hash) > 1 and task not in warned:
