@@ -1,4 +1,4 @@
-"""``clipline`` command line: shards, pretrain, eval, export, demo."""
+"""``clipline`` command line: shards, pretrain, eval, export, embed, search, demo."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def _parse_tasks(items: list[str], kind: str) -> list:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    if args.run is not None:
+        return _cmd_score_run(args)
+    if args.model is None:
+        raise ValueError("give a MODEL (export, checkpoint or run directory) or --run RUN_DIR")
+    if args.watch:
+        raise ValueError("--watch applies to --run RUN_DIR; pass the run directory with --run")
     from clipline.eval.evaluators import build_evaluator
     from clipline.launch.run import load_encoders
 
@@ -95,6 +101,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipline.launch.score import ScoreConfig, score_run
+
+    if args.model is not None:
+        raise ValueError(f"give either MODEL ({args.model}) or --run RUN_DIR, not both")
+    if args.output is not None:
+        raise ValueError("--output does not apply to --run; results go to RUN_DIR/eval/")
+    given = [f for f in ("poll_seconds", "until_step", "timeout") if getattr(args, f) is not None]
+    if given and not args.watch:
+        raise ValueError(f"--{given[0].replace('_', '-')} only applies with --watch; add --watch")
+    report = score_run(
+        ScoreConfig(
+            run_dir=args.run,
+            tasks=_parse_tasks(args.zeroshot, "zeroshot")
+            + _parse_tasks(args.retrieval, "retrieval"),
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            watch=args.watch,
+            poll_s=60.0 if args.poll_seconds is None else args.poll_seconds,
+            until_step=args.until_step,
+            timeout_s=args.timeout,
+        )
+    )
+    print(
+        json.dumps({"results_dir": str(Path(args.run) / "eval"), "new": report.results}, indent=2)
+    )
+    if not report.finished:
+        print(
+            f"clipline eval: --timeout {args.timeout}s passed before the run finished",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from clipline.launch.run import load_encoders, resolve_checkpoint
     from clipline.pretrain.checkpoint import read_config
@@ -115,6 +157,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     for fmt, out in written.items():
         print(f"exported {source} -> {out} ({fmt})")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from clipline.launch.embed import EmbedConfig, embed
+
+    report = embed(
+        EmbedConfig(
+            model=args.model,
+            output_dir=args.output,
+            images=args.images,
+            texts=args.texts,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device or _default_device(),
+        )
+    )
+    print(
+        f"embedded {report.count} {report.kind}s ({report.dim}-d) into {report.output_dir}; "
+        f"skipped {len(report.skipped)}"
+    )
+    for item in report.skipped:
+        print(f"  skipped {item['id']}: {item['error']}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from clipline.launch.embed import format_hits, search
+
+    hits = search(
+        args.model,
+        args.index,
+        text=args.query,
+        image=args.image,
+        k=args.k,
+        device=args.device or _default_device(),
+    )
+    print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
     return 0
 
 
@@ -153,11 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="zero-shot / retrieval metrics of an export or checkpoint")
-    p.add_argument("model", help="an export directory, a checkpoint directory or a run directory")
+    p.add_argument(
+        "model", nargs="?", help="an export directory, a checkpoint directory or a run directory"
+    )
     p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=ROOT")
     p.add_argument("--retrieval", action="append", default=[], metavar="NAME=ROOT")
     p.add_argument("--output", help="write the metrics JSON here too")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots)",
+    )
+    p.add_argument(
+        "--watch", action="store_true", help="with --run: keep scoring until the run is done"
+    )
+    p.add_argument("--poll-seconds", type=float, help="with --watch: seconds between polls (60)")
+    p.add_argument("--until-step", type=int, help="with --watch: stop once this step is scored")
+    p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -183,6 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's name)",
     )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "embed", help="a folder of images or a file of texts -> embeddings + a faiss index"
+    )
+    p.add_argument("model", metavar="EXPORT_DIR", help="the export that embeds")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="FOLDER", help="embed every image file under FOLDER")
+    source.add_argument("--texts", metavar="FILE", help="embed each non-blank line of FILE")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the index directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("search", help="top-k items of an index for a text or image query")
+    p.add_argument("model", metavar="EXPORT_DIR", help="the export the index was built with")
+    p.add_argument("index", metavar="INDEX_DIR", help="written by clipline embed")
+    p.add_argument("query", nargs="?", help="a text query, e.g. 'a black cat on a keyboard'")
+    p.add_argument("--image", metavar="PATH", help="an image query instead of a text")
+    p.add_argument("-k", type=int, default=5, help="number of hits (5)")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("demo", help="emoji pairs -> shards -> train -> eval -> export, on CPU")
     p.add_argument("--output", default="demo_out")

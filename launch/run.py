@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in a compiler-free one
 
+# Written into the run directory when training returns normally (not on a crash or a signal),
+# so that a watcher (``clipline eval --run --watch``) knows no further checkpoint will come.
+DONE_FILE = "DONE"
+
 
 def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
     """Evaluator callables for every task in the config, using the model's eval transform."""
@@ -89,6 +93,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a resumed run is not done until it ends
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         total = cfg.loop.total_steps(loader.batches_per_epoch)
         log.info(
@@ -103,7 +108,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             loader.num_samples,
         )
     try:
-        return train(
+        metrics = train(
             accelerator=accelerator,
             model=model,
             loader=loader,
@@ -115,6 +120,10 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             evaluators=evaluators,
             resume=resume,
         )
+        if accelerator.is_main_process:
+            final_step = cfg.loop.total_steps(loader.batches_per_epoch)
+            (run_dir / DONE_FILE).write_text(json.dumps({"step": final_step}) + "\n")
+        return metrics
     finally:
         # Release the DDP wrapper (Accelerate keeps a reference) *before* the process group
         # is destroyed: a reducer outliving its group aborts the process at exit.

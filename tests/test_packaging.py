@@ -79,5 +79,5 @@ def test_python_dash_m_clipline():
         [sys.executable, "-m", "clipline", "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0
-    for sub in ["shards", "pretrain", "eval", "export", "demo"]:
+    for sub in ["shards", "pretrain", "eval", "export", "embed", "search", "demo"]:
         assert sub in res.stdout

@@ -1,0 +1,349 @@
+"""``clipline embed`` and ``clipline search``: a folder of images or a file of texts -> a faiss
+index, and top-k queries against it by text or by image.
+
+An index directory holds:
+  embeddings.npy   float32 [N, D], L2-normalised (row i is item ids[i])
+  ids.json         image paths relative to the folder, or the text lines
+  index.faiss      faiss.IndexFlatIP over the embeddings: inner product = cosine similarity
+  meta.json        kind (image/text), count, dim, the source, the model (path, content hash)
+                   and the inputs that were skipped, with the reason
+
+Items are embedded with the model's own eval preprocessing and tokenizer, through the same
+``encode_image``/``encode_text`` (re-normalised in float32) as evaluation, so a search score is
+exactly the cosine similarity clipline's evaluators compute. Embeddings from another model live
+in another space, so ``search`` refuses an index built with different weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clipline.eval.encoders import embed_images, embed_texts
+from clipline.launch.run import load_encoders, resolve_checkpoint
+from clipline.pretrain import export
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clipline-embeddings"
+VERSION = 1
+EMBEDDINGS_FILE = "embeddings.npy"
+IDS_FILE = "ids.json"
+INDEX_FILE = "index.faiss"
+META_FILE = "meta.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What PIL raises on a file that is not a decodable image (UnidentifiedImageError and
+# truncated data are OSErrors; some broken headers raise SyntaxError or ValueError).
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+
+
+@dataclass(kw_only=True)
+class EmbedConfig:
+    """What ``clipline embed`` embeds, with which model, into which directory.
+
+    Attributes:
+        model: An export directory (a checkpoint or run directory works too).
+        output_dir: The index directory to write (files in it are replaced).
+        images: A folder, searched recursively for image files; exclusive with ``texts``.
+        texts: A UTF-8 file with one text a line (blank lines are skipped).
+        batch_size: Items per forward pass.
+        workers: Image-decoding worker processes (0: decode in the main process).
+        device: Where the model runs.
+    """
+
+    model: str
+    output_dir: str
+    images: str | None = None
+    texts: str | None = None
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.texts is None):
+            raise ValueError("give exactly one of --images FOLDER or --texts FILE")
+        if self.images is not None and not Path(self.images).is_dir():
+            raise ValueError(f"--images {self.images}: not a folder")
+        if self.texts is not None and not Path(self.texts).is_file():
+            raise ValueError(f"--texts {self.texts}: not a file (one text a line)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}; it must be at least 1")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers}; use 0 (main process) or more")
+
+
+@dataclass(kw_only=True)
+class EmbedReport:
+    """What ``embed`` wrote: ``count`` items of ``dim`` floats, and what it skipped."""
+
+    output_dir: Path
+    kind: Literal["image", "text"]
+    count: int
+    dim: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def embed(cfg: EmbedConfig) -> EmbedReport:
+    """Embeds ``cfg.images`` or ``cfg.texts`` and writes an index directory.
+
+    Raises:
+        ValueError: Bad options, a path that is not a model, or nothing readable to embed.
+    """
+    model_dir, model_id = _model_identity(cfg.model)
+    model = load_encoders(cfg.model, cfg.device)
+    if cfg.images is not None:
+        kind, source = "image", Path(cfg.images)
+        ids, emb_ND, skipped = _embed_images(model, source, cfg.batch_size, cfg.workers)
+    else:
+        kind, source = "text", Path(cfg.texts)
+        ids, emb_ND, skipped = _embed_texts(model, source, cfg.batch_size)
+    if skipped:
+        log.warning(
+            "skipped %d unreadable inputs of %s (first: %s: %s); all are listed in %s",
+            len(skipped),
+            source,
+            skipped[0]["id"],
+            skipped[0]["error"],
+            META_FILE,
+        )
+    if not ids:
+        raise ValueError(
+            f"nothing to embed in {source}: {len(skipped)} inputs skipped "
+            f"(image files end in {', '.join(IMAGE_EXTENSIONS)})"
+        )
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # written last: its presence marks a whole index
+    np.save(out / EMBEDDINGS_FILE, emb_ND)
+    (out / IDS_FILE).write_text(json.dumps(ids, ensure_ascii=False, indent=0) + "\n")
+    index = faiss.IndexFlatIP(emb_ND.shape[1])
+    index.add(emb_ND)
+    faiss.write_index(index, str(out / INDEX_FILE))
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "count": len(ids),
+        "dim": int(emb_ND.shape[1]),
+        "source": str(source.resolve()),
+        "model": {"path": str(model_dir.resolve()), **model_id},
+        "skipped": skipped,
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    log.info("embedded %d %ss (%d skipped) into %s", len(ids), kind, len(skipped), out)
+    return EmbedReport(
+        output_dir=out, kind=kind, count=len(ids), dim=int(emb_ND.shape[1]), skipped=skipped
+    )
+
+
+def search(
+    model_path: str | Path,
+    index_dir: str | Path,
+    *,
+    text: str | None = None,
+    image: str | Path | None = None,
+    k: int = 5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """The ``k`` items of an index most similar to a text or an image query.
+
+    Args:
+        model_path: The export the index was built with.
+        index_dir: A directory written by :func:`embed`.
+        text: A text query (exclusive with ``image``).
+        image: An image file as query.
+        k: How many hits.
+        device: Where the model runs.
+
+    Returns:
+        Hits, best first: ``{"rank", "score" (cosine similarity), "id"}``, plus ``"path"``
+        for image indexes.
+
+    Raises:
+        ValueError: No or two queries, an unreadable image, a bad index directory, or an
+            index built with a different model.
+    """
+    if (text is None) == (image is None):
+        raise ValueError('give exactly one query: a text ("a black cat") or --image PATH')
+    if k < 1:
+        raise ValueError(f"k={k}; it must be at least 1")
+    index_dir = Path(index_dir)
+    meta = read_index_meta(index_dir)
+    _check_same_model(model_path, meta)
+    model = load_encoders(model_path, device)
+    if text is not None:
+        query_1D = embed_texts(model, model.tokenize([text]))
+    else:
+        try:
+            with PIL.Image.open(image) as im:
+                pixels = im.convert("RGB")
+        except _UNREADABLE as exc:
+            raise ValueError(f"--image {image}: cannot read it as an image ({exc})") from exc
+        preprocess = model.image_transform(is_train=False)
+        query_1D = embed_images(model, preprocess(pixels)[None])
+    # Memory-mapped and read-only: a large index is paged in as the search touches it.
+    index = faiss.read_index(
+        str(index_dir / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    )
+    if index.d != query_1D.shape[1]:
+        raise ValueError(
+            f"{index_dir} holds {index.d}-d embeddings but the model embeds into "
+            f"{query_1D.shape[1]} dimensions; search with the model the index was built with"
+        )
+    scores_1K, rows_1K = index.search(query_1D.numpy(), min(k, index.ntotal))
+    ids = json.loads((index_dir / IDS_FILE).read_text())
+    hits = []
+    for rank, (score, row) in enumerate(zip(scores_1K[0], rows_1K[0], strict=True), start=1):
+        hit: dict[str, Any] = {"rank": rank, "score": float(score), "id": ids[row]}
+        if meta["kind"] == "image":
+            hit["path"] = str(Path(meta["source"]) / ids[row])
+        hits.append(hit)
+    return hits
+
+
+def format_hits(hits: list[dict[str, Any]]) -> str:
+    """A plain-text table of search hits (rank, score, id)."""
+    lines = [f"{'rank':>4}  {'score':>7}  id"]
+    lines += [f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']}" for h in hits]
+    return "\n".join(lines)
+
+
+def read_index_meta(index_dir: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of an index directory written by :func:`embed`.
+
+    Raises:
+        ValueError: The directory is not a complete index of this format.
+    """
+    path = Path(index_dir) / META_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{index_dir} is not a clipline index ({META_FILE} missing); build one with "
+            "clipline embed EXPORT_DIR --images FOLDER -o INDEX_DIR"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not {FORMAT!r} "
+            f"v{VERSION}; rebuild the index with this clipline version"
+        )
+    return meta
+
+
+class _ImageFiles(Dataset):
+    """Decodes and preprocesses one image file; a failure comes back as its message."""
+
+    def __init__(self, paths: list[Path], preprocess: Callable[[PIL.Image.Image], torch.Tensor]):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            with PIL.Image.open(self.paths[i]) as im:
+                pixels = im.convert("RGB")  # decodes now, inside the try
+        except _UNREADABLE as exc:
+            return i, None, f"{type(exc).__name__}: {exc}"
+        return i, self.preprocess(pixels), None
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Any:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, err) for i, x, err in items if x is None]
+    image_BCHW = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], image_BCHW, bad
+
+
+def _embed_images(
+    model: Any, folder: Path, batch_size: int, workers: int
+) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    dataset = _ImageFiles(paths, model.image_transform(is_train=False))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    ids, chunks, skipped = [], [], []
+    for rows, image_BCHW, bad in loader:
+        skipped += [{"id": paths[i].relative_to(folder).as_posix(), "error": e} for i, e in bad]
+        if image_BCHW is None:
+            continue
+        chunks.append(embed_images(model, image_BCHW).numpy())
+        ids += [paths[i].relative_to(folder).as_posix() for i in rows]
+    return ids, _stack(chunks, model.embed_dim), skipped
+
+
+def _embed_texts(
+    model: Any, path: Path, batch_size: int
+) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    ids = [line for line in lines if line.strip()]
+    skipped = [
+        {"id": f"{path.name}:{n}", "error": "blank line"}
+        for n, line in enumerate(lines, start=1)
+        if not line.strip()
+    ]
+    chunks = [
+        embed_texts(model, model.tokenize(ids[i : i + batch_size])).numpy()
+        for i in range(0, len(ids), batch_size)
+    ]
+    return ids, _stack(chunks, model.embed_dim), skipped
+
+
+def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, dim), np.float32)
+    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def _model_files(path: str | Path) -> tuple[Path, list[Path]]:
+    """The model directory and the files its weights and configuration are read from."""
+    path = Path(path)
+    if (path / export.META_FILE).is_file():
+        return path, [path / export.META_FILE, path / export.IMAGE_FILE, path / export.TEXT_FILE]
+    ckpt = resolve_checkpoint(path)
+    return ckpt, [ckpt / "model.safetensors", ckpt / "config.json"]
+
+
+def _model_identity(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    model_dir, files = _model_files(path)
+    h = hashlib.sha256()
+    stats = {}
+    for f in files:
+        h.update(f"{f.name}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        st = f.stat()
+        stats[f.name] = [st.st_size, st.st_mtime_ns]
+    return model_dir, {"sha256": h.hexdigest(), "files": stats}
+
+
+def _check_same_model(model_path: str | Path, meta: dict[str, Any]) -> None:
+    model_dir, files = _model_files(model_path)
+    saved = meta["model"]
+    # Same files, untouched since embedding: skip re-hashing a possibly large export.
+    same_files = (
+        os.path.realpath(model_dir) == os.path.realpath(saved["path"])
+        and {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files} == saved["files"]
+    )
+    if same_files or _model_identity(model_path)[1]["sha256"] == saved["sha256"]:
+        return
+    raise ValueError(
+        f"the index was built with the model at {saved['path']} (sha256 {saved['sha256'][:12]}), "
+        f"not with {model_path}; embeddings of different models are not comparable. Search with "
+        "that model, or rebuild the index with clipline embed"
+    )
