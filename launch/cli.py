@@ -21,8 +21,17 @@ def _setup_logging() -> None:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from clipline.data.shards import ShardsConfig, write_shards
+    from clipline.data.shards import ShardsConfig, index_shards, write_shards
 
+    if args.index_only:
+        report = index_shards(args.input, args.output_dir, workers=args.workers)
+        print(report.to_json())
+        return 0
+    if args.output_dir is None:
+        raise ValueError(
+            "missing output_dir: `clipline shards INPUT OUTPUT_DIR` (or --index-only to index "
+            "existing shards in place)"
+        )
     report = write_shards(
         ShardsConfig(
             input=args.input,
@@ -30,6 +39,10 @@ def _cmd_shards(args: argparse.Namespace) -> int:
             image_column=args.image_column,
             caption_column=args.caption_column,
             samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            max_side=args.max_side,
+            jpeg_quality=args.jpeg_quality,
+            dedup=args.dedup,
         )
     )
     print(report.to_json())
@@ -120,12 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shards", help="CSV/TSV/JSONL or a folder of pairs -> webdataset shards")
-    p.add_argument("input", help="a .csv/.tsv/.jsonl file, or a folder of name.jpg + name.txt")
-    p.add_argument("output_dir")
+    p = sub.add_parser(
+        "shards",
+        help="CSV/TSV/JSONL/Parquet or a folder of pairs -> webdataset shards "
+        "(--index-only: manifest for existing shards)",
+    )
+    p.add_argument(
+        "input",
+        help="a .csv/.tsv/.jsonl/.parquet file or a folder of name.jpg + name.txt; with "
+        "--index-only: existing shards (a folder, glob or {a..b} pattern)",
+    )
+    p.add_argument(
+        "output_dir",
+        nargs="?",
+        help="where the shards go; with --index-only: a folder for links + manifest "
+        "(default: write sizes.json next to the shards)",
+    )
     p.add_argument("--image-column", default="filepath")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--workers", type=int, default=1, help="image encoding processes (same output for any N)"
+    )
+    p.add_argument(
+        "--max-side", type=int, default=None, help="shrink images to this longer side (pixels)"
+    )
+    p.add_argument(
+        "--jpeg-quality", type=int, default=None, help="re-encode every image at this quality"
+    )
+    p.add_argument("--dedup", action="store_true", help="skip exact duplicate image bytes")
+    p.add_argument(
+        "--index-only",
+        action="store_true",
+        help="write only sizes.json + report.json for existing webdataset shards",
+    )
     p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser(
