@@ -897,9 +897,12 @@ class ShardScan:
     captions: _CaptionStats = field(default_factory=_CaptionStats, repr=False)
 
 
-def _split_name(name: str) -> tuple[str | None, str | None]:
-    # webdataset's own rule (base_plus_ext): the key is everything before the first dot of
-    # the file name, the extension everything after it.
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """``(key, lower-cased extension)`` of a tar member, or ``(None, None)`` without a dot.
+
+    webdataset's own rule (``base_plus_ext``): the key is everything before the first dot of
+    the file name, the extension everything after it.
+    """
     match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
     return (match.group(1), match.group(2).lower()) if match else (None, None)
 
@@ -933,7 +936,7 @@ def scan_shard(path: str | Path) -> ShardScan:
                     )
                 if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):
                     continue
-                key, ext = _split_name(m.name)
+                key, ext = split_member_name(m.name)
                 if key is None:
                     continue
                 if not groups or groups[-1][0] != key:
@@ -957,6 +960,8 @@ def scan_shard(path: str | Path) -> ShardScan:
     except (tarfile.TarError, OSError, EOFError) as e:
         msg = str(e) or type(e).__name__
         scan.error = msg if msg.startswith("truncated") else f"truncated or damaged tar: {msg}"
+    if scan.error is not None and groups:
+        groups.pop()  # cut off by the damage: its missing members say nothing about the data
     scan.keys = len(groups)
     for key, members in groups:
         if not any(e in members for e in IMAGE_KEYS):

@@ -1,4 +1,4 @@
-"""``clipline`` command line: shards, pretrain, eval, export, demo."""
+"""``clipline`` command line: shards, data doctor, pretrain, eval, export, demo."""
 
 from __future__ import annotations
 
@@ -47,6 +47,24 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     )
     print(report.to_json())
     return 0
+
+
+def _cmd_data_doctor(args: argparse.Namespace) -> int:
+    from clipline.data.doctor import DoctorConfig, diagnose
+
+    report = diagnose(
+        DoctorConfig(
+            shards=args.shards,
+            workers=args.workers,
+            world_size=args.world_size,
+            batch_size=args.batch_size,
+            full=args.full,
+            seconds=args.seconds,
+            image_size=args.image_size,
+        )
+    )
+    print(report.to_json() if args.json else report.to_text(args.shards))
+    return 0 if report.ok else 1
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -168,6 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only sizes.json + report.json for existing webdataset shards",
     )
     p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("data", help="data tools: `clipline data doctor SHARDS`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "doctor",
+        help="check shards for anything that would break or hang a run; measure loader speed",
+    )
+    p.add_argument("shards", help="a shard folder, glob, {a..b} pattern or '::' list")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers per rank")
+    p.add_argument("--world-size", type=int, default=1, help="ranks of the planned run")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    p.add_argument("--full", action="store_true", help="decode every sample, not one per shard")
+    p.add_argument("--seconds", type=float, default=5.0, help="loader measurement time; 0 skips it")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_data_doctor)
 
     p = sub.add_parser(
         "pretrain", help="train a dual encoder (use under accelerate launch/torchrun)"
