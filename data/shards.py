@@ -25,12 +25,13 @@ is not there) raises ``ValueError`` before anything is written.
 
 :func:`index_shards` (``clipline shards --index-only``) takes shards written by another tool
 (img2dataset: ``{key}.jpg|png|webp``, ``{key}.txt``, ``{key}.json``) as they are and writes
-only ``sizes.json`` + ``report.json``, next to them or in a folder of links to them.
+only ``sizes.json`` + ``index_report.json``, next to them or in a folder of links to them.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -105,6 +106,9 @@ class ShardsConfig:
             copies JPEG files byte for byte and encodes other formats at 95.
         dedup: Skip images whose bytes (sha256) equal an earlier written image's, counted
             as ``duplicate``. Holds one 32-byte digest per written sample in memory.
+        token_stats: Also count CLIP BPE tokens per caption (open_clip's tokenizer, the
+            one most towers use) and how many captions a 77-token context would cut.
+            Off by default: it ties the report to one tokenizer and costs some CPU.
     """
 
     input: str
@@ -116,6 +120,7 @@ class ShardsConfig:
     max_side: int | None = None
     jpeg_quality: int | None = None
     dedup: bool = False
+    token_stats: bool = False
 
 
 @dataclass
@@ -148,7 +153,9 @@ class ShardReport:
         sizes: Samples per shard (the content of ``sizes.json``).
         skipped_examples: Up to five source keys per skip reason.
         captions: ``count`` (captions stored) and ``per_sample``/``chars``/``words``
-            statistics (min, mean, median, p95, max; nearest-rank percentiles).
+            statistics (min, mean, median, p95, max; nearest-rank percentiles); with
+            ``token_stats`` also ``tokens`` (CLIP BPE, without start/end tokens) and
+            ``over_77_tokens`` (captions a 77-token context truncates).
         images: ``copied`` (original bytes), ``reencoded`` (converted to JPEG or to
             ``jpeg_quality``), ``resized`` (shrunk to ``max_side``), ``bytes`` (image bytes
             stored). Empty for an index.
@@ -232,6 +239,7 @@ class _EncodeOptions:
     max_side: int | None = None
     jpeg_quality: int | None = None
     dedup: bool = False
+    token_stats: bool = False
 
 
 @dataclass
@@ -244,6 +252,7 @@ class _Encoded:
     meta: dict[str, Any]
     how: str  # "copied" | "reencoded" | "resized"
     digest: bytes | None
+    tokens: list[int] | None  # BPE tokens per caption, when counted
 
 
 def _target_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int] | None:
@@ -283,7 +292,7 @@ def _to_jpeg_bytes(image: Image.Image | bytes, opts: _EncodeOptions) -> tuple[by
                 return data, "copied"
             how = "resized" if target else "reencoded"
             return _encode_jpeg(im, target, opts.jpeg_quality), how
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # PIL raises many types for bad bytes; all mean the same here
         logger.debug("undecodable image: %s", e)
         raise _Undecodable(str(e)) from e
 
@@ -338,7 +347,20 @@ def _encode_sample(sample: Sample | Skipped, opts: _EncodeOptions) -> _Encoded |
         # The source bytes: two copies of one file are duplicates whatever the options.
         source = image if isinstance(image, bytes | bytearray | memoryview) else jpg
         digest = hashlib.sha256(source).digest()
-    return _Encoded(sample.key, jpg, caps, sample.meta, how, digest)
+    tokens = _count_tokens(caps) if opts.token_stats else None
+    return _Encoded(sample.key, jpg, caps, sample.meta, how, digest, tokens)
+
+
+@functools.cache
+def _bpe() -> Any:
+    # Imported on demand: only --token-stats ties the data tools to open_clip.
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _count_tokens(captions: list[str]) -> list[int]:
+    return [len(_bpe().encode(c)) for c in captions]
 
 
 def _encode_chunk(chunk: list[Sample | Skipped], opts: _EncodeOptions) -> list:
@@ -435,24 +457,41 @@ def length_stats(hist: Counter[int]) -> dict[str, float]:
 
 
 class _CaptionStats:
+    # The context length of CLIP's text tower: longer captions are cut when tokenised.
+    CONTEXT = 77
+
     def __init__(self) -> None:
         self.chars: Counter[int] = Counter()
         self.words: Counter[int] = Counter()
         self.per_sample: Counter[int] = Counter()
+        self.tokens: Counter[int] = Counter()
 
-    def add(self, captions: list[str]) -> None:
+    def add(self, captions: list[str], tokens: list[int] | None = None) -> None:
         self.per_sample[len(captions)] += 1
         for c in captions:
             self.chars[len(c)] += 1
             self.words[len(c.split())] += 1
+        for n in tokens or ():
+            self.tokens[n] += 1
+
+    def update(self, other: _CaptionStats) -> None:
+        for name in ("chars", "words", "per_sample", "tokens"):
+            getattr(self, name).update(getattr(other, name))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "count": self.chars.total(),
             "per_sample": length_stats(self.per_sample),
             "chars": length_stats(self.chars),
             "words": length_stats(self.words),
         }
+        if self.tokens:
+            out["tokens"] = length_stats(self.tokens)
+            # + start and end of text tokens
+            out[f"over_{self.CONTEXT}_tokens"] = sum(
+                c for n, c in self.tokens.items() if n + 2 > self.CONTEXT
+            )
+        return out
 
 
 def _check_output_dir(out: Path) -> None:
@@ -465,9 +504,25 @@ def _check_output_dir(out: Path) -> None:
         )
 
 
-def _write_manifest(out: Path, report: ShardReport) -> None:
-    (out / "sizes.json").write_text(json.dumps(report.sizes, indent=2) + "\n", encoding="utf-8")
-    report.to_json(out / "report.json")
+def _write_manifest(
+    out: Path, report: ShardReport, *, report_name: str = "report.json", merge: bool = False
+) -> None:
+    """Write ``sizes.json`` and the report; ``merge`` keeps entries of other shards there."""
+    sizes = dict(report.sizes)
+    sizes_path = out / "sizes.json"
+    if merge and sizes_path.is_file():
+        try:
+            old = json.loads(sizes_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        # Indexing part of a folder must not drop the other shards' counts.
+        kept = {k: int(v) for k, v in old.items() if k not in sizes and (out / k).is_file()}
+        sizes = dict(sorted({**kept, **sizes}.items()))
+    # Replace atomically: a run may be reading sizes.json right now.
+    tmp = out / "sizes.json.tmp"
+    tmp.write_text(json.dumps(sizes, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, sizes_path)
+    report.to_json(out / report_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +538,7 @@ def write_samples(
     max_side: int | None = None,
     jpeg_quality: int | None = None,
     dedup: bool = False,
+    token_stats: bool = False,
 ) -> ShardReport:
     """Write samples into ``output_dir/{000000..}.tar`` plus ``sizes.json`` and ``report.json``.
 
@@ -498,6 +554,7 @@ def write_samples(
         max_side: See :class:`ShardsConfig`.
         jpeg_quality: See :class:`ShardsConfig`.
         dedup: See :class:`ShardsConfig`.
+        token_stats: See :class:`ShardsConfig`.
 
     Returns:
         The report (also written to ``output_dir/report.json``).
@@ -519,7 +576,9 @@ def write_samples(
     out.mkdir(parents=True, exist_ok=True)
     _check_output_dir(out)
 
-    opts = _EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup)
+    opts = _EncodeOptions(
+        max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup, token_stats=token_stats
+    )
     skips = _Skips()
     caption_stats = _CaptionStats()
     images: Counter[str] = Counter({"copied": 0, "reencoded": 0, "resized": 0, "bytes": 0})
@@ -558,7 +617,7 @@ def write_samples(
                         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
                     }
                 )
-                caption_stats.add(item.captions)
+                caption_stats.add(item.captions, item.tokens)
                 images[item.how] += 1
                 images["bytes"] += len(item.jpg)
                 sizes[shard_name] += 1
@@ -567,6 +626,12 @@ def write_samples(
                     writer.close()
                     writer = None
                     os.replace(out / (shard_name + ".tmp"), out / shard_name)
+                    logger.info(
+                        "%s done: %d samples written, %d skipped so far",
+                        shard_name,
+                        written,
+                        skips.counts.total(),
+                    )
     except BaseException:
         if writer is not None:
             writer.close()  # the .tmp stays behind: it is incomplete and not a shard
@@ -864,6 +929,7 @@ def write_shards(cfg: ShardsConfig) -> ShardReport:
         max_side=cfg.max_side,
         jpeg_quality=cfg.jpeg_quality,
         dedup=cfg.dedup,
+        token_stats=cfg.token_stats,
     )
 
 
@@ -907,7 +973,7 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2).lower()) if match else (None, None)
 
 
-def scan_shard(path: str | Path) -> ShardScan:
+def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
     """Read a tar's headers and captions (not its image bytes) and check its structure.
 
     Members are grouped as webdataset groups them (consecutive members sharing the part of
@@ -917,6 +983,7 @@ def scan_shard(path: str | Path) -> ShardScan:
 
     Args:
         path: A local ``.tar`` file.
+        token_stats: Also count caption tokens (see :class:`ShardsConfig`).
 
     Returns:
         The scan; ``error`` is set when the tar cannot be read to its end.
@@ -973,14 +1040,18 @@ def scan_shard(path: str | Path) -> ShardScan:
             scan.missing_caption.append(key)
             continue
         scan.samples += 1
-        scan.captions.add([caption])
+        scan.captions.add([caption], _count_tokens([caption]) if token_stats else None)
     return scan
 
 
 def index_shards(
-    spec: str | Path | list[str], output_dir: str | Path | None = None, *, workers: int = 1
+    spec: str | Path | list[str],
+    output_dir: str | Path | None = None,
+    *,
+    workers: int = 1,
+    token_stats: bool = False,
 ) -> ShardReport:
-    """Write ``sizes.json`` + ``report.json`` for existing shards, leaving the tars untouched.
+    """Write ``sizes.json`` + ``index_report.json`` for existing shards; the tars stay as they are.
 
     For shards written by another tool (img2dataset, a previous pipeline). The count per
     shard is its usable samples (image + caption: what the stream trains on); the others are
@@ -989,13 +1060,14 @@ def index_shards(
     Args:
         spec: The shards: a folder, a glob, a brace pattern or a list (see :func:`list_shards`).
         output_dir: ``None`` writes the manifest next to the shards (they must share one
-            folder). A folder (empty of ``*.tar``) gets a symlink per shard plus the
+            folder; entries of other shards already in that ``sizes.json`` are kept). A folder (empty of ``*.tar``) gets a symlink per shard plus the
             manifest: point training at it when the shards' folder is read-only.
             Links keep the shards' file names unless two collide; then they are numbered.
         workers: Processes scanning shards in parallel.
+        token_stats: Also count caption tokens (see :class:`ShardsConfig`).
 
     Returns:
-        The report (also written as ``report.json`` beside ``sizes.json``).
+        The report (also written as ``index_report.json`` beside ``sizes.json``).
 
     Raises:
         ValueError: For remote shards, shards in several folders without ``output_dir``, or an
@@ -1032,7 +1104,11 @@ def index_shards(
     skips = _Skips()
     captions = _CaptionStats()
     sizes: dict[str, int] = {}
-    for name, scan in zip(names, _ordered_map(scan_shard, paths, workers), strict=True):
+    for name, scan in zip(
+        names,
+        _ordered_map(partial(scan_shard, token_stats=token_stats), paths, workers),
+        strict=True,
+    ):
         if scan.error is not None:
             raise ValueError(
                 f"shard {scan.path!r} is unreadable: {scan.error}. Re-download or rewrite it, "
@@ -1045,8 +1121,7 @@ def index_shards(
         ):
             for key in keys:
                 skips.add(reason, f"{name}:{key}")
-        for attr in ("chars", "words", "per_sample"):
-            getattr(captions, attr).update(getattr(scan.captions, attr))
+        captions.update(scan.captions)
 
     sources: dict[str, str] = {}
     if output_dir is not None:
@@ -1062,7 +1137,9 @@ def index_shards(
         captions=captions.to_dict(),
         sources=sources,
     )
-    _write_manifest(out, report)
+    # Never index_report -> report.json: next to shards from `clipline shards` that would
+    # overwrite the writer's own report.
+    _write_manifest(out, report, report_name="index_report.json", merge=output_dir is None)
     logger.info("indexed %d samples in %d shards into %s", report.written, len(names), out)
     return report
 

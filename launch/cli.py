@@ -24,7 +24,9 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     from clipline.data.shards import ShardsConfig, index_shards, write_shards
 
     if args.index_only:
-        report = index_shards(args.input, args.output_dir, workers=args.workers)
+        report = index_shards(
+            args.input, args.output_dir, workers=args.workers, token_stats=args.token_stats
+        )
         print(report.to_json())
         return 0
     if args.output_dir is None:
@@ -43,6 +45,7 @@ def _cmd_shards(args: argparse.Namespace) -> int:
             max_side=args.max_side,
             jpeg_quality=args.jpeg_quality,
             dedup=args.dedup,
+            token_stats=args.token_stats,
         )
     )
     print(report.to_json())
@@ -180,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jpeg-quality", type=int, default=None, help="re-encode every image at this quality"
     )
     p.add_argument("--dedup", action="store_true", help="skip exact duplicate image bytes")
+    p.add_argument(
+        "--token-stats",
+        action="store_true",
+        help="report CLIP BPE token counts and captions longer than 77 tokens",
+    )
     p.add_argument(
         "--index-only",
         action="store_true",

@@ -170,6 +170,31 @@ def test_several_captions_and_caption_stats(manifest: Path, tmp_path: Path) -> N
     assert caps["chars"]["min"] == len("picture number 0")
     assert caps["chars"]["max"] == len("another caption of picture 20")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["captions"] == caps
+    # Indexing our own shards in place does not overwrite the writer's report.
+    before = (tmp_path / "out" / "report.json").read_bytes()
+    assert index_shards(tmp_path / "out").sizes == report.sizes
+    assert (tmp_path / "out" / "report.json").read_bytes() == before
+
+
+def test_token_stats_count_clip_bpe_tokens(tmp_path: Path) -> None:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    (tmp_path / "a.jpg").write_bytes(_jpeg((1, 2, 3), (8, 8)))
+    long = " ".join(["word"] * 80)
+    lines = [{"filepath": "a.jpg", "caption": ["a dog", long]}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    plain = write_shards(ShardsConfig(input=str(jsonl), output_dir=str(tmp_path / "a")))
+    assert "tokens" not in plain.captions, "off by default"
+    cfg = ShardsConfig(input=str(jsonl), output_dir=str(tmp_path / "b"), token_stats=True)
+    caps = write_shards(cfg).captions
+    n_long = len(SimpleTokenizer().encode(long))
+    assert caps["tokens"]["min"] == 2 and caps["tokens"]["max"] == n_long
+    assert caps["over_77_tokens"] == 1
+    assert (
+        index_shards(tmp_path / "a", tmp_path / "idx", token_stats=True).captions["over_77_tokens"]
+        == 0
+    )  # an index sees txt: the first caption only
 
 
 def test_length_stats_nearest_rank() -> None:
@@ -324,6 +349,9 @@ def test_index_existing_shards_in_place(img2dataset_dir: Path) -> None:
     assert report.skipped_examples == {"missing_caption": ["00001.tar:000010002"]}
     assert report.captions["count"] == 5
     assert read_manifest(d) == {str(d / "00000.tar"): 3, str(d / "00001.tar"): 2}
+    # Re-indexing part of the folder keeps the other shards' entries.
+    index_shards(d / "00001.tar")
+    assert json.loads((d / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 2}
 
     # The stream reads them as they are: png samples included, the caption-less one dropped.
     from clipline.data.stream import StreamConfig, build_train_loader
@@ -346,7 +374,7 @@ def test_index_into_own_folder_and_reject_broken(img2dataset_dir: Path, tmp_path
     assert sorted(p.name for p in out.iterdir()) == [
         "00000.tar",
         "00001.tar",
-        "report.json",
+        "index_report.json",
         "sizes.json",
     ]
     assert (out / "00000.tar").is_symlink()
