@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-import webdataset as wds
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -576,6 +575,10 @@ def write_samples(
     out.mkdir(parents=True, exist_ok=True)
     _check_output_dir(out)
 
+    # Imported here, not at module level: webdataset imports torch, and every writer process
+    # (spawned) imports this module; without it a worker starts in a fraction of the time.
+    import webdataset as wds
+
     opts = _EncodeOptions(
         max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup, token_stats=token_stats
     )
@@ -584,7 +587,7 @@ def write_samples(
     images: Counter[str] = Counter({"copied": 0, "reencoded": 0, "resized": 0, "bytes": 0})
     seen: set[bytes] = set()
     sizes: dict[str, int] = {}
-    writer: wds.TarWriter | None = None
+    writer: Any = None  # a webdataset.TarWriter while a shard is open
     shard_name = ""
     written = 0
 
