@@ -98,7 +98,8 @@ class ShardsConfig:
             several captions; so do adjacent rows naming the same image.
         samples_per_shard: Samples per ``.tar``.
         workers: Processes that load, check and encode images. The output does not
-            depend on it.
+            depend on it. They are spawned: a script calling :func:`write_shards` with
+            ``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard.
         max_side: Shrink images whose longer side exceeds this (aspect kept, never
             enlarged) and re-encode them as JPEG. ``None`` keeps the original size.
         jpeg_quality: Re-encode every image as JPEG at this quality (1-100). ``None``
@@ -1118,6 +1119,13 @@ def index_shards(
                 "or leave it out of the spec; nothing was written."
             )
         sizes[name] = scan.samples
+        if scan.duplicate_keys:
+            logger.warning(
+                "%s has duplicate sample keys (e.g. %s); webdataset merges or splits such "
+                "samples. See `clipline data doctor`.",
+                scan.path,
+                scan.duplicate_keys[0],
+            )
         for reason, keys in (
             (MISSING_IMAGE, scan.missing_image),
             (MISSING_CAPTION, scan.missing_caption),
