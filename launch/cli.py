@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--index-only",
         action="store_true",
-        help="write only sizes.json + report.json for existing webdataset shards",
+        help="write only sizes.json + index_report.json for existing webdataset shards",
     )
     p.set_defaults(func=_cmd_shards)
 
