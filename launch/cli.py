@@ -1,4 +1,4 @@
-"""``clipline`` command line: shards, pretrain, eval, export, embed, search, demo."""
+"""``clipline`` command line: shards, data doctor, pretrain, eval, export, embed, search, demo."""
 
 from __future__ import annotations
 
@@ -22,8 +22,19 @@ def _setup_logging() -> None:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from clipline.data.shards import ShardsConfig, write_shards
+    from clipline.data.shards import ShardsConfig, index_shards, write_shards
 
+    if args.index_only:
+        report = index_shards(
+            args.input, args.output_dir, workers=args.workers, token_stats=args.token_stats
+        )
+        print(report.to_json())
+        return 0
+    if args.output_dir is None:
+        raise ValueError(
+            "missing output_dir: `clipline shards INPUT OUTPUT_DIR` (or --index-only to index "
+            "existing shards in place)"
+        )
     report = write_shards(
         ShardsConfig(
             input=args.input,
@@ -31,10 +42,33 @@ def _cmd_shards(args: argparse.Namespace) -> int:
             image_column=args.image_column,
             caption_column=args.caption_column,
             samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            max_side=args.max_side,
+            jpeg_quality=args.jpeg_quality,
+            dedup=args.dedup,
+            token_stats=args.token_stats,
         )
     )
     print(report.to_json())
     return 0
+
+
+def _cmd_data_doctor(args: argparse.Namespace) -> int:
+    from clipline.data.doctor import DoctorConfig, diagnose
+
+    report = diagnose(
+        DoctorConfig(
+            shards=args.shards,
+            workers=args.workers,
+            world_size=args.world_size,
+            batch_size=args.batch_size,
+            full=args.full,
+            seconds=args.seconds,
+            image_size=args.image_size,
+        )
+    )
+    print(report.to_json() if args.json else report.to_text(args.shards))
+    return 0 if report.ok else 1
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -217,13 +251,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("shards", help="CSV/TSV/JSONL or a folder of pairs -> webdataset shards")
-    p.add_argument("input", help="a .csv/.tsv/.jsonl file, or a folder of name.jpg + name.txt")
-    p.add_argument("output_dir")
+    p = sub.add_parser(
+        "shards",
+        help="CSV/TSV/JSONL/Parquet or a folder of pairs -> webdataset shards "
+        "(--index-only: manifest for existing shards)",
+    )
+    p.add_argument(
+        "input",
+        help="a .csv/.tsv/.jsonl/.parquet file or a folder of name.jpg + name.txt; with "
+        "--index-only: existing shards (a folder, glob or {a..b} pattern)",
+    )
+    p.add_argument(
+        "output_dir",
+        nargs="?",
+        help="where the shards go; with --index-only: a folder for links + manifest "
+        "(default: write sizes.json next to the shards)",
+    )
     p.add_argument("--image-column", default="filepath")
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument(
+        "--workers", type=int, default=1, help="image encoding processes (same output for any N)"
+    )
+    p.add_argument(
+        "--max-side", type=int, default=None, help="shrink images to this longer side (pixels)"
+    )
+    p.add_argument(
+        "--jpeg-quality", type=int, default=None, help="re-encode every image at this quality"
+    )
+    p.add_argument("--dedup", action="store_true", help="skip exact duplicate image bytes")
+    p.add_argument(
+        "--token-stats",
+        action="store_true",
+        help="report CLIP BPE token counts and captions longer than 77 tokens",
+    )
+    p.add_argument(
+        "--index-only",
+        action="store_true",
+        help="write only sizes.json + index_report.json for existing webdataset shards",
+    )
     p.set_defaults(func=_cmd_shards)
+
+    p = sub.add_parser("data", help="data tools: `clipline data doctor SHARDS`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "doctor",
+        help="check shards for anything that would break or hang a run; measure loader speed",
+    )
+    p.add_argument("shards", help="a shard folder, glob, {a..b} pattern or '::' list")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers per rank")
+    p.add_argument("--world-size", type=int, default=1, help="ranks of the planned run")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    p.add_argument("--full", action="store_true", help="decode every sample, not one per shard")
+    p.add_argument("--seconds", type=float, default=5.0, help="loader measurement time; 0 skips it")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_data_doctor)
 
     p = sub.add_parser(
         "pretrain", help="train a dual encoder (use under accelerate launch/torchrun)"

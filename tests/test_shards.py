@@ -178,8 +178,11 @@ def test_wrong_column_names_the_columns(tmp_path: Path) -> None:
 def test_missing_input_and_unsupported_type(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope.csv"):
         write_shards(ShardsConfig(input=str(tmp_path / "nope.csv"), output_dir=str(tmp_path)))
-    (tmp_path / "x.parquet").write_bytes(b"")
+    (tmp_path / "x.xlsx").write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported"):
+        write_shards(ShardsConfig(input=str(tmp_path / "x.xlsx"), output_dir=str(tmp_path)))
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
         write_shards(ShardsConfig(input=str(tmp_path / "x.parquet"), output_dir=str(tmp_path)))
 
 
