@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,7 +89,7 @@ def export_model(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "model_cfg": model.model_cfg,
+        "model_cfg": _bundle_hf_text(model.model_cfg, out),
         "embed_dim": model.embed_dim,
         "preprocess": model.preprocess_cfg,
         "tokenizer": tokenizer_info(model),
@@ -100,6 +101,31 @@ def export_model(
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
+
+
+HF_TEXT_DIR = "hf_text"  # an HF text tower's config and tokenizer files, beside the weights
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".index.json")
+
+
+def _bundle_hf_text(model_cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Copies an HF text tower's config and tokenizer into the export, so that it loads
+    without the training machine's model directory; returns the model config to record."""
+    text_cfg = model_cfg["text_cfg"]
+    if "hf_model_name" not in text_cfg:
+        return model_cfg
+    dest = out / HF_TEXT_DIR
+    dest.mkdir(exist_ok=True)
+    for src_dir in {text_cfg["hf_model_name"], text_cfg.get("hf_tokenizer_name", "")} - {""}:
+        if not Path(src_dir).is_dir():
+            raise ValueError(
+                f"HF text tower {src_dir!r} is not a local directory; clipline exports bundle "
+                "the tower's config and tokenizer files from it"
+            )
+        for f in Path(src_dir).iterdir():
+            if f.is_file() and not f.name.endswith(_HF_WEIGHT_SUFFIXES):
+                shutil.copyfile(f, dest / f.name)
+    bundled = {**text_cfg, "hf_model_name": HF_TEXT_DIR, "hf_tokenizer_name": HF_TEXT_DIR}
+    return {**model_cfg, "text_cfg": bundled}
 
 
 def read_export_meta(export_dir: str | Path) -> dict[str, Any]:
@@ -119,7 +145,14 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> D
     """Rebuilds the dual encoder from an export directory (strict weight loading)."""
     export_dir = Path(export_dir)
     meta = read_export_meta(export_dir)
-    model = DualEncoder(meta["model_cfg"], meta["preprocess"])
+    model_cfg = meta["model_cfg"]
+    text_cfg = model_cfg["text_cfg"]
+    if text_cfg.get("hf_model_name") == HF_TEXT_DIR:  # bundled HF config + tokenizer
+        path = str(export_dir / HF_TEXT_DIR)
+        model_cfg = {**model_cfg, "text_cfg": {**text_cfg, "hf_model_name": path}}
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = path
+    # The HF tower's weights are in text_encoder.safetensors: build it from its config only.
+    model = DualEncoder(model_cfg, meta["preprocess"], load_hf_weights=False)
     weights = {**load_file(export_dir / IMAGE_FILE), **load_file(export_dir / TEXT_FILE)}
     weights["logit_scale"] = torch.tensor([meta["log_logit_scale"]], dtype=torch.float32)
     if meta["logit_bias"] is not None:

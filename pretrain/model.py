@@ -175,8 +175,14 @@ def _hf_text_cfg(spec: str) -> dict[str, Any]:
     }
 
 
-def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """Builds an open_clip model (random init) and its tokenizer from a model config dict."""
+def build_open_clip(
+    model_cfg: dict[str, Any], preprocess: dict[str, Any], *, load_hf_weights: bool = True
+) -> tuple[nn.Module, Any]:
+    """Builds an open_clip model and its tokenizer from a model config dict.
+
+    Weights are random, except an HF text tower's, which come from its directory unless
+    ``load_hf_weights`` is False (when a checkpoint or export supplies them anyway).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "open_clip_config.json").write_text(
             json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess})
@@ -185,7 +191,9 @@ def build_open_clip(model_cfg: dict[str, Any], preprocess: dict[str, Any]) -> tu
         previous = logging.root.level
         logging.root.setLevel(logging.ERROR)
         try:
-            model = open_clip.create_model(f"local-dir:{tmp}", load_weights=False)
+            model = open_clip.create_model(
+                f"local-dir:{tmp}", load_weights=False, pretrained_hf=load_hf_weights
+            )
             text_cfg = model_cfg["text_cfg"]
             if "hf_tokenizer_name" in text_cfg:
                 # open_clip's local-dir schema looks for tokenizer files beside the config;
@@ -244,10 +252,18 @@ class DualEncoder(nn.Module):
     "encoders" protocol evaluators rely on.
     """
 
-    def __init__(self, model_cfg: dict[str, Any], preprocess: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        preprocess: dict[str, Any] | None = None,
+        *,
+        load_hf_weights: bool = True,
+    ):
         super().__init__()
         self.model_cfg = model_cfg
-        self.clip, self.tokenizer = build_open_clip(model_cfg, preprocess or {})
+        self.clip, self.tokenizer = build_open_clip(
+            model_cfg, preprocess or {}, load_hf_weights=load_hf_weights
+        )
         # Trimming is exact only for open_clip's own causal text transformer pooled at EOT.
         trim = (
             isinstance(self.clip, open_clip.CLIP)

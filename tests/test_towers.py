@@ -115,7 +115,10 @@ def test_hf_text_tower_from_local_path_trains_and_exports(tmp_path):
     InfoNCELoss(LossConfig())(img_emb, txt_emb, scale, bias).backward()
     assert hf.grad is not None and hf.grad.abs().sum() > 0
 
-    loaded = load_export(export_model(model, tmp_path / "exp", run_config={}))
+    exported = export_model(model, tmp_path / "exp", run_config={})
+    (tmp_path / "bert").rename(tmp_path / "gone")  # the export carries its config + tokenizer
+    loaded = load_export(exported)
+    assert loaded.tokenize(CAPTIONS).tolist() == text_BL.tolist()
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(text_BL), model.encode_text(text_BL))
