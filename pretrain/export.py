@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
