@@ -171,10 +171,30 @@ _CLIPLINE_CHILD = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import clipline.launch.run as run
     from clipline.launch.config import load_run_config
-    from clipline.launch.run import run_pretrain
-    cfg = load_run_config(sys.argv[1], json.loads(sys.argv[2]))
-    run_pretrain(cfg)
+
+    if sys.argv[3] == "in-memory":
+        # The loop alone: the real loader delivers one batch, which is then fed again and
+        # again from memory (no worker process competing for the cores).
+        real_build = run.build_train_loader
+
+        class FixedBatchLoader:
+            def __init__(self, loader):
+                self.stream, self.num_samples = loader.stream, loader.num_samples
+                self.batches_per_epoch = loader.batches_per_epoch
+                self.batch = next(iter(loader.epoch(0)))
+                del loader  # stops its worker
+
+            def epoch(self, epoch):
+                while True:
+                    yield self.batch
+
+            def __getattr__(self, name):  # anything else the loop asks of a loader
+                return getattr(self.stream, name)
+
+        run.build_train_loader = lambda *a, **k: FixedBatchLoader(real_build(*a, **k))
+    run.run_pretrain(load_run_config(sys.argv[1], json.loads(sys.argv[2])))
     """
 )
 
@@ -188,6 +208,7 @@ _PURE_CHILD = textwrap.dedent(
     from clipline.pretrain.model import DualEncoder, ModelConfig
 
     name, shards, batch, warmup, steps = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
+    bf16 = sys.argv[6] == "bf16"
     torch.manual_seed(0)
     # clipline's DualEncoder wraps the same open_clip CLIP that open_clip_train builds from
     # the same config; with full-context tokens its forward is open_clip's own.
@@ -234,7 +255,9 @@ _PURE_CHILD = textwrap.dedent(
         for i in range(warmup + n):
             t0 = time.perf_counter()
             # L2-normalised embeddings and exp(logit scale) first (a SigLIP bias may follow).
-            img_emb, txt_emb, scale = model(image, text)[:3]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                img_emb, txt_emb, scale = model(image, text)[:3]
+            img_emb, txt_emb = img_emb.float(), txt_emb.float()  # the loss in fp32, as both
             logits = scale * img_emb @ txt_emb.T
             loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
             loss.backward()
@@ -324,9 +347,27 @@ def _run_child(code: str, args: list[str], log_path: Path, timeout: float) -> tu
     }
 
 
-def model_config_path(model: str) -> Path:
-    """clipline's shipped config file for ``model``, registered as-is with open_clip."""
-    path = Path(str(resources.files("clipline.pretrain") / "model_configs" / f"{model}.json"))
+def model_name(model: str) -> str:
+    """The clipline model name: ``open_clip:<name>`` as given, a bare name is clipline's."""
+    return (
+        model if model.startswith("open_clip:") else f"clipline:{model.removeprefix('clipline:')}"
+    )
+
+
+def model_config_path(model: str, cache_dir: Path) -> Path:
+    """The model's open_clip config file, registered with open_clip_train's process."""
+    prefix, _, name = model_name(model).partition(":")
+    if prefix == "open_clip":
+        import open_clip
+
+        config = open_clip.get_model_config(name)
+        if config is None:
+            raise SystemExit(f"open_clip has no model config {name!r}")
+        path = cache_dir / "model_configs" / f"{name}.json"  # re-registers the same config
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        return path
+    path = Path(str(resources.files("clipline.pretrain") / "model_configs" / f"{name}.json"))
     if not path.is_file():
         raise SystemExit(f"no clipline model config {path}; --model takes a clipline:<name>")
     return path
@@ -362,7 +403,7 @@ def run_open_clip(a: argparse.Namespace, shards: Path, cfg_path: Path, tag: str)
         "--workers", str(a.workers),
         "--epochs", "1",
         "--model", cfg_path.stem,
-        "--precision", "fp32",
+        "--precision", "amp_bf16" if a.precision == "bf16" else "fp32",
         "--device", "cpu",
         "--lr", "1e-3", "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--warmup", "2",
@@ -407,8 +448,11 @@ def run_open_clip(a: argparse.Namespace, shards: Path, cfg_path: Path, tag: str)
     }
 
 
-def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
-    """One clipline run; per-window figures read from its metrics.jsonl."""
+def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "stream") -> dict:
+    """One clipline run; per-window figures read from its metrics.jsonl.
+
+    ``data="in-memory"`` feeds one real batch again and again: the loop without the loader.
+    """
     run_dir = a.cache_dir / "runs" / tag
     overrides = [
         f"data.shards={shards}",
@@ -417,8 +461,8 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
         # Same samples per epoch as open_clip's --train-num-samples: one epoch, no
         # dataloader restart mid-run on either side.
         f"data.num_samples={a.steps * a.batch_size}",
-        f"model.name=clipline:{a.model}",
-        "loop.mixed_precision=no",
+        f"model.name={model_name(a.model)}",
+        f"loop.mixed_precision={'bf16' if a.precision == 'bf16' else 'no'}",
         f"loop.steps={a.steps}",
         f"loop.log_every={a.log_every}",
         f"loop.checkpoint_every={10 * a.steps}",  # only the final save, after timing
@@ -433,7 +477,8 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
     ]
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     t0 = time.perf_counter()
-    _, cpu = _run_child(_CLIPLINE_CHILD, ["cpu-debug", json.dumps(overrides)], log_path, a.timeout)
+    child_args = ["cpu-debug", json.dumps(overrides), data]
+    _, cpu = _run_child(_CLIPLINE_CHILD, child_args, log_path, a.timeout)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/samples_per_s" in r]
@@ -450,7 +495,7 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
             )
     total_t = sum(p[1] for p in post)
     return {
-        "trainer": "clipline",
+        "trainer": "clipline" if data == "stream" else "clipline, in-memory batch",
         "tag": tag,
         "wall_s": wall,
         "step_med": None,
@@ -465,7 +510,14 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str) -> dict:
 def run_pure(a: argparse.Namespace, shards: Path, tag: str) -> list[dict]:
     """Pure model steps on one fixed batch: full-context text, and clipline's trimmed text."""
     # 2 warm-up steps before each block of pure_steps / 2 timed steps.
-    args = [f"clipline:{a.model}", str(shards), str(a.batch_size), "2", str(a.pure_steps)]
+    args = [
+        model_name(a.model),
+        str(shards),
+        str(a.batch_size),
+        "2",
+        str(a.pure_steps),
+        a.precision,
+    ]
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     text, cpu = _run_child(_PURE_CHILD, args, log_path, a.timeout)
     line = next(ln for ln in text.splitlines() if ln.startswith("BENCH_RESULT "))
@@ -538,11 +590,19 @@ def summarize(a: argparse.Namespace, results: list[dict]) -> tuple[str, dict]:
     batch after its longest caption when that is exact, so its text tower does less work
     per sample and its pure step is the one with trimmed text.
     """
-    names = ("pure step, full text", "pure step, trimmed text", "open_clip_train", "clipline")
+    names = (
+        "pure step, full text",
+        "pure step, trimmed text",
+        "open_clip_train",
+        "clipline",
+        "clipline, in-memory batch",
+    )
     by = {name: [r for r in results if r["trainer"] == name] for name in names}
+    by = {name: rs for name, rs in by.items() if rs}
     pure = {
         "open_clip_train": _median(by["pure step, full text"], "step_med"),
         "clipline": _median(by["pure step, trimmed text"], "step_med"),
+        "clipline, in-memory batch": _median(by["pure step, trimmed text"], "step_med"),
     }
     summary: dict[str, Any] = {}
     lines = [
@@ -586,7 +646,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--steps", type=int, default=40, help="training steps per run")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--model", default="tiny-224", help="a clipline model config name")
+    p.add_argument(
+        "--model",
+        default="tiny-224",
+        help="a clipline model config name (tiny-224) or open_clip:<name> (open_clip:ViT-S-32)",
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--loop-only",
+        action="store_true",
+        help="also run clipline on one in-memory batch: the loop's own cost over the pure step",
+    )
     p.add_argument("--workers", type=int, default=1, help="dataloader workers, both trainers")
     p.add_argument("--repeats", type=int, default=2, help="runs per trainer, alternating")
     p.add_argument(
@@ -627,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     a.cache_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     shards = ensure_shards(a.cache_dir, a.num_pairs, a.samples_per_shard, a.seed)
-    cfg_path = model_config_path(a.model)
+    cfg_path = model_config_path(a.model, a.cache_dir)
     runs = a.cache_dir / "runs"
     if runs.exists():
         shutil.rmtree(runs)  # logs and checkpoints of an earlier invocation
@@ -650,12 +720,12 @@ def main(argv: list[str] | None = None) -> None:
         if res["contaminated"]:
             print("    warning: other processes competed for the CPUs during this run", flush=True)
 
-    def measure(fn, *args, tag: str) -> None:
+    def measure(fn, *args, tag: str, **kwargs) -> None:
         for attempt in range(a.retries + 1):
             background = wait_for_quiet(a.quiet_wait)
             # A fresh name per attempt: open_clip refuses an existing experiment name, and
             # clipline would append to the old metrics.jsonl.
-            out = fn(*args, f"{tag}-retry{attempt}" if attempt else tag)
+            out = fn(*args, f"{tag}-retry{attempt}" if attempt else tag, **kwargs)
             out = out if isinstance(out, list) else [out]
             for res in out:
                 res["background"] = background
@@ -673,7 +743,8 @@ def main(argv: list[str] | None = None) -> None:
 
     version = clipline_version()
     print(
-        f"model clipline:{a.model} ({cfg_path}), batch {a.batch_size}, fp32, {a.steps} steps, "
+        f"model {model_name(a.model)} ({cfg_path}), batch {a.batch_size}, {a.precision}, "
+        f"{a.steps} steps, "
         f"{a.workers} worker(s), {a.repeats} repeats, {os.cpu_count()} CPUs ({cpu_model()})\n"
         f"clipline {version}",
         flush=True,
@@ -686,6 +757,8 @@ def main(argv: list[str] | None = None) -> None:
                 measure(run_open_clip, a, shards, cfg_path, tag=f"openclip-{r}")
             else:
                 measure(run_clipline, a, shards, tag=f"clipline-{r}")
+        if a.loop_only:
+            measure(run_clipline, a, shards, tag=f"inmem-{r}", data="in-memory")
     measure(run_pure, a, shards, tag="pure-1")
 
     table, summary = summarize(a, results)
@@ -693,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = pure_runs[0]["batch_text_len"]
     print()
     print(
-        f"samples/s, fp32, batch {a.batch_size}, clipline:{a.model} "
+        f"samples/s, {a.precision}, batch {a.batch_size}, {model_name(a.model)} "
         f"({pure_runs[0]['params_m']:.1f} M params), {a.workers} loader worker(s); steady "
         f"state: first and last {a.log_every} steps of each run left out.\n"
         f"Grad clipping adds {statistics.median(r['clip_ms'] for r in pure_runs):.0f} ms/step "
