@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -209,6 +210,7 @@ def train(
     ckpt = resolve_resume(run_dir, resume)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        loader.load_state_dict(state.get("stream"))  # per-rank stream positions: O(1) resume
         log.info("resumed from %s at step %d", ckpt, state["step"])
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
@@ -219,14 +221,8 @@ def train(
     def batches_from(step: int) -> Iterator[dict[str, Any]]:
         epoch, offset = divmod(step * accum, loader.batches_per_epoch)
         while True:
-            it = loader.epoch(epoch)
-            if offset:
-                log.warning("fast-forwarding %d batches to resume mid-epoch %d", offset, epoch)
-                for _ in range(offset):
-                    next(it)
-                offset = 0
-            yield from it
-            epoch += 1
+            yield from loader.epoch(epoch, start=offset)  # continues a loaded stream state
+            epoch, offset = epoch + 1, 0
 
     def evaluate() -> dict[str, float]:
         results: dict[str, float] = {}
@@ -326,6 +322,7 @@ def train(
             )
             stop, timed = (accelerator.reduce(flags.float(), reduction="sum") > 0).tolist()
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
+                stream_states = gather_object([loader.state_dict()])  # one small dict per rank
                 if main:
                     save_checkpoint(
                         run_dir,
@@ -336,6 +333,7 @@ def train(
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
                             "skipped": dict(skipped),
+                            "stream": stream_states,
                         },
                         config=run_config,
                         keep_last=loop_cfg.keep_last,
