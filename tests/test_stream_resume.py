@@ -116,3 +116,29 @@ def test_a_changed_data_config_falls_back_to_replay(shards, caplog):
     other.load_state_dict([state])
     assert len(list(other.epoch(0, start=3))) == 23
     assert "data settings changed" in caplog.text
+
+
+def test_training_saves_the_stream_state_and_resumes_with_other_workers(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from clipline.launch.config import load_run_config
+    from clipline.launch.run import run_pretrain
+    from clipline.pretrain.checkpoint import list_checkpoints
+    from tests.helpers import micro_recipe
+
+    shards = make_shards(tmp_path / "s", n=64, per_shard=16)
+    recipe = micro_recipe(shards, tmp_path / "run", steps=4, checkpoint_every=2)
+    run_pretrain(load_run_config(recipe))
+    first, last = list_checkpoints(tmp_path / "run")
+    (saved,) = json.loads((first / "state.json").read_text())["stream"]  # one per rank
+    assert (saved["epoch"], saved["batches"], saved["chain"][0]["workers"]) == (0, 2, 1)
+    shutil.rmtree(last)
+    recipe["data"]["workers"] = 2
+    with caplog.at_level(logging.WARNING):
+        run_pretrain(load_run_config(recipe), resume="latest")
+    assert "reading and discarding" not in caplog.text  # no replay: the state was used
+    (final,) = json.loads((list_checkpoints(tmp_path / "run")[-1] / "state.json").read_text())[
+        "stream"
+    ]
+    assert final["batches"] == 4 and [link["workers"] for link in final["chain"]] == [1, 2]
