@@ -24,7 +24,7 @@ starts reading where the workers stopped: no sample is read twice to get there.
 **Shuffling.** Within a worker, sample ``i`` of its read order is emitted at the rank of
 ``i + U_i * shuffle_buffer`` (``U_i`` uniform in [0, 1), seeded): each output position draws
 from a window of ``shuffle_buffer`` consecutive samples, like webdataset's shuffle buffer,
-and at most ``shuffle_buffer`` read samples wait in memory. Unlike a buffer, the order is
+and about ``shuffle_buffer`` read samples wait in memory. Unlike a buffer, the order is
 known without reading, which is what makes an O(1) resume possible.
 
 **No hangs.** Every rank yields exactly ``batches_per_epoch`` batches in both modes, whatever

@@ -88,6 +88,11 @@ def test_resampled_resume_continues_the_seeded_sequence(shards):
     rest = [b["key"] for b in resumed.epoch(3, start=4)]
     assert [b["key"] for b in first] + rest == full
     assert len(full) == 15
+    # Another worker count shares the epoch's remaining draws: the same multiset of samples.
+    other = _loader(shards, workers=3, **kw)
+    other.load_state_dict([state])
+    rest = [k for b in other.epoch(3, start=4) for k in b["key"]]
+    assert sorted([k for b in first for k in b["key"]] + rest) == sorted(sum(full, []))
 
 
 def test_resume_reads_only_what_is_left(shards, monkeypatch):
