@@ -52,6 +52,7 @@ report ``data/skipped/<reason>`` without any side channel between processes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -531,7 +532,7 @@ class _LaneReader:
             last = int(self.wanted[np.searchsorted(self.wanted, seg_end) - 1])
             if last >= self.frontier:
                 self._read_to(last)
-            self._shut()
+            self.shut()
             self.frontier = max(self.frontier, seg_end)
         return self.cache.pop(idx)
 
@@ -573,9 +574,12 @@ class _LaneReader:
         lo, hi = np.searchsorted(self.wanted, [self.frontier, seg_end])
         self.cache.update(dict.fromkeys(self.wanted[lo:hi].tolist()))
         self.frontier = seg_end
-        self._shut()
+        self.shut()
 
-    def _shut(self) -> None:
+    def shut(self) -> None:
+        """Closes the open shard, if any."""
+        if self.it is not None:
+            self.it.close()  # runs the tar reader's cleanup before its file goes
         if self.close is not None:
             self.close()
         self.it = self.close = None
@@ -641,36 +645,39 @@ class ContrastiveStream(IterableDataset):
         self, plan: _RankPlan, worker: int, position: int, todo: int, epoch: int
     ) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
-        reported: Counter = Counter()
-        samples = self._samples(plan, worker, position, epoch, counts)
-        for _ in range(todo):
-            batch = []
-            while len(batch) < self.cfg.batch_size:
-                advance, item = next(samples)
-                position += advance
-                if item is not None:
-                    batch.append(item)
-            tags, urls, keys, images, captions = zip(*batch, strict=True)
-            skipped = counts - reported
-            reported = counts.copy()
-            # Augmentation draws from torch's global RNG; seeding it per sample from the
-            # sample's identity makes every crop a pure function of (seed, epoch, sample):
-            # resumed runs, any worker count and any batch split see the same pixels.
-            # fork_rng leaves the caller's RNG alone (workers=0 runs here).
-            with torch.random.fork_rng(devices=[]):
-                tensors = []
-                for tag in tags:
-                    torch.manual_seed(zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode()))
-                    tensors.append(self.preprocess(images[len(tensors)]))
-                image_BCHW = torch.stack(tensors)
-            yield {
-                "image": image_BCHW,  # f32[B,3,H,W]
-                "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
-                "key": list(keys),  # with "url", identifies each sample across sources
-                "url": list(urls),
-                "skipped": dict(skipped),
-                "_stream": (worker, position),  # read by TrainLoader, popped before the loop
-            }
+        # closing: a worker stops mid-shard after its last batch; its reads end with it.
+        with contextlib.closing(self._samples(plan, worker, position, epoch, counts)) as samples:
+            reported: Counter = Counter()
+            for _ in range(todo):
+                batch = []
+                while len(batch) < self.cfg.batch_size:
+                    advance, item = next(samples)
+                    position += advance
+                    if item is not None:
+                        batch.append(item)
+                tags, urls, keys, images, captions = zip(*batch, strict=True)
+                skipped = counts - reported
+                reported = counts.copy()
+                # Augmentation draws from torch's global RNG; seeding it per sample from the
+                # sample's identity makes every crop a pure function of (seed, epoch, sample):
+                # resumed runs, any worker count and any batch split see the same pixels.
+                # fork_rng leaves the caller's RNG alone (workers=0 runs here).
+                with torch.random.fork_rng(devices=[]):
+                    tensors = []
+                    for tag, image in zip(tags, images, strict=True):
+                        torch.manual_seed(
+                            zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode())
+                        )
+                        tensors.append(self.preprocess(image))
+                    image_BCHW = torch.stack(tensors)
+                yield {
+                    "image": image_BCHW,  # f32[B,3,H,W]
+                    "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
+                    "key": list(keys),  # with "url", identifies each sample across sources
+                    "url": list(urls),
+                    "skipped": dict(skipped),
+                    "_stream": (worker, position),  # read by TrainLoader, popped before the loop
+                }
 
     def _samples(
         self, plan: _RankPlan, worker: int, position: int, epoch: int, counts: Counter
@@ -692,18 +699,22 @@ class ContrastiveStream(IterableDataset):
                 lane: _LaneReader(plan.lanes[lane], rows[rows[:, 0] == lane, 1], on_error)
                 for lane in np.unique(rows[:, 0]).tolist()
             }
-            for lane, idx in rows.tolist():
-                raw = readers[lane].get(idx)
-                item = _decode(raw, counts) if raw is not None else None
-                if item is None:
-                    bad.add((lane, idx))
-                    yield None
-                    continue
-                if self.layout.mode == "exact":  # a sample's identity: its shard and index
-                    tag = f"{raw['__url__']}#{raw['__index__']}"
-                else:  # a sample may be drawn twice; its draw is the identity
-                    tag = f"{self.rank}/{lane}/{idx}"
-                yield (tag, raw["__url__"], *item)
+            try:
+                for lane, idx in rows.tolist():
+                    raw = readers[lane].get(idx)
+                    item = _decode(raw, counts) if raw is not None else None
+                    if item is None:
+                        bad.add((lane, idx))
+                        yield None
+                        continue
+                    if self.layout.mode == "exact":  # a sample's identity: shard and index
+                        tag = f"{raw['__url__']}#{raw['__index__']}"
+                    else:  # a sample may be drawn twice; its draw is the identity
+                        tag = f"{self.rank}/{lane}/{idx}"
+                    yield (tag, raw["__url__"], *item)
+            finally:
+                for reader in readers.values():
+                    reader.shut()
 
         items = plan.items[worker]
         for item in decoded(items[position:]):

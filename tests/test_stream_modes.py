@@ -82,7 +82,7 @@ def test_resampled_weights_set_the_share_of_each_source_deterministically(two_so
     cfg = StreamConfig(
         sources=sources,
         mode="resampled",
-        num_samples=800,
+        num_samples=400,
         batch_size=8,
         workers=0,
         shuffle_buffer=16,
