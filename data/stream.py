@@ -1,11 +1,49 @@
-"""Per-rank training stream over webdataset shards.
+"""Per-rank training stream over webdataset shards: exact epochs or resampling, mixing, resume.
 
-Each (rank, dataloader worker) pair reads its own disjoint slice of the epoch's shard order
-and yields exactly ``batches_per_worker`` batches, cycling its shards if they run short.
-So every rank yields the same number of batches per epoch whatever the shard sizes, and
-no rank can reach the end of its data while the others wait in a collective (the classic
-DDP epoch-end hang). The stream is deliberately *not* passed to ``accelerator.prepare``:
-for an iterable dataset Accelerate would read everything on rank 0 and broadcast it.
+**Plans, not buffers.** Every epoch is first *planned* from the shard manifests
+(``sizes.json``: samples per shard) as pure arithmetic, on every rank, before any byte is
+read: which samples each (rank, dataloader worker) yields and in what order. Workers then
+read their shards sequentially and emit samples in the planned order. Because the plan is a
+function of (seed, epoch, rank, world size, workers) alone, a checkpoint only needs to know
+how far each worker got (a few integers per rank), and a resumed run recomputes the plan and
+starts reading where the workers stopped: no sample is read twice to get there.
+
+**Two modes.**
+
+* ``exact``: each sample of every source at most once per epoch. The shards of all sources
+  are shuffled together (per epoch), laid end to end, and the sequence is cut into equal
+  contiguous ranges per rank (whole batches; the last ``< ranks x batch`` samples of the
+  order wait for a later epoch) and per worker. Shards need not be equal: cuts fall inside
+  shards where they must.
+* ``resampled``: infinite; each worker draws shards with replacement (probability
+  proportional to their sample count, so every sample of a source is equally likely),
+  seeded by (seed, epoch, rank, worker). An epoch is then just a *checkpoint unit* of
+  ``num_samples`` samples (default: the manifests' total). Several sources mix with
+  ``weight``\\ s that are fractions of the stream, drawn per sample or per batch (``mix``).
+
+**Shuffling.** Within a worker, sample ``i`` of its read order is emitted at the rank of
+``i + U_i * shuffle_buffer`` (``U_i`` uniform in [0, 1), seeded): each output position draws
+from a window of ``shuffle_buffer`` consecutive samples, like webdataset's shuffle buffer,
+and about ``shuffle_buffer`` read samples wait in memory. Unlike a buffer, the order is
+known without reading, which is what makes an O(1) resume possible.
+
+**No hangs.** Every rank yields exactly ``batches_per_epoch`` batches in both modes, whatever
+the shard sizes: ranks receive equal sample counts, and a worker whose samples fail to
+decode fills its last batches with its own earlier samples (deterministically). No rank
+can reach the end of its data while the others wait in a collective (the classic DDP
+epoch-end hang). The stream is deliberately *not* passed to ``accelerator.prepare``: for an
+iterable dataset Accelerate would read everything on rank 0 and broadcast it.
+
+**Exact resume** (see :class:`TrainLoader`): the state saved with a checkpoint is, per rank,
+the epoch and each worker's position in its planned list. Positions in a plan are a
+complete description of what was consumed, so resuming with the same workers continues
+every list where it stopped (identical batches, identical losses); resuming with a
+different number of workers re-plans only the *remaining* samples among the new workers
+(none repeated, none skipped).
+
+Shards can be local paths, ``file://``, any fsspec URL (``s3://`` with s3fs, ``gs://`` with
+gcsfs, ``http(s)://`` with aiohttp) or, only with ``allow_pipe = true``, ``pipe:`` shell
+commands that write a tar to stdout.
 
 Bad samples never stop training: each is dropped and counted by reason, and every batch
 carries the counts its worker dropped since its previous batch, so the training loop can
@@ -14,28 +52,67 @@ report ``data/skipped/<reason>`` without any side channel between processes.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import io
-import itertools
+import json
 import logging
 import multiprocessing
 import random
+import re
+import subprocess
+import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
 
+import fsspec
+import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
 
-from clipline.data.shards import list_shards, read_manifest
+from clipline.data.shards import list_shards
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "shard_read_error")
+STATE_VERSION = 1
+# fsspec protocol -> the pip package that provides it (fsspec itself only knows the names).
+_BACKEND_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "hf": "huggingface_hub",
+}
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One data source of a mixture (``[[data.sources]]`` in a recipe).
+
+    Attributes:
+        shards: A shard directory, a brace pattern (``s3://b/{000000..000099}.tar``), a glob,
+            or a ``::``-separated list of these.
+        weight: Share of the stream drawn from this source (normalised over sources), in
+            ``resampled`` mode; ``exact`` mode reads every source whole, so weights must stay 1.
+        manifest: Where this source's ``sizes.json`` is; default: beside each shard.
+            Needed for ``pipe:`` shards, which have no folder.
+    """
+
+    shards: str
+    weight: float = 1.0
+    manifest: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -43,21 +120,69 @@ class StreamConfig:
     """Where training pairs come from and how they are batched.
 
     Attributes:
-        shards: A shard directory, a brace pattern (``/data/{000000..000099}.tar``) or a
-            ``::``-separated list; counts come from the ``sizes.json`` beside them.
+        shards: Single-source shorthand for ``sources = [{shards = ...}]``: a shard
+            directory, a brace pattern (``/data/{000000..000099}.tar``), a glob or a
+            ``::``-separated list; local paths or fsspec URLs. Counts come from the
+            ``sizes.json`` beside the shards (or ``manifest``).
+        manifest: Location of ``sizes.json`` for ``shards`` (default: beside the shards).
+        sources: Several weighted sources (exclusive with ``shards``); see
+            :class:`SourceConfig`.
+        mode: ``exact`` (each sample at most once per epoch) or ``resampled`` (shards drawn
+            with replacement, infinite; an epoch is a checkpoint unit of ``num_samples``).
+        mix: In ``resampled`` mode with several sources: draw the source of each ``sample``
+            or of each ``batch`` (a batch then holds one source only).
         batch_size: Samples per batch *per rank*; the global batch is this x world size.
-        workers: Dataloader worker processes per rank.
-        shuffle_buffer: Samples held in each worker's shuffle buffer.
-        seed: Seeds the shard order (per epoch) and the sample shuffle (per rank/worker).
-        num_samples: Samples per epoch; ``None`` reads the manifest (``sizes.json``).
+        workers: Dataloader worker processes per rank (0 reads in the training process).
+        shuffle_buffer: Width of each worker's shuffle window, in samples.
+        seed: Seeds shard order, shard draws, shuffles and augmentation.
+        num_samples: Samples per epoch. ``exact``: at most the manifests' total (default:
+            all of it). ``resampled``: any number (default: the manifests' total).
+        few_shards: What ``exact`` mode does with fewer shards than ranks x workers:
+            ``error`` (stop before training) or ``resample`` (switch to ``resampled`` mode
+            with a warning).
+        allow_pipe: Allow ``pipe:`` shard URLs, which run shell commands from the config.
     """
 
-    shards: str
+    shards: str = ""
+    manifest: str | None = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    mode: Literal["exact", "resampled"] = "exact"
+    mix: Literal["sample", "batch"] = "sample"
     batch_size: int = 64
     workers: int = 2
     shuffle_buffer: int = 2000
     seed: int = 0
     num_samples: int | None = None
+    few_shards: Literal["error", "resample"] = "error"
+    allow_pipe: bool = False
+
+    def resolved_sources(self) -> list[SourceConfig]:
+        """The sources, with the ``shards`` shorthand expanded; checks the combination.
+
+        Raises:
+            ValueError: neither or both of ``shards`` and ``sources``, a bad weight, or
+                weights / ``mix='batch'`` in ``exact`` mode.
+        """
+        if bool(self.shards) == bool(self.sources):
+            raise ValueError(
+                "set exactly one of data.shards (one source) and [[data.sources]] (several); "
+                f"got shards={self.shards!r} and {len(self.sources)} sources"
+            )
+        sources = self.sources or [SourceConfig(shards=self.shards, manifest=self.manifest)]
+        for i, src in enumerate(sources):
+            if not src.weight > 0:
+                raise ValueError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+        if self.mode == "exact":
+            weighted = [s.weight for s in sources if s.weight != 1.0]
+            if weighted:
+                raise ValueError(
+                    f"source weights {weighted} need data.mode='resampled': exact mode reads "
+                    "every sample of every source once per epoch, so its mix is proportional "
+                    "to the sources' sizes"
+                )
+            if self.mix == "batch" and len(sources) > 1:
+                raise ValueError("data.mix='batch' needs data.mode='resampled'")
+        return sources
 
 
 def _decode(sample: dict[str, Any], counts: Counter) -> tuple[str, Image.Image, str] | None:
@@ -83,27 +208,408 @@ def _decode(sample: dict[str, Any], counts: Counter) -> tuple[str, Image.Image, 
     return sample["__key__"], image, caption
 
 
+# ----------------------------------------------------------------------------- reading URLs
+
+
+def _protocol(url: str) -> str:
+    if url.startswith("pipe:"):
+        return "pipe"
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
+    return m.group(1).lower() if m else "file"
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    """Fails before training on a gated ``pipe:`` URL or a missing fsspec backend."""
+    proto = _protocol(url)
+    if proto == "pipe":
+        if not allow_pipe:
+            raise ValueError(
+                f"{url!r} is a pipe: URL, which runs a shell command taken from the config; "
+                "set data.allow_pipe=true to allow it"
+            )
+        return
+    if proto == "file":
+        return
+    try:
+        fsspec.get_filesystem_class(proto)
+    except ImportError as e:
+        package = _BACKEND_PACKAGES.get(proto, f"the fsspec backend for {proto}://")
+        raise ValueError(f"reading {url!r} needs {package}: pip install {package} ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"{url!r}: fsspec knows no protocol {proto!r} ({e})") from e
+
+
+def _open(url: str) -> tuple[IO[bytes], bool, Callable[[], None]]:
+    """(binary stream, whether it is seekable, close) for a path, fsspec URL or pipe: command."""
+    proto = _protocol(url)
+    if proto == "pipe":
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
+
+        def close() -> None:
+            proc.stdout.close()  # a command cut short gets SIGPIPE, which is fine here
+            proc.wait()
+
+        return proc.stdout, False, close
+    if proto == "file":
+        f = open(url.removeprefix("file://"), "rb")  # noqa: SIM115 (closed by the caller)
+        return f, True, f.close
+    # Streaming, not random access: shards are read front to back, and many HTTP servers
+    # (python's http.server among them) answer range requests with the whole file.
+    options = {"block_size": 0} if proto in ("http", "https") else {}
+    f = fsspec.open(url, "rb", **options).open()
+    return f, False, f.close
+
+
+def _read_bytes(url: str) -> bytes:
+    f, _, close = _open(url)
+    try:
+        return f.read()
+    finally:
+        close()
+
+
+def _shard_name(url: str) -> str:
+    """The ``sizes.json`` key of a shard: its file name (for pipe:, the last ``*.tar`` word)."""
+    if _protocol(url) == "pipe":
+        names = re.findall(r"([^/\s'\"]+\.tar)\b", url)
+        return names[-1] if names else url
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+def _source_shards(src: SourceConfig, allow_pipe: bool) -> list[tuple[str, int]]:
+    """[(shard URL, samples in it)] for one source, from its manifest(s).
+
+    Raises:
+        ValueError: a missing shard, gated pipe:, missing backend, or unreadable manifest.
+    """
+    urls = list_shards(src.shards)
+    manifests: dict[str, dict[str, int]] = {}
+    out = []
+    for url in urls:
+        _check_url(url, allow_pipe)
+        where = src.manifest
+        if where is None:
+            if _protocol(url) == "pipe":
+                raise ValueError(
+                    f"pipe: shard {url!r} has no folder to find sizes.json in; give its "
+                    "location with data.manifest (or manifest in [[data.sources]])"
+                )
+            where = url.rsplit("/", 1)[0] + "/sizes.json" if "/" in url else "sizes.json"
+        if where not in manifests:
+            _check_url(where, allow_pipe=False)
+            try:
+                sizes = json.loads(_read_bytes(where))
+            except Exception as e:  # missing file, HTTP 404, bad JSON: all need the same fix
+                raise ValueError(
+                    f"cannot read the shard manifest {where!r} ({type(e).__name__}: {e}); "
+                    "shards written by `clipline shards` have one, otherwise write "
+                    '{"<shard>.tar": <count>, ...} there or point data.manifest at it'
+                ) from e
+            manifests[where] = {k: int(v) for k, v in sizes.items()}
+        name = _shard_name(url)
+        if name not in manifests[where]:
+            raise ValueError(
+                f"{where!r} has no entry for {name!r} (it lists {len(manifests[where])} "
+                "shards); rewrite the shards or add the entry"
+            )
+        out.append((url, manifests[where][name]))
+    return out
+
+
+def _tar_samples(
+    f: IO[bytes], seekable: bool, start: int, stop: int, want: Callable[[int], bool]
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(index in shard, sample or None) for samples ``start..stop-1`` of a webdataset tar.
+
+    Samples before ``start`` are stepped over without reading their data (seeking, where the
+    file allows it); samples that are not wanted come back as None, also unread. Files are
+    grouped into samples by key as webdataset does (the name up to the first dot).
+    """
+    index, key, sample = -1, None, None
+    with tarfile.open(fileobj=f, mode="r:" if seekable else "r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            prefix, suffix = base_plus_ext(member.name)
+            if prefix is None:
+                continue
+            if prefix != key:
+                if index >= start:
+                    yield index, sample
+                index, key = index + 1, prefix
+                if index >= stop:
+                    return
+                sample = {"__key__": prefix} if index >= start and want(index) else None
+            if sample is not None:
+                sample[suffix.lower()] = tar.extractfile(member).read()
+    if start <= index < stop:
+        yield index, sample
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Lane:
+    """A virtual stream: shard pieces read back to back. Samples are indexed 0..len-1."""
+
+    segments: list[tuple[str, int, int]]  # (url, first, stop): samples first..stop-1 of a shard
+    offsets: np.ndarray  # int64[len(segments) + 1]: lane index where each segment starts
+
+    @classmethod
+    def of(cls, segments: list[tuple[str, int, int]]) -> _Lane:
+        sizes = [stop - first for _, first, stop in segments]
+        return cls(segments, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+
+
+@dataclass
+class _RankPlan:
+    """One rank's epoch: lanes to read, and per worker the (lane, index) list it emits."""
+
+    lanes: list[_Lane]
+    items: list[np.ndarray]  # per worker: int64[n, 2] rows (lane, index in lane), emit order
+    batches: list[int]  # per worker: batches it yields (len(items[w]) <= batches[w] * B)
+
+
+def _rng(*key: object) -> np.random.Generator:
+    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def _split(batches: int, workers: int) -> list[int]:
+    """Batches per worker, the first ones taking the remainder: the DataLoader reads workers
+    round-robin, so batch t always comes from worker t % workers."""
+    return [batches // workers + (w < batches % workers) for w in range(workers)]
+
+
+def _taken(batches: int, worker: int, workers: int) -> int:
+    """How many of the first ``batches`` round-robin batches came from ``worker``."""
+    return max(0, (batches - worker + workers - 1) // workers)
+
+
+def _window_shuffle(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of 0..n-1 moving each element at most ``window`` places (see module doc)."""
+    if window <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    return np.argsort(np.arange(n) + rng.random(n) * window, kind="stable").astype(np.int64)
+
+
+def _cut(order: list[tuple[str, int]], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """The pieces of shards covering positions lo..hi-1 of the shards laid end to end."""
+    segments, start = [], 0
+    for url, n in order:
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            segments.append((url, a - start, b - start))
+        start += n
+        if start >= hi:
+            break
+    return segments
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What every rank agrees on before planning an epoch (picklable into the workers)."""
+
+    mode: Literal["exact", "resampled"]
+    mix: Literal["sample", "batch"]
+    sources: list[list[tuple[str, int]]]  # per source: [(url, samples)]
+    weights: list[float]
+    batch_size: int
+    shuffle_buffer: int
+    seed: int
+    rank_batches: int  # batches per rank per epoch
+
+    def fingerprint(self, world_size: int) -> str:
+        """Identifies everything a plan depends on except the worker count."""
+        return hashlib.sha256(json.dumps([repr(self), world_size]).encode()).hexdigest()[:16]
+
+    def plan(self, epoch: int, rank: int, world_size: int, workers: int) -> _RankPlan:
+        if self.mode == "exact":
+            return self._exact(epoch, rank, workers)
+        return self._resampled(epoch, rank, workers)
+
+    def _exact(self, epoch: int, rank: int, workers: int) -> _RankPlan:
+        order = [shard for src in self.sources for shard in src]
+        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        B = self.batch_size
+        quotas = _split(self.rank_batches, workers)
+        lanes, items, start = [], [], rank * self.rank_batches * B
+        for w, nb in enumerate(quotas):
+            n = nb * B
+            lanes.append(_Lane.of(_cut(order, start, start + n)))
+            perm = _window_shuffle(n, self.shuffle_buffer, _rng(self.seed, epoch, rank, w))
+            items.append(np.stack([np.full(n, w, dtype=np.int64), perm], axis=1))
+            start += n
+        return _RankPlan(lanes, items, quotas)
+
+    def _resampled(self, epoch: int, rank: int, workers: int) -> _RankPlan:
+        B = self.batch_size
+        quotas = _split(self.rank_batches, workers)
+        probs = np.asarray(self.weights) / sum(self.weights)
+        lanes, items = [], []
+        for w, nb in enumerate(quotas):
+            rng = _rng(self.seed, "resampled", epoch, rank, w)
+            n = nb * B
+            draws = rng.choice(len(self.sources), size=nb if self.mix == "batch" else n, p=probs)
+            source_of = np.repeat(draws, B) if self.mix == "batch" else draws
+            rows = np.empty((n, 2), dtype=np.int64)
+            for s, shards in enumerate(self.sources):
+                where = np.flatnonzero(source_of == s)
+                if not len(where):
+                    continue
+                sizes = np.array([c for _, c in shards], dtype=np.float64)
+                segments, total = [], 0
+                # Shards with probability proportional to their size: every sample of the
+                # source is equally likely, whatever the shard sizes.
+                while total < len(where):
+                    url, count = shards[rng.choice(len(shards), p=sizes / sizes.sum())]
+                    take = min(count, len(where) - total)
+                    segments.append((url, 0, take))
+                    total += take
+                rows[where, 0] = len(lanes)
+                rows[where, 1] = _window_shuffle(len(where), self.shuffle_buffer, rng)
+                lanes.append(_Lane.of(segments))
+            items.append(rows)
+        return _RankPlan(lanes, items, quotas)
+
+
+def _follow_chain(plan: _RankPlan, chain: list[dict[str, Any]], B: int) -> _RankPlan:
+    """The plan after each change of worker count recorded in ``chain``.
+
+    Each link is ``{"workers": W, "positions": [...], "batches": k}``: W workers emitted
+    their lists up to ``positions`` and the rank yielded ``k`` batches; the next link's
+    workers share what is left. The remaining (lane, index) rows of all workers are
+    concatenated in worker order and cut into consecutive whole-batch pieces, so every
+    sample left is emitted exactly once, and the rank still yields its fixed batch count.
+    """
+    lanes, items, batches = plan.lanes, plan.items, plan.batches
+    for link, nxt in zip(chain, chain[1:], strict=False):
+        assert len(items) == link["workers"], (len(items), link)
+        rest = np.concatenate([it[p:] for it, p in zip(items, link["positions"], strict=True)])
+        quotas = _split(sum(batches) - link["batches"], nxt["workers"])
+        bounds = np.cumsum([0, *quotas]) * B
+        items = [rest[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        batches = quotas
+    return _RankPlan(lanes, items, batches)
+
+
+# -------------------------------------------------------------------------------- reading
+
+
+class _LaneReader:
+    """Fetches samples of one lane in any order that stays close to the read order.
+
+    It reads forward only, caching the samples it passes that are still wanted, and jumps
+    over whole shards (without opening them) and unwanted samples (without reading their
+    data where the file can seek). With the windowed shuffle the cache holds at most
+    ``shuffle_buffer`` samples, and a resumed worker starts reading at its first wanted
+    sample: no already-consumed shard is read again.
+    """
+
+    def __init__(self, lane: _Lane, wanted: np.ndarray, on_error: Callable[[Exception], None]):
+        self.lane, self.on_error = lane, on_error
+        self.wanted = np.unique(wanted)  # sorted lane indices this pass will ask for
+        self.wanted_set = set(self.wanted.tolist())
+        self.cache: dict[int, dict[str, Any] | None] = {}  # None: known unreadable
+        self.frontier = 0  # everything wanted below this was read (or found unreadable)
+        self.it: Iterator[tuple[int, dict[str, Any] | None]] | None = None
+        self.close: Callable[[], None] | None = None
+        self.seg = -1
+
+    def get(self, idx: int) -> dict[str, Any] | None:
+        """Sample ``idx`` of the lane (with ``__url__``), or None if it could not be read."""
+        while idx not in self.cache:
+            assert idx >= self.frontier, "each wanted sample is asked for once"
+            if self.it is None:
+                self._open(int(self.wanted[np.searchsorted(self.wanted, self.frontier)]))
+                continue  # a shard that failed to open marked its samples unreadable
+            seg_end = int(self.lane.offsets[self.seg + 1])
+            if idx < seg_end:
+                self._read_to(idx)
+                continue
+            # idx lies in a later segment: first take this one's remaining wanted samples.
+            last = int(self.wanted[np.searchsorted(self.wanted, seg_end) - 1])
+            if last >= self.frontier:
+                self._read_to(last)
+            self.shut()
+            self.frontier = max(self.frontier, seg_end)
+        return self.cache.pop(idx)
+
+    def _open(self, idx: int) -> None:
+        self.seg = int(np.searchsorted(self.lane.offsets, idx, side="right")) - 1
+        url, first, stop = self.lane.segments[self.seg]
+        base = int(self.lane.offsets[self.seg]) - first  # lane index = base + index in shard
+        self.frontier = idx
+        try:
+            f, seekable, self.close = _open(url)
+        except Exception as e:  # an unreachable shard costs its samples, not the run
+            self._lose(e)
+            return
+
+        def want(i: int) -> bool:
+            return base + i in self.wanted_set
+
+        samples = _tar_samples(f, seekable, idx - base, stop, want)
+        self.it = ((base + i, s | {"__url__": url, "__index__": i} if s else s) for i, s in samples)
+
+    def _read_to(self, target: int) -> None:
+        try:
+            for idx, sample in self.it:
+                self.frontier = idx + 1
+                if idx in self.wanted_set:
+                    self.cache[idx] = sample
+                if idx >= target:
+                    return
+        except Exception as e:  # truncated or corrupt tar, connection lost
+            self._lose(e)
+            return
+        url = self.lane.segments[self.seg][0]
+        self._lose(EOFError(f"{url} holds fewer samples than its sizes.json entry"))
+
+    def _lose(self, e: Exception) -> None:
+        """Marks the wanted samples left in the open segment unreadable, and moves past it."""
+        self.on_error(e)
+        seg_end = int(self.lane.offsets[self.seg + 1])
+        lo, hi = np.searchsorted(self.wanted, [self.frontier, seg_end])
+        self.cache.update(dict.fromkeys(self.wanted[lo:hi].tolist()))
+        self.frontier = seg_end
+        self.shut()
+
+    def shut(self) -> None:
+        """Closes the open shard, if any."""
+        if self.it is not None:
+            self.it.close()  # runs the tar reader's cleanup before its file goes
+        if self.close is not None:
+            self.close()
+        self.it = self.close = None
+
+
+# --------------------------------------------------------------------------------- stream
+
+
 class ContrastiveStream(IterableDataset):
-    """The iterable each dataloader worker runs; see the module docstring."""
+    """The iterable each dataloader worker runs: its part of the rank's epoch plan."""
 
     def __init__(
         self,
         cfg: StreamConfig,
-        urls: list[str],
+        layout: _Layout,
         *,
         preprocess: Callable[[Image.Image], torch.Tensor],
         tokenize: Callable[[list[str]], torch.Tensor],
         rank: int,
         world_size: int,
-        batches_per_worker: int,
     ):
         super().__init__()
-        self.cfg, self.urls = cfg, urls
+        self.cfg, self.layout = cfg, layout
         self.preprocess, self.tokenize = preprocess, tokenize
         self.rank, self.world_size = rank, world_size
-        self.batches_per_worker = batches_per_worker
+        self.fingerprint = layout.fingerprint(world_size)
         # Shared memory, so persistent workers see the epoch the owner sets before iter().
         self._epoch = multiprocessing.Value("i", 0, lock=False)
+        # (epoch, chain) of a resumed epoch; workers are started after it is set.
+        self.resume: tuple[int, list[dict[str, Any]]] | None = None
 
     @property
     def epoch(self) -> int:
@@ -113,89 +619,186 @@ class ContrastiveStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.value = value
 
-    def _slot_urls(self, worker: int, num_workers: int) -> list[str]:
-        order = list(self.urls)
-        random.Random(f"{self.cfg.seed}/shards/{self.epoch}").shuffle(order)
-        slots = self.world_size * num_workers
-        return order[self.rank * num_workers + worker :: slots]
-
-    def _cycle(self, urls: list[str], rng: random.Random, counts: Counter) -> Iterator[dict]:
-        """This slot's shards, reshuffled each pass, forever (the caller cuts the stream)."""
-        while True:
-            before = counts.total()
-            produced = 0
-            rng.shuffle(urls)
-            for sample in wds.tarfile_samples(
-                [{"url": u} for u in urls], handler=self._count_handler(counts)
-            ):
-                produced += 1
-                yield sample
-            if produced == 0:
-                raise RuntimeError(
-                    f"rank {self.rank}: a full pass over shards {urls} produced no samples "
-                    f"({counts.total() - before} read errors); check them with `clipline shards`"
-                )
-
-    @staticmethod
-    def _count_handler(counts: Counter) -> Callable[[Exception], bool]:
-        def handler(exn: Exception) -> bool:
-            counts["shard_read_error"] += 1
-            log.warning("skipping unreadable shard data: %r", exn)
-            return True  # keep going with the next file or shard
-
-        return handler
+    def plan(self, epoch: int, chain: list[dict[str, Any]]) -> _RankPlan:
+        """This rank's plan for ``epoch`` after the worker-count changes in ``chain``."""
+        base = self.layout.plan(epoch, self.rank, self.world_size, chain[0]["workers"])
+        return _follow_chain(base, chain, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        urls = self._slot_urls(worker, num_workers)
-        rng_key = f"{self.cfg.seed}/samples/{self.epoch}/{self.rank}/{worker}"
-        rng = random.Random(rng_key)
+        dl_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self.epoch
+        if self.resume is not None and self.resume[0] == epoch:
+            chain = self.resume[1]
+        else:
+            chain = [{"workers": num_workers, "positions": [0] * num_workers, "batches": 0}]
+        link = chain[-1]
+        assert link["workers"] == num_workers, (link, num_workers)
+        plan = self.plan(epoch, chain)
+        # The DataLoader asks its workers round-robin from worker 0; a resumed epoch must
+        # go on with the worker whose turn it was, so logical workers are rotated.
+        worker = (dl_worker + link["batches"]) % num_workers
+        todo = plan.batches[worker] - _taken(link["batches"], worker, num_workers)
+        yield from self._batches(plan, worker, link["positions"][worker], todo, epoch)
+
+    def _batches(
+        self, plan: _RankPlan, worker: int, position: int, todo: int, epoch: int
+    ) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
-        reported: Counter = Counter()
-        samples = wds.shuffle(self.cfg.shuffle_buffer, rng=rng)(self._cycle(urls, rng, counts))
-        decoded = (d for s in samples if (d := _decode(s, counts)) is not None)
-        batches = wds.batched(self.cfg.batch_size, collation_fn=None)(decoded)
-        position = 0  # samples this worker has yielded this epoch
-        for batch in itertools.islice(batches, self.batches_per_worker):
-            keys, images, captions = zip(*batch, strict=True)
-            skipped = counts - reported
-            reported = counts.copy()
-            # Augmentation draws from torch's global RNG; seeding it per sample from its
-            # coordinates makes every crop a pure function of (seed, epoch, rank, worker,
-            # position): resumed runs, fresh or persistent workers and any batch split see
-            # the same pixels. fork_rng leaves the caller's RNG alone (workers=0 runs here).
-            with torch.random.fork_rng(devices=[]):
-                tensors = []
-                for image in images:
-                    torch.manual_seed(zlib.crc32(f"{rng_key}/augment/{position}".encode()))
-                    tensors.append(self.preprocess(image))
-                    position += 1
-                image_BCHW = torch.stack(tensors)
-            yield {
-                "image": image_BCHW,  # f32[B,3,H,W]
-                "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
-                "key": list(keys),
-                "skipped": dict(skipped),
+        # closing: a worker stops mid-shard after its last batch; its reads end with it.
+        with contextlib.closing(self._samples(plan, worker, position, epoch, counts)) as samples:
+            reported: Counter = Counter()
+            for _ in range(todo):
+                batch = []
+                while len(batch) < self.cfg.batch_size:
+                    advance, item = next(samples)
+                    position += advance
+                    if item is not None:
+                        batch.append(item)
+                tags, urls, keys, images, captions = zip(*batch, strict=True)
+                skipped = counts - reported
+                reported = counts.copy()
+                # Augmentation draws from torch's global RNG; seeding it per sample from the
+                # sample's identity makes every crop a pure function of (seed, epoch, sample):
+                # resumed runs, any worker count and any batch split see the same pixels.
+                # fork_rng leaves the caller's RNG alone (workers=0 runs here).
+                with torch.random.fork_rng(devices=[]):
+                    tensors = []
+                    for tag, image in zip(tags, images, strict=True):
+                        torch.manual_seed(
+                            zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode())
+                        )
+                        tensors.append(self.preprocess(image))
+                    image_BCHW = torch.stack(tensors)
+                yield {
+                    "image": image_BCHW,  # f32[B,3,H,W]
+                    "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
+                    "key": list(keys),  # with "url", identifies each sample across sources
+                    "url": list(urls),
+                    "skipped": dict(skipped),
+                    "_stream": (worker, position),  # read by TrainLoader, popped before the loop
+                }
+
+    def _samples(
+        self, plan: _RankPlan, worker: int, position: int, epoch: int, counts: Counter
+    ) -> Iterator[tuple[int, tuple[str, str, str, Image.Image, str] | None]]:
+        """(plan rows consumed, (augment tag, url, key, image, caption) or None if dropped).
+
+        After the planned rows, if dropped samples left the last batches short, the
+        worker's own good rows are cycled (deterministically) to fill them.
+        """
+
+        def on_error(e: Exception) -> None:
+            counts["shard_read_error"] += 1
+            log.warning("skipping unreadable shard data: %r", e)
+
+        bad: set[tuple[int, int]] = set()
+
+        def decoded(rows: np.ndarray) -> Iterator[tuple[str, str, str, Image.Image, str] | None]:
+            readers = {
+                lane: _LaneReader(plan.lanes[lane], rows[rows[:, 0] == lane, 1], on_error)
+                for lane in np.unique(rows[:, 0]).tolist()
             }
+            try:
+                for lane, idx in rows.tolist():
+                    raw = readers[lane].get(idx)
+                    item = _decode(raw, counts) if raw is not None else None
+                    if item is None:
+                        bad.add((lane, idx))
+                        yield None
+                        continue
+                    if self.layout.mode == "exact":  # a sample's identity: shard and index
+                        tag = f"{raw['__url__']}#{raw['__index__']}"
+                    else:  # a sample may be drawn twice; its draw is the identity
+                        tag = f"{self.rank}/{lane}/{idx}"
+                    yield (tag, raw["__url__"], *item)
+            finally:
+                for reader in readers.values():
+                    reader.shut()
+
+        items = plan.items[worker]
+        for item in decoded(items[position:]):
+            yield 1, item
+        while True:
+            pool = items if len(items) else np.concatenate(plan.items)
+            rows = np.array(
+                [r for r in pool.tolist() if tuple(r) not in bad], dtype=np.int64
+            ).reshape(-1, 2)
+            if not len(rows):
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: none of its {len(pool)} planned "
+                    "samples could be read and decoded; check the shards with `clipline shards`"
+                )
+            log.warning("filling a batch short of dropped samples with repeated samples")
+            for item in decoded(rows):
+                yield 0, item
 
 
 @dataclass
 class TrainLoader:
-    """Per-rank batches, epoch by epoch; every rank gets ``batches_per_epoch`` batches."""
+    """Per-rank batches, epoch by epoch; every rank gets ``batches_per_epoch`` batches.
+
+    It also keeps the stream's position: :meth:`state_dict` (a small JSON-able dict) is
+    saved with each checkpoint and :meth:`load_state_dict` makes the next :meth:`epoch`
+    call continue from it without reading the consumed samples again.
+
+    Why the resume is exact: a rank's epoch is a fixed plan, one list of (lane, index)
+    rows per worker, computed from the manifests alone; worker ``w`` emits its list in
+    order and tags each batch with how far into its list it got. The state records,
+    per worker, that position for the last batch the *training loop* took (prefetched
+    batches do not count). So the consumed samples are exactly the list prefixes, and the
+    remaining ones exactly the suffixes. With the same worker count, each worker resumes
+    its suffix and the DataLoader's round-robin is rotated to the worker whose turn it
+    was: the batches are identical to an uninterrupted run's. With a different count, the
+    suffixes are concatenated and cut into whole batches for the new workers (a new link
+    in the state's ``chain``, which a later resume replays as arithmetic), so every
+    remaining sample is still emitted exactly once and the rank still yields its fixed
+    number of batches.
+    """
 
     stream: ContrastiveStream
     workers: int
     batches_per_epoch: int
     num_samples: int
     _loader: DataLoader | None = None
+    _state: dict[str, Any] | None = None  # the epoch being read, updated per batch taken
+    _saved: dict[str, Any] | None = None  # a loaded state, for the next epoch() call
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """A fresh iterator over epoch ``epoch`` (shard order and shuffles depend on it).
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """An iterator over epoch ``epoch`` from its batch ``start`` on.
 
-        The previous epoch's iterator must be exhausted: workers persist across epochs
-        (no process start-up at each epoch boundary) and restart on the new epoch.
+        ``start`` > 0 continues from the state given to :meth:`load_state_dict` (O(1));
+        without a matching state (a checkpoint from an older version, a changed world
+        size or data config) it reads and discards ``start`` batches, with a warning.
+        The previous epoch's iterator must be exhausted: workers persist across epochs.
         """
+        readers = max(self.workers, 1)
+        fresh = {"workers": readers, "positions": [0] * readers, "batches": 0}
+        saved, self._saved = self._saved, None
+        replay = start
+        chain = [fresh]
+        if start and saved is not None and (saved["epoch"], saved["batches"]) == (epoch, start):
+            chain, replay = copy.deepcopy(saved["chain"]), 0
+            if chain[-1]["workers"] != readers:
+                log.info(
+                    "resuming epoch %d with %d workers instead of %d: the remaining samples "
+                    "are shared among the new workers",
+                    epoch,
+                    readers,
+                    chain[-1]["workers"],
+                )
+                chain.append(fresh)
+            if self._loader is not None:
+                raise RuntimeError("load_state_dict() must come before the first epoch()")
+            self.stream.resume = (epoch, copy.deepcopy(chain))
+        elif start:
+            log.warning(
+                "no saved stream position for batch %d of epoch %d: reading and discarding "
+                "%d batches to get there",
+                start,
+                epoch,
+                start,
+            )
         self.stream.epoch = epoch
         if self._loader is None:
             self._loader = DataLoader(
@@ -206,7 +809,53 @@ class TrainLoader:
                 prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
             )
-        return iter(self._loader)
+        self._state = {"epoch": epoch, "batches": start - replay, "chain": chain}
+        batches = self._track(iter(self._loader), self._state)
+        for _ in range(replay):
+            next(batches)
+        return batches
+
+    @staticmethod
+    def _track(it: Iterator[dict[str, Any]], state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        link = state["chain"][-1]
+        for batch in it:
+            worker, position = batch.pop("_stream")
+            link["positions"][worker] = position
+            link["batches"] += 1
+            state["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's stream position: epoch, batches taken, per-worker list positions."""
+        assert self._state is not None, "state_dict() before the first epoch()"
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.stream.fingerprint,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            **copy.deepcopy(self._state),
+        }
+
+    def load_state_dict(self, states: list[dict[str, Any]] | None) -> None:
+        """Takes this rank's entry of the per-rank states saved with a checkpoint.
+
+        A state that cannot be continued exactly (none saved, another world size or data
+        config) is dropped with a warning; :meth:`epoch` then falls back to replaying.
+        """
+        rank, world = self.stream.rank, self.stream.world_size
+        if not states:
+            return
+        state = states[rank] if len(states) == world else None
+        if state is None or state.get("version") != STATE_VERSION:
+            log.warning("the checkpoint's stream state is for another world size or version")
+            return
+        if state["fingerprint"] != self.stream.fingerprint:
+            log.warning(
+                "data settings changed since the checkpoint (only data.workers may change "
+                "for an exact resume); the stream position is recomputed by replay"
+            )
+            return
+        self._saved = state
 
 
 @dataclass(frozen=True)
@@ -214,45 +863,81 @@ class EpochShape:
     """How one epoch divides among ranks and workers (the same on every rank)."""
 
     urls: list[str]
-    num_samples: int
+    num_samples: int  # samples per epoch (in resampled mode: per checkpoint unit)
     readers_per_rank: int  # dataloader workers, or 1 reading in-process
-    batches_per_worker: int
+    batches_per_epoch: int  # batches each rank yields per epoch
+    mode: Literal["exact", "resampled"]
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank yields per epoch."""
-        return self.batches_per_worker * self.readers_per_rank
+
+def _layout(cfg: StreamConfig, world_size: int) -> tuple[EpochShape, _Layout]:
+    sources = cfg.resolved_sources()
+    shards = [_source_shards(src, cfg.allow_pipe) for src in sources]
+    urls = [url for src in shards for url, _ in src]
+    total = sum(n for src in shards for _, n in src)
+    readers = max(cfg.workers, 1)
+    slots = world_size * readers
+    mode = cfg.mode
+    if mode == "exact" and len(urls) < slots:
+        where = repr(cfg.shards) if cfg.shards else f"{len(sources)} sources"
+        msg = (
+            f"{len(urls)} shards in {where} but {world_size} ranks x {readers} workers = "
+            f"{slots} readers: readers would share shards, each reading through the others' "
+            "samples."
+        )
+        if cfg.few_shards == "error":
+            raise ValueError(
+                f"{msg} Lower data.workers, rewrite the shards smaller (clipline shards "
+                f"--samples-per-shard) so there are at least {slots}, or set "
+                "data.few_shards='resample' to draw shards with replacement instead."
+            )
+        log.warning("%s data.few_shards='resample': switching to resampled mode.", msg)
+        mode = "resampled"
+    num_samples = cfg.num_samples if cfg.num_samples is not None else total
+    if num_samples <= 0:
+        raise ValueError(f"data.num_samples must be > 0, got {num_samples}")
+    if mode == "exact" and num_samples > total:
+        raise ValueError(
+            f"data.num_samples={num_samples} but the shards hold {total}: an exact epoch "
+            "reads each sample at most once; lower it or use data.mode='resampled'"
+        )
+    rank_batches = num_samples // (world_size * cfg.batch_size)
+    if rank_batches == 0:
+        raise ValueError(
+            f"{num_samples} samples cannot give one batch of {cfg.batch_size} to each of "
+            f"{world_size} ranks; lower data.batch_size"
+        )
+    layout = _Layout(
+        mode=mode,
+        mix=cfg.mix,
+        sources=shards,
+        weights=[src.weight for src in sources],
+        batch_size=cfg.batch_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        rank_batches=rank_batches,
+    )
+    shape = EpochShape(
+        urls=urls,
+        num_samples=num_samples,
+        readers_per_rank=readers,
+        batches_per_epoch=rank_batches,
+        mode=mode,
+    )
+    return shape, layout
 
 
 def epoch_shape(cfg: StreamConfig, world_size: int) -> EpochShape:
-    """Checks the shards against the run shape and divides an epoch among the readers.
+    """Checks the shards against the run shape and divides an epoch among the ranks.
+
+    Reads the manifests (``sizes.json``, local or remote), nothing else.
 
     Raises:
-        ValueError: missing shards, too few shards for ranks x workers, or too few samples
-            for one batch per worker; raised before any training starts.
+        ValueError: missing shards or manifests, gated ``pipe:`` URLs, a missing fsspec
+            backend, too few shards for ranks x workers in exact mode (unless
+            ``few_shards='resample'``), or too few samples for one batch per rank; raised
+            before any training starts.
     """
-    urls = list_shards(cfg.shards)
-    num_samples = cfg.num_samples
-    if num_samples is None:
-        num_samples = sum(read_manifest(cfg.shards).values())
-    per_rank = max(cfg.workers, 1)
-    slots = world_size * per_rank
-    if len(urls) < slots:
-        raise ValueError(
-            f"{len(urls)} shards in {cfg.shards!r} but {world_size} ranks x "
-            f"{per_rank} workers = {slots} readers: some would read nothing. "
-            f"Lower data.workers, or rewrite the shards smaller (clipline shards "
-            f"--samples-per-shard) so there are at least {slots}."
-        )
-    per_worker = num_samples // (slots * cfg.batch_size)
-    if per_worker == 0:
-        raise ValueError(
-            f"{num_samples} samples cannot give one batch of {cfg.batch_size} to each of "
-            f"{slots} readers; lower data.batch_size or data.workers"
-        )
-    return EpochShape(
-        urls=urls, num_samples=num_samples, readers_per_rank=per_rank, batches_per_worker=per_worker
-    )
+    return _layout(cfg, world_size)[0]
 
 
 def build_train_loader(
@@ -263,16 +948,10 @@ def build_train_loader(
     rank: int,
     world_size: int,
 ) -> TrainLoader:
-    """This rank's loader, after :func:`epoch_shape` has checked the run shape."""
-    shape = epoch_shape(cfg, world_size)
+    """This rank's loader, after :func:`epoch_shape`'s checks of the run shape."""
+    shape, layout = _layout(cfg, world_size)
     stream = ContrastiveStream(
-        cfg,
-        shape.urls,
-        preprocess=preprocess,
-        tokenize=tokenize,
-        rank=rank,
-        world_size=world_size,
-        batches_per_worker=shape.batches_per_worker,
+        cfg, layout, preprocess=preprocess, tokenize=tokenize, rank=rank, world_size=world_size
     )
     return TrainLoader(
         stream=stream,

@@ -68,6 +68,7 @@ class RunConfig:
                 raise ValueError(f"{key} must be > 0, got {value}")
         if self.data.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.data.workers}")
+        self.data.resolved_sources()  # shards xor sources, weights only when resampling
         if self.loop.steps is not None and self.optim.warmup_steps >= self.loop.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} leaves no decay within "

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -286,6 +286,7 @@ def train(
     ckpt = resolve_resume(run_dir, resume)
     if ckpt is not None:  # weights before wrapping: every rank reads the full file
         state = load_checkpoint(ckpt, model=model)
+        loader.load_state_dict(state.get("stream"))  # per-rank stream positions: O(1) resume
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -299,14 +300,8 @@ def train(
     def batches_from(step: int) -> Iterator[dict[str, Any]]:
         epoch, offset = divmod(step * accum, loader.batches_per_epoch)
         while True:
-            it = loader.epoch(epoch)
-            if offset:
-                log.warning("fast-forwarding %d batches to resume mid-epoch %d", offset, epoch)
-                for _ in range(offset):
-                    next(it)
-                offset = 0
-            yield from it
-            epoch += 1
+            yield from loader.epoch(epoch, start=offset)  # continues a loaded stream state
+            epoch, offset = epoch + 1, 0
 
     def evaluate() -> dict[str, float]:
         # Every rank runs the evaluators: under FSDP each forward needs all ranks, and a
@@ -416,6 +411,7 @@ def train(
             stop, timed = (accelerator.reduce(flags.float(), reduction="sum") > 0).tolist()
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
                 model_state, optimizer_state = full_state_dicts(ddp_model, optimizer)  # all ranks
+                stream_states = gather_object([loader.state_dict()])  # one small dict per rank
                 if main:
                     save_checkpoint(
                         run_dir,
@@ -426,6 +422,7 @@ def train(
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
                             "skipped": dict(skipped),
+                            "stream": stream_states,
                         },
                         config=run_config,
                         keep_last=loop_cfg.keep_last,

@@ -1,6 +1,7 @@
 """The training stream: equal batches on every rank, bad samples skipped and counted."""
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -38,6 +39,10 @@ def _append_corrupt_sample(shard: Path, key: str) -> None:
             info.size = len(payload)
             dst.addfile(info, io.BytesIO(payload))
     shard.write_bytes(out.getvalue())
+    sizes_path = shard.parent / "sizes.json"  # the manifest counts what the tar holds
+    sizes = json.loads(sizes_path.read_text())
+    sizes[shard.name] += 1
+    sizes_path.write_text(json.dumps(sizes))
 
 
 def test_batches_have_the_model_shapes(tmp_path):
@@ -53,7 +58,7 @@ def test_batches_have_the_model_shapes(tmp_path):
 def test_corrupt_image_is_skipped_and_counted(tmp_path):
     shards = make_shards(tmp_path / "s", n=32, per_shard=16)
     _append_corrupt_sample(shards / "000000.tar", "zz_corrupt")
-    loader = _loader(shards, num_samples=33, batch=4)
+    loader = _loader(shards, batch=3)  # 33 samples, 11 batches: one refilled
     skipped, keys = {}, []
     for batch in loader.epoch(0):
         keys += batch["key"]

@@ -186,9 +186,15 @@ _CLIPLINE_CHILD = textwrap.dedent(
                 self.batch = next(iter(loader.epoch(0)))
                 del loader  # stops its worker
 
-            def epoch(self, epoch):
+            def epoch(self, epoch, start=0):
                 while True:
                     yield self.batch
+
+            def state_dict(self):
+                return None
+
+            def load_state_dict(self, state):
+                pass
 
             def __getattr__(self, name):  # anything else the loop asks of a loader
                 return getattr(self.stream, name)
