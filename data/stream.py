@@ -7,14 +7,14 @@ no rank can reach the end of its data while the others wait in a collective (the
 DDP epoch-end hang). The stream is deliberately *not* passed to ``accelerator.prepare``:
 for an iterable dataset Accelerate would read everything on rank 0 and broadcast it.
 
-Bad samples never stop training: each is dropped and counted by reason, and every batch
-carries the counts its worker dropped since its previous batch, so the training loop can
-report ``data/skipped/<reason>`` without any side channel between processes.
+Bad samples never stop training: each is dropped and counted by reason (colour conversions
+too; see :mod:`clipline.data.decode`), and every batch carries the counts its worker made
+since its previous batch, so the training loop can report ``data/skipped/<reason>`` and
+``data/converted/<kind>`` without any side channel between processes.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import multiprocessing
@@ -22,7 +22,7 @@ import random
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,12 +30,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
+from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
+from clipline.data.decode import DecodeConfig, Decoder, read_shards
 from clipline.data.shards import list_shards, read_manifest
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "shard_read_error")
 
 
 @dataclass(kw_only=True)
@@ -50,6 +50,8 @@ class StreamConfig:
         shuffle_buffer: Samples held in each worker's shuffle buffer.
         seed: Seeds the shard order (per epoch) and the sample shuffle (per rank/worker).
         num_samples: Samples per epoch; ``None`` reads the manifest (``sizes.json``).
+        decode: Per-sample decoding: bad-sample limits, alpha handling, JPEG draft
+            decoding, uint8 batches (see :class:`~clipline.data.decode.DecodeConfig`).
     """
 
     shards: str
@@ -58,29 +60,7 @@ class StreamConfig:
     shuffle_buffer: int = 2000
     seed: int = 0
     num_samples: int | None = None
-
-
-def _decode(sample: dict[str, Any], counts: Counter) -> tuple[str, Image.Image, str] | None:
-    """(key, RGB image, caption), or None after counting why the sample is unusable."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        counts["missing_image"] += 1
-        return None
-    caption = sample.get("txt", b"")
-    try:
-        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else caption
-    except UnicodeDecodeError:
-        caption = ""
-    if not caption:
-        counts["missing_caption"] += 1
-        return None
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            image = img.convert("RGB")  # also forces the full decode, so truncation shows here
-    except Exception:  # PIL raises many types for bad bytes; all mean the same here
-        counts["corrupt_image"] += 1
-        return None
-    return sample["__key__"], image, caption
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 class ContrastiveStream(IterableDataset):
@@ -100,6 +80,7 @@ class ContrastiveStream(IterableDataset):
         super().__init__()
         self.cfg, self.urls = cfg, urls
         self.preprocess, self.tokenize = preprocess, tokenize
+        self.decoder = Decoder(cfg.decode, preprocess)
         self.rank, self.world_size = rank, world_size
         self.batches_per_worker = batches_per_worker
         # Shared memory, so persistent workers see the epoch the owner sets before iter().
@@ -125,9 +106,7 @@ class ContrastiveStream(IterableDataset):
             before = counts.total()
             produced = 0
             rng.shuffle(urls)
-            for sample in wds.tarfile_samples(
-                [{"url": u} for u in urls], handler=self._count_handler(counts)
-            ):
+            for sample in read_shards(urls, counts):
                 produced += 1
                 yield sample
             if produced == 0:
@@ -135,15 +114,6 @@ class ContrastiveStream(IterableDataset):
                     f"rank {self.rank}: a full pass over shards {urls} produced no samples "
                     f"({counts.total() - before} read errors); check them with `clipline shards`"
                 )
-
-    @staticmethod
-    def _count_handler(counts: Counter) -> Callable[[Exception], bool]:
-        def handler(exn: Exception) -> bool:
-            counts["shard_read_error"] += 1
-            log.warning("skipping unreadable shard data: %r", exn)
-            return True  # keep going with the next file or shard
-
-        return handler
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -153,30 +123,35 @@ class ContrastiveStream(IterableDataset):
         rng = random.Random(rng_key)
         counts: Counter = Counter()
         reported: Counter = Counter()
+        converted: Counter = Counter()
+        reported_converted: Counter = Counter()
         samples = wds.shuffle(self.cfg.shuffle_buffer, rng=rng)(self._cycle(urls, rng, counts))
-        decoded = (d for s in samples if (d := _decode(s, counts)) is not None)
-        batches = wds.batched(self.cfg.batch_size, collation_fn=None)(decoded)
-        position = 0  # samples this worker has yielded this epoch
+
+        def decoded() -> Iterator[tuple[str, torch.Tensor, str]]:
+            # Seeding each sample's augmentation from its coordinates makes every crop a
+            # pure function of (seed, epoch, rank, worker, position): resumed runs, fresh
+            # or persistent workers and any batch split see the same pixels. Decoding runs
+            # only here, after the shuffle, so buffered samples stay compressed bytes.
+            position = 0  # samples this worker has yielded this epoch
+            for s in samples:
+                seed = zlib.crc32(f"{rng_key}/augment/{position}".encode())
+                d = self.decoder(s, seed=seed, skipped=counts, converted=converted)
+                if d is not None:
+                    position += 1
+                    yield d
+
+        batches = wds.batched(self.cfg.batch_size, collation_fn=None)(decoded())
         for batch in itertools.islice(batches, self.batches_per_worker):
             keys, images, captions = zip(*batch, strict=True)
-            skipped = counts - reported
-            reported = counts.copy()
-            # Augmentation draws from torch's global RNG; seeding it per sample from its
-            # coordinates makes every crop a pure function of (seed, epoch, rank, worker,
-            # position): resumed runs, fresh or persistent workers and any batch split see
-            # the same pixels. fork_rng leaves the caller's RNG alone (workers=0 runs here).
-            with torch.random.fork_rng(devices=[]):
-                tensors = []
-                for image in images:
-                    torch.manual_seed(zlib.crc32(f"{rng_key}/augment/{position}".encode()))
-                    tensors.append(self.preprocess(image))
-                    position += 1
-                image_BCHW = torch.stack(tensors)
+            skipped, reported = counts - reported, counts.copy()
+            new_converted, reported_converted = converted - reported_converted, converted.copy()
             yield {
-                "image": image_BCHW,  # f32[B,3,H,W]
+                # f32[B,3,H,W], or u8[B,3,H,W] with decode.uint8_images (normalize_images)
+                "image": self.decoder.collate(images),
                 "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
                 "key": list(keys),
                 "skipped": dict(skipped),
+                "converted": dict(new_converted),
             }
 
 

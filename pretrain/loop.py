@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from clipline.data.stream import SKIP_REASONS, TrainLoader
+from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
 from clipline.pretrain.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
@@ -212,6 +212,7 @@ def train(
         log.info("resumed from %s at step %d", ckpt, state["step"])
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
+    converted = Counter(state.get("converted", {}))  # absent in older checkpoints
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = build_loss(loss_cfg)
     sink = _MetricSink(run_dir, main)
@@ -252,13 +253,19 @@ def train(
             data_wait += time.perf_counter() - t0
             for batch in micro:
                 skipped.update(batch["skipped"])
+                converted.update(batch["converted"])
 
             lr = lr_at(step, optim_cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             device = accelerator.device
+            # uint8 batches (data.decode.uint8_images) are normalised here, on the device.
+            to_model = loader.stream.decoder.model_input
             inputs = [
-                (b["image"].to(device, non_blocking=True), b["text"].to(device, non_blocking=True))
+                (
+                    to_model(b["image"].to(device, non_blocking=True)),
+                    b["text"].to(device, non_blocking=True),
+                )
                 for b in micro
             ]
             loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
@@ -288,8 +295,13 @@ def train(
             if is_due(step, loop_cfg.log_every) or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 loss_mean = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+                # Fixed-length vector: every rank reduces the same names in the same order.
+                counts = [skipped[r] for r in SKIP_REASONS] + [converted[k] for k in CONVERSIONS]
+                counts = torch.tensor(counts, device=accelerator.device)
                 counts = accelerator.reduce(counts, reduction="sum").tolist()
+                names = [f"skipped/{r}" for r in SKIP_REASONS] + [
+                    f"converted/{k}" for k in CONVERSIONS
+                ]
                 last = {
                     "train/loss": loss_mean,
                     "train/lr": lr,
@@ -304,7 +316,7 @@ def train(
                     "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
                     "train/epoch": step * accum / loader.batches_per_epoch,
                     "train/nonfinite_steps": state.get("nonfinite_steps", 0),
-                    **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
+                    **{f"data/{n}": c for n, c in zip(names, counts, strict=True)},
                 }
                 sink.write(step, last)
                 bar.set_postfix(
@@ -336,6 +348,7 @@ def train(
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
                             "skipped": dict(skipped),
+                            "converted": dict(converted),
                         },
                         config=run_config,
                         keep_last=loop_cfg.keep_last,
