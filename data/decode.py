@@ -94,9 +94,11 @@ class DecodeConfig:
             output pixel along each side of the crop, so the final bicubic resize still
             reduces and smooths away the coarser JPEG scaling.
         uint8_images: Batches hold uint8 pixels ``u8[B,3,H,W]`` (4x less data through
-            worker shared memory and host-to-device copies); the training loop turns them
-            into the model's normalised floats on the device with
-            :func:`normalize_images`. Only with open_clip's ``RandomResizedCrop`` transform.
+            worker shared memory, pinning and host-to-device copies); the training loop
+            turns them into the model's normalised floats on the device with
+            :meth:`Decoder.model_input` (bit-identical to normalising in the workers).
+            ``false`` gives normalised ``f32[B,3,H,W]`` batches. Ignored (float batches)
+            with a transform other than open_clip's ``RandomResizedCrop`` one.
     """
 
     min_image_size: int = 16
@@ -104,7 +106,7 @@ class DecodeConfig:
     alpha_background: int | None = 255
     draft: bool = True
     draft_oversample: float = 2.0
-    uint8_images: bool = False
+    uint8_images: bool = True
 
     def validate(self) -> None:
         """Raises ValueError naming the bad value and the fix."""
@@ -172,13 +174,12 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
                 key, ext = base_plus_ext(info.name)
                 if key is None or key.startswith("__"):
                     continue  # metadata members (webdataset's __key__ convention)
-                data = tar.extractfile(info).read()
                 if current is not None and key != current["__key__"]:
-                    yield current
+                    yield current  # complete: the next key has begun
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
+                current[ext.lower()] = tar.extractfile(info).read()
             end = getattr(tar, "end_error", None)
         finally:
             stream.close()
@@ -348,11 +349,12 @@ class Decoder:
         cfg.validate()
         self.cfg, self.preprocess = cfg, preprocess
         self.spec = CropSpec.from_transform(preprocess)
-        if self.spec is None and cfg.uint8_images:
-            raise ValueError(
-                f"data.decode.uint8_images=true needs open_clip's training transform "
-                f"(RandomResizedCrop, ToTensor, Normalize), got {preprocess!r}; set "
-                "data.decode.uint8_images=false"
+        if self.spec is None and (cfg.uint8_images or cfg.draft):
+            log.warning(
+                "training transform is not open_clip's RandomResizedCrop + ToTensor + "
+                "Normalize; running it as given on each RGB image: data.decode.draft and "
+                "data.decode.uint8_images are ignored (float batches). Transform: %r",
+                preprocess,
             )
 
     def model_input(self, image_BCHW: torch.Tensor) -> torch.Tensor:
