@@ -32,7 +32,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ CONVERSIONS = (
 )
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_BACKGROUND = {"white": 255, "black": 0, "drop": None}
 
 
 @dataclass(kw_only=True)
@@ -85,9 +86,11 @@ class DecodeConfig:
             of RGB); lower it to bound a worker's memory and time per sample. Above
             2 x ``PIL.Image.MAX_IMAGE_PIXELS`` PIL itself refuses to open the file; raise
             that global too if you need more.
-        alpha_background: Grey level (0-255) on which transparent images are composited;
-            ``None`` drops the alpha channel like open_clip (``convert("RGB")``), which
-            shows whatever colour transparent pixels store, often black.
+        alpha: What transparent images show where they are transparent: ``"white"``
+            (composited on white, as a browser shows them on a white page, which is what
+            the caption's author saw), ``"black"``, or ``"drop"``: the alpha channel is
+            dropped like open_clip's ``convert("RGB")``, showing whatever colour the
+            transparent pixels happen to store (often black, sometimes garbage).
         draft: Decode JPEGs at 1/2, 1/4 or 1/8 size when the chosen crop allows (see
             ``draft_oversample``). Only with open_clip's ``RandomResizedCrop`` transform.
         draft_oversample: Draft decoding keeps at least this many decoded pixels per
@@ -103,7 +106,7 @@ class DecodeConfig:
 
     min_image_size: int = 16
     max_pixels: int = 89_478_485
-    alpha_background: int | None = 255
+    alpha: Literal["white", "black", "drop"] = "white"
     draft: bool = True
     draft_oversample: float = 2.0
     uint8_images: bool = True
@@ -124,10 +127,9 @@ class DecodeConfig:
                 f"(2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * pil_max}); lower max_pixels or set "
                 "PIL.Image.MAX_IMAGE_PIXELS higher before building the stream"
             )
-        if self.alpha_background is not None and not 0 <= self.alpha_background <= 255:
+        if self.alpha not in _ALPHA_BACKGROUND:
             raise ValueError(
-                f"data.decode.alpha_background must be in 0..255 or None, got "
-                f"{self.alpha_background}"
+                f"data.decode.alpha must be one of {list(_ALPHA_BACKGROUND)}, got {self.alpha!r}"
             )
         if self.draft_oversample < 1.0:
             raise ValueError(
@@ -213,16 +215,18 @@ def read_shards(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]
 # --------------------------------------------------------------------------- images
 
 
-def to_rgb(img: Image.Image, alpha_background: int | None) -> tuple[Image.Image, str | None]:
-    """``img`` as RGB, and the :data:`CONVERSIONS` kind applied (None if it was RGB)."""
+def to_rgb(img: Image.Image, alpha: str = "white") -> tuple[Image.Image, str | None]:
+    """``img`` as RGB, and the :data:`CONVERSIONS` kind applied (None if it was RGB).
+
+    ``alpha`` as :attr:`DecodeConfig.alpha`.
+    """
     mode = img.mode
     if "transparency" in img.info or mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")  # applies a palette's or tRNS transparent colour
-        if alpha_background is None:
+        level = _ALPHA_BACKGROUND[alpha]
+        if level is None:
             return rgba.convert("RGB"), "alpha"
-        # Transparent pixels show the page behind them, which is what the caption's author
-        # saw; their stored colour is arbitrary (often black).
-        background = Image.new("RGBA", rgba.size, (alpha_background,) * 3 + (255,))
+        background = Image.new("RGBA", rgba.size, (level, level, level, 255))
         return Image.alpha_composite(background, rgba).convert("RGB"), "alpha"
     if mode == "RGB":
         return img, None
@@ -415,7 +419,7 @@ class Decoder:
 
     def _pixels(self, img: Image.Image, seed: int) -> tuple[torch.Tensor, str | None]:
         if self.spec is None:
-            rgb, kind = to_rgb(img, self.cfg.alpha_background)
+            rgb, kind = to_rgb(img, self.cfg.alpha)
             rgb.load()
             # Transforms draw from torch's global RNG; fork_rng leaves the caller's alone.
             with torch.random.fork_rng(devices=[]):
@@ -435,11 +439,11 @@ class Decoder:
         if s > 1 and (drafted := img.draft(None, (width // s, height // s))) is not None:
             _, (_, _, x1, y1) = drafted  # the reduced image spans (0, 0, x1, y1)
             sx, sy = width / x1, height / y1
-            rgb, kind = to_rgb(img, self.cfg.alpha_background)
+            rgb, kind = to_rgb(img, self.cfg.alpha)
             box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
             out = rgb.resize((out_w, out_h), spec.resample, box=box)
         else:
-            rgb, kind = to_rgb(img, self.cfg.alpha_background)
+            rgb, kind = to_rgb(img, self.cfg.alpha)
             # torchvision's resized_crop on PIL images: crop, then resize (same filter).
             out = rgb.crop((left, top, left + w, top + h)).resize((out_w, out_h), spec.resample)
         pixels_HWC = torch.from_numpy(np.array(out, dtype=np.uint8))  # writable copy

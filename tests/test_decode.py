@@ -172,28 +172,29 @@ def test_transparency_is_flattened_on_white_or_dropped_like_open_clip(mode):
     img = palette_with_transparency() if mode == "P" else half_transparent(mode)
     if mode == "P":
         img = Image.open(io.BytesIO(_encode(img, "GIF", transparency=0)))
-    rgb, kind = to_rgb(img, alpha_background=255)
+    rgb, kind = to_rgb(img, alpha="white")
     assert kind == "alpha" and rgb.mode == "RGB"
     # GIF keeps the red opaque half; the transparent half becomes the background.
     opaque = (200, 200, 200) if mode == "LA" else (255, 0, 0)
     assert tuple(_pixels(rgb)[5, 5]) == opaque
     assert tuple(_pixels(rgb)[5, 25]) == (255, 255, 255)
-    dropped, _ = to_rgb(img, alpha_background=None)
-    assert np.array_equal(_pixels(dropped), _pixels(img.convert("RGBA").convert("RGB")))
+    assert tuple(_pixels(to_rgb(img, alpha="black")[0])[5, 25]) == (0, 0, 0)
+    dropped, _ = to_rgb(img, alpha="drop")
+    assert np.array_equal(_pixels(dropped), _pixels(img.convert("RGB")))  # open_clip's way
 
 
 def test_16bit_images_are_scaled_not_clipped():
     values = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     img = Image.open(io.BytesIO(_encode(Image.fromarray(values), "PNG")))
     assert img.mode.startswith("I;16")
-    rgb, kind = to_rgb(img, 255)
+    rgb, kind = to_rgb(img)
     assert kind == "16bit"
     expected = np.rint(values / 257.0).astype(np.int16)
     assert np.array_equal(_pixels(rgb)[..., 0], expected)
     assert np.array_equal(_pixels(rgb)[..., 0], _pixels(rgb)[..., 2])
     # What open_clip's convert("RGB") does: everything above 255 becomes white.
     assert (_pixels(img.convert("RGB"))[16:] == 255).all()
-    as_int32, kind = to_rgb(img.convert("I"), 255)
+    as_int32, kind = to_rgb(img.convert("I"))
     assert kind == "16bit" and np.array_equal(_pixels(as_int32), _pixels(rgb))
 
 
