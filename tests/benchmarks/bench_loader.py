@@ -20,11 +20,11 @@ What it does:
      fix applied at run time, see /work/shared/peers.md), with open_clip's training
      transform (224 px, ``RandomResizedCrop(scale=(0.9, 1.0))``, bicubic) and tokenizer;
    * ``clipline``: ``build_train_loader`` with the same transform object, tokenizer, batch
-     size, shuffle buffer and worker count; default decode settings (float32 batches,
-     JPEG draft decoding on);
-   * ``clipline-u8``: the same with ``decode.uint8_images=true`` (uint8 batches; the
-     normalisation then runs on the accelerator, inside the training step, and is not
-     timed here).
+     size, shuffle buffer and worker count, and default decode settings: JPEG draft
+     decoding on, uint8 batches (the training loop normalises them on the accelerator;
+     not timed here, as open_clip's normalisation on the accelerator would not be);
+   * ``clipline-f32``: the same with ``decode.uint8_images=false``: normalised float32
+     batches, the same work and batch as open_clip's.
 
    Each run iterates ``--warmup`` batches (worker start, shuffle-buffer fill), then times
    ``--batches`` batches in the main process, which only takes them (no model). Figures:
@@ -153,7 +153,7 @@ def _clipline_loader(spec: dict):
         workers=spec["workers"],
         shuffle_buffer=spec["shuffle_buffer"],
         num_samples=spec["num_samples"],
-        decode=DecodeConfig(uint8_images=spec["loader"] == "clipline-u8"),
+        decode=DecodeConfig(uint8_images=spec["loader"] != "clipline-f32"),
     )
     loader = build_train_loader(
         cfg,
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--loaders",
         nargs="+",
-        default=["open_clip", "clipline", "clipline-u8"],
-        choices=["open_clip", "clipline", "clipline-u8"],
+        default=["open_clip", "clipline", "clipline-f32"],
+        choices=["open_clip", "clipline", "clipline-f32"],
     )
     p.add_argument("--memory-samples", type=int, default=20000, help="0 skips the memory run")
     p.add_argument("--memory-workers", type=int, default=2)
