@@ -74,6 +74,10 @@ CONVERSIONS = (
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_BACKGROUND = {"white": 255, "black": 0, "drop": None}
+# The stream cycles its shards until it has its batches; if nothing in them is usable (all
+# images below min_image_size, say) it would cycle forever. Far more skips in a row than
+# any real run of bad data means that, so it stops with the counts instead.
+MAX_SKIPPED_IN_A_ROW = 100_000
 
 
 @dataclass(kw_only=True)
@@ -358,6 +362,7 @@ class Decoder:
         cfg.validate()
         self.cfg, self.preprocess = cfg, preprocess
         self.spec = CropSpec.from_transform(preprocess)
+        self._skipped_in_a_row = 0
         if self.spec is None and (cfg.uint8_images or cfg.draft):
             log.warning(
                 "training transform is not open_clip's RandomResizedCrop + ToTensor + "
@@ -379,7 +384,27 @@ class Decoder:
 
         Skips count into ``skipped`` (keys from :data:`SKIP_REASONS`), conversions into
         ``converted`` (keys from :data:`CONVERSIONS`).
+
+        Raises:
+            RuntimeError: after :data:`MAX_SKIPPED_IN_A_ROW` skipped samples in a row.
         """
+        out = self._decode(sample, seed, skipped, converted)
+        if out is not None:
+            self._skipped_in_a_row = 0
+            return out
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise RuntimeError(
+                f"the last {self._skipped_in_a_row} samples were all skipped (counts so far: "
+                f"{dict(skipped)}; last shard {sample.get('__url__')}): nothing in these shards "
+                "is usable with the data.decode settings (e.g. min_image_size, max_pixels); "
+                "check the shards with `clipline shards` or relax the settings"
+            )
+        return None
+
+    def _decode(
+        self, sample: dict[str, Any], seed: int, skipped: Counter, converted: Counter
+    ) -> tuple[str, torch.Tensor, str] | None:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             skipped["missing_image"] += 1

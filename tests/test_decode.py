@@ -391,3 +391,18 @@ def test_training_metrics_report_every_reason_and_kind(tmp_path):
         **{f"data/skipped/{r}": int(r == "corrupt_image") for r in SKIP_REASONS},
         **{f"data/converted/{k}": int(k == "grey") for k in CONVERSIONS},
     }
+
+
+def test_shards_with_nothing_usable_stop_with_the_counts_instead_of_cycling(tmp_path, monkeypatch):
+    from clipline.data import decode
+
+    monkeypatch.setattr(decode, "MAX_SKIPPED_IN_A_ROW", 50)
+    tiny = {"png": _encode(photo(8, 8), "PNG"), "txt": b"x"}
+    shard = write_tar(tmp_path / "s" / "000000.tar", [(f"t{i}", tiny) for i in range(10)])
+    model = micro_model()
+    cfg = StreamConfig(shards=str(shard), batch_size=2, workers=0, num_samples=10)
+    loader = build_train_loader(
+        cfg, preprocess=model.image_transform(True), tokenize=model.tokenize, rank=0, world_size=1
+    )
+    with pytest.raises(RuntimeError, match=r"last 50 samples .*'image_too_small': 50"):
+        next(loader.epoch(0))
