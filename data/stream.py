@@ -146,7 +146,8 @@ class ContrastiveStream(IterableDataset):
             skipped, reported = counts - reported, counts.copy()
             new_converted, reported_converted = converted - reported_converted, converted.copy()
             yield {
-                # f32[B,3,H,W], or u8[B,3,H,W] with decode.uint8_images (normalize_images)
+                # u8[B,3,H,W] (decode.uint8_images: the loop normalises it on the device
+                # with decoder.model_input), else normalised f32[B,3,H,W]
                 "image": self.decoder.collate(images),
                 "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
                 "key": list(keys),
