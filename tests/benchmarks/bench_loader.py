@@ -2,7 +2,7 @@
 
 Not a test (pytest does not collect it). Run from the repository root:
 
-    .venv/bin/python tests/benchmarks/bench_loader.py          # defaults: ~10 min on 2 CPUs
+    .venv/bin/python tests/benchmarks/bench_loader.py          # defaults: ~12 min on 2 idle CPUs
     .venv/bin/python tests/benchmarks/bench_loader.py --sizes 256 --workers 1 --batches 4 \\
         --warmup 1 --repeats 1 --pairs 400 --memory-samples 2000     # smoke run, ~1 min
 
