@@ -45,9 +45,10 @@ Shards can be local paths, ``file://``, any fsspec URL (``s3://`` with s3fs, ``g
 gcsfs, ``http(s)://`` with aiohttp) or, only with ``allow_pipe = true``, ``pipe:`` shell
 commands that write a tar to stdout.
 
-Bad samples never stop training: each is dropped and counted by reason, and every batch
-carries the counts its worker dropped since its previous batch, so the training loop can
-report ``data/skipped/<reason>`` without any side channel between processes.
+Bad samples never stop training: each is dropped and counted by reason (colour conversions
+too; see :mod:`clipline.data.decode`), and every batch carries the counts its worker made
+since its previous batch, so the training loop can report ``data/skipped/<reason>`` and
+``data/converted/<kind>`` without any side channel between processes.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -76,12 +76,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
+from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
+from clipline.data.decode import DecodeConfig, Decoder
 from clipline.data.shards import list_shards
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "shard_read_error")
 STATE_VERSION = 1
 # fsspec protocol -> the pip package that provides it (fsspec itself only knows the names).
 _BACKEND_PACKAGES = {
@@ -141,6 +142,8 @@ class StreamConfig:
             ``error`` (stop before training) or ``resample`` (switch to ``resampled`` mode
             with a warning).
         allow_pipe: Allow ``pipe:`` shard URLs, which run shell commands from the config.
+        decode: Per-sample decoding: bad-sample limits, alpha handling, JPEG draft
+            decoding, uint8 batches (see :class:`~clipline.data.decode.DecodeConfig`).
     """
 
     shards: str = ""
@@ -155,6 +158,7 @@ class StreamConfig:
     num_samples: int | None = None
     few_shards: Literal["error", "resample"] = "error"
     allow_pipe: bool = False
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def resolved_sources(self) -> list[SourceConfig]:
         """The sources, with the ``shards`` shorthand expanded; checks the combination.
@@ -183,29 +187,6 @@ class StreamConfig:
             if self.mix == "batch" and len(sources) > 1:
                 raise ValueError("data.mix='batch' needs data.mode='resampled'")
         return sources
-
-
-def _decode(sample: dict[str, Any], counts: Counter) -> tuple[str, Image.Image, str] | None:
-    """(key, RGB image, caption), or None after counting why the sample is unusable."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        counts["missing_image"] += 1
-        return None
-    caption = sample.get("txt", b"")
-    try:
-        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else caption
-    except UnicodeDecodeError:
-        caption = ""
-    if not caption:
-        counts["missing_caption"] += 1
-        return None
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            image = img.convert("RGB")  # also forces the full decode, so truncation shows here
-    except Exception:  # PIL raises many types for bad bytes; all mean the same here
-        counts["corrupt_image"] += 1
-        return None
-    return sample["__key__"], image, caption
 
 
 # ----------------------------------------------------------------------------- reading URLs
@@ -604,6 +585,7 @@ class ContrastiveStream(IterableDataset):
         super().__init__()
         self.cfg, self.layout = cfg, layout
         self.preprocess, self.tokenize = preprocess, tokenize
+        self.decoder = Decoder(cfg.decode, preprocess)
         self.rank, self.world_size = rank, world_size
         self.fingerprint = layout.fingerprint(world_size)
         # Shared memory, so persistent workers see the epoch the owner sets before iter().
@@ -645,9 +627,12 @@ class ContrastiveStream(IterableDataset):
         self, plan: _RankPlan, worker: int, position: int, todo: int, epoch: int
     ) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
+        converted: Counter = Counter()
+        samples = self._samples(plan, worker, position, epoch, counts, converted)
         # closing: a worker stops mid-shard after its last batch; its reads end with it.
-        with contextlib.closing(self._samples(plan, worker, position, epoch, counts)) as samples:
+        with contextlib.closing(samples):
             reported: Counter = Counter()
+            reported_converted: Counter = Counter()
             for _ in range(todo):
                 batch = []
                 while len(batch) < self.cfg.batch_size:
@@ -655,46 +640,46 @@ class ContrastiveStream(IterableDataset):
                     position += advance
                     if item is not None:
                         batch.append(item)
-                tags, urls, keys, images, captions = zip(*batch, strict=True)
-                skipped = counts - reported
-                reported = counts.copy()
-                # Augmentation draws from torch's global RNG; seeding it per sample from the
-                # sample's identity makes every crop a pure function of (seed, epoch, sample):
-                # resumed runs, any worker count and any batch split see the same pixels.
-                # fork_rng leaves the caller's RNG alone (workers=0 runs here).
-                with torch.random.fork_rng(devices=[]):
-                    tensors = []
-                    for tag, image in zip(tags, images, strict=True):
-                        torch.manual_seed(
-                            zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode())
-                        )
-                        tensors.append(self.preprocess(image))
-                    image_BCHW = torch.stack(tensors)
+                urls, keys, images, captions = zip(*batch, strict=True)
+                skipped, reported = counts - reported, counts.copy()
+                new_converted = converted - reported_converted
+                reported_converted = converted.copy()
                 yield {
-                    "image": image_BCHW,  # f32[B,3,H,W]
+                    # u8[B,3,H,W] (decode.uint8_images: the loop normalises it on the device
+                    # with decoder.model_input), else normalised f32[B,3,H,W]
+                    "image": self.decoder.collate(images),
                     "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
                     "key": list(keys),  # with "url", identifies each sample across sources
                     "url": list(urls),
                     "skipped": dict(skipped),
+                    "converted": dict(new_converted),
                     "_stream": (worker, position),  # read by TrainLoader, popped before the loop
                 }
 
     def _samples(
-        self, plan: _RankPlan, worker: int, position: int, epoch: int, counts: Counter
-    ) -> Iterator[tuple[int, tuple[str, str, str, Image.Image, str] | None]]:
-        """(plan rows consumed, (augment tag, url, key, image, caption) or None if dropped).
+        self,
+        plan: _RankPlan,
+        worker: int,
+        position: int,
+        epoch: int,
+        counts: Counter,
+        converted: Counter,
+    ) -> Iterator[tuple[int, tuple[str, str, torch.Tensor, str] | None]]:
+        """(plan rows consumed, (url, key, image, caption) or None if dropped).
 
         After the planned rows, if dropped samples left the last batches short, the
         worker's own good rows are cycled (deterministically) to fill them.
         """
 
         def on_error(e: Exception) -> None:
-            counts["shard_read_error"] += 1
+            # A tar that ends early (cut download, short write) vs. one that cannot be read.
+            truncated = isinstance(e, EOFError | tarfile.TarError)
+            counts["truncated_tar" if truncated else "shard_read_error"] += 1
             log.warning("skipping unreadable shard data: %r", e)
 
         bad: set[tuple[int, int]] = set()
 
-        def decoded(rows: np.ndarray) -> Iterator[tuple[str, str, str, Image.Image, str] | None]:
+        def decoded(rows: np.ndarray) -> Iterator[tuple[str, str, torch.Tensor, str] | None]:
             readers = {
                 lane: _LaneReader(plan.lanes[lane], rows[rows[:, 0] == lane, 1], on_error)
                 for lane in np.unique(rows[:, 0]).tolist()
@@ -702,16 +687,21 @@ class ContrastiveStream(IterableDataset):
             try:
                 for lane, idx in rows.tolist():
                     raw = readers[lane].get(idx)
-                    item = _decode(raw, counts) if raw is not None else None
+                    item = None
+                    if raw is not None:
+                        if self.layout.mode == "exact":  # a sample's identity: shard and index
+                            tag = f"{raw['__url__']}#{raw['__index__']}"
+                        else:  # a sample may be drawn twice; its draw is the identity
+                            tag = f"{self.rank}/{lane}/{idx}"
+                        # Each crop is a pure function of (seed, epoch, sample): resumed runs,
+                        # any worker count and any batch split see the same pixels.
+                        seed = zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode())
+                        item = self.decoder(raw, seed=seed, skipped=counts, converted=converted)
                     if item is None:
                         bad.add((lane, idx))
                         yield None
                         continue
-                    if self.layout.mode == "exact":  # a sample's identity: shard and index
-                        tag = f"{raw['__url__']}#{raw['__index__']}"
-                    else:  # a sample may be drawn twice; its draw is the identity
-                        tag = f"{self.rank}/{lane}/{idx}"
-                    yield (tag, raw["__url__"], *item)
+                    yield (raw["__url__"], *item)
             finally:
                 for reader in readers.values():
                     reader.shut()
@@ -727,7 +717,8 @@ class ContrastiveStream(IterableDataset):
             if not len(rows):
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: none of its {len(pool)} planned "
-                    "samples could be read and decoded; check the shards with `clipline shards`"
+                    f"samples could be read and decoded (skipped: {dict(counts)}); check the "
+                    "shards with `clipline data doctor`"
                 )
             log.warning("filling a batch short of dropped samples with repeated samples")
             for item in decoded(rows):

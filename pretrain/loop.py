@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, gather_object
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from clipline.data.stream import SKIP_REASONS, TrainLoader
+from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
 from clipline.pretrain.checkpoint import (
     full_state_dicts,
     load_checkpoint,
@@ -289,6 +289,7 @@ def train(
         loader.load_state_dict(state.get("stream"))  # per-rank stream positions: O(1) resume
     step = int(state.get("step", 0))
     skipped = Counter(state["skipped"])
+    converted = Counter(state.get("converted", {}))  # absent in older checkpoints
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     _check_sharding(accelerator, model)
     if ckpt is not None:  # optimizer state after wrapping: FSDP re-creates the parameters
@@ -331,13 +332,19 @@ def train(
             data_wait += time.perf_counter() - t0
             for batch in micro:
                 skipped.update(batch["skipped"])
+                converted.update(batch["converted"])
 
             lr = lr_at(step, optim_cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             device = accelerator.device
+            # uint8 batches (data.decode.uint8_images) are normalised here, on the device.
+            to_model = loader.stream.decoder.model_input
             inputs = [
-                (b["image"].to(device, non_blocking=True), b["text"].to(device, non_blocking=True))
+                (
+                    to_model(b["image"].to(device, non_blocking=True)),
+                    b["text"].to(device, non_blocking=True),
+                )
                 for b in micro
             ]
             loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
@@ -372,8 +379,13 @@ def train(
                     device=accelerator.device,
                 )
                 loss_mean, flops_per_s, wait_share = accelerator.reduce(means, "mean").tolist()
-                counts = torch.tensor([skipped[r] for r in SKIP_REASONS], device=accelerator.device)
+                # Fixed-length vector: every rank reduces the same names in the same order.
+                counts = [skipped[r] for r in SKIP_REASONS] + [converted[k] for k in CONVERSIONS]
+                counts = torch.tensor(counts, device=accelerator.device)
                 counts = accelerator.reduce(counts, reduction="sum").tolist()
+                names = [f"skipped/{r}" for r in SKIP_REASONS] + [
+                    f"converted/{k}" for k in CONVERSIONS
+                ]
                 samples_per_s = global_batch * window_steps / elapsed
                 last = {
                     "train/loss": loss_mean,
@@ -388,7 +400,7 @@ def train(
                     "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
                     "train/epoch": step * accum / loader.batches_per_epoch,
                     "train/nonfinite_steps": state.get("nonfinite_steps", 0),
-                    **{f"data/skipped/{r}": c for r, c in zip(SKIP_REASONS, counts, strict=True)},
+                    **{f"data/{n}": c for n, c in zip(names, counts, strict=True)},
                 }
                 sink.write(step, last)
                 bar.set_postfix(
@@ -422,6 +434,7 @@ def train(
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
                             "skipped": dict(skipped),
+                            "converted": dict(converted),
                             "stream": stream_states,
                         },
                         config=run_config,

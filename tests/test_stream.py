@@ -48,7 +48,8 @@ def _append_corrupt_sample(shard: Path, key: str) -> None:
 def test_batches_have_the_model_shapes(tmp_path):
     loader = _loader(make_shards(tmp_path / "s"))
     batch = next(loader.epoch(0))
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.float32
+    # uint8 pixels by default; the loop normalises them on the device (decode.uint8_images).
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8
     # Tokens are cut after the batch's longest caption (exact for causal text towers).
     assert batch["text"].shape[0] == 8 and batch["text"].shape[1] <= 16
     assert batch["text"].dtype == torch.int64
