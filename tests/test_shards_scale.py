@@ -325,11 +325,11 @@ def img2dataset_dir(tmp_path: Path) -> Path:
         samples = []
         for i in range(3):
             key = f"{shard:05d}{i:04d}"
-            meta = {"url": f"http://x/{key}", "caption": "c", "width": 8, "status": "success"}
-            image = {f"{key}.png": _png((0, 9, 0, 255), (8, 8))} if i == 1 else {}
+            meta = {"url": f"http://x/{key}", "caption": "c", "width": 32, "status": "success"}
+            image = {f"{key}.png": _png((0, 9, 0, 255), (32, 32))} if i == 1 else {}
             samples.append(
                 {
-                    **(image or {f"{key}.jpg": _jpeg((shard * 100, i * 50, 0), (8, 8))}),
+                    **(image or {f"{key}.jpg": _jpeg((shard * 100, i * 50, 0), (32, 32))}),
                     **({f"{key}.txt": f"photo {key}".encode()} if (shard, i) != (1, 2) else {}),
                     f"{key}.json": json.dumps(meta).encode(),
                 }
