@@ -365,12 +365,16 @@ def _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id):
 def _linear_probe_evaluator(task, preprocess, distributed, model_id):
     train_source = task.open(task.train_split)
     test_source = task.open(task.test_split)
-    if train_source.classnames != test_source.classnames:
+    # A test split may lack some classes (an image folder without that class's folder):
+    # its labels are mapped onto the training split's classes by name.
+    train_index = {name: i for i, name in enumerate(train_source.classnames)}
+    unknown = [name for name in test_source.classnames if name not in train_index]
+    if unknown:
         raise ValueError(
-            f"task {task.name!r}: the {task.train_split!r} and {task.test_split!r} splits have "
-            f"different classes ({train_source.classnames[:5]}... vs "
-            f"{test_source.classnames[:5]}...); give both the same classnames file"
+            f"task {task.name!r}: the {task.test_split!r} split has classes {unknown[:5]} that "
+            f"the {task.train_split!r} split lacks; give both the same classnames file"
         )
+    test_to_train = torch.tensor([train_index[name] for name in test_source.classnames])
 
     def evaluate_probe(encoders: Encoders) -> dict[str, float]:
         rank, world_size = rank_and_world(distributed)
@@ -395,7 +399,7 @@ def _linear_probe_evaluator(task, preprocess, distributed, model_id):
             features[split] = _cached(task, key, embed, world_size, rank)
         return linear_probe(
             features["train"]["image"], features["train"]["label"],
-            features["test"]["image"], features["test"]["label"],
+            features["test"]["image"], test_to_train[features["test"]["label"]],
             len(train_source.classnames),
             C=task.C, c_grid=task.c_grid, val_fraction=task.val_fraction,
             max_iter=task.max_iter, seed=task.seed,

@@ -238,6 +238,17 @@ def test_linear_probe_task_on_an_image_folder(tmp_path):
     assert metrics["lp_acc1"] == 1.0 and math.isnan(metrics["lp_acc5"])
     assert set(metrics) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "lp_C"}
 
+    # A test split without the "green" folder: its labels map onto the training classes.
+    import shutil
+
+    shutil.rmtree(tmp_path / "test" / "green")
+    metrics = build_evaluator(task, preprocess=preprocess, tokenize=tokenize)(CountingTowers())
+    assert metrics["lp_acc1"] == 1.0 and metrics["lp_mean_per_class_recall"] == 1.0
+    (tmp_path / "test" / "purple").mkdir()
+    class_image(0, 0).save(tmp_path / "test" / "purple" / "0.png")
+    with pytest.raises(ValueError, match=r"classes \['purple'\] that the 'train' split lacks"):
+        build_evaluator(task, preprocess=preprocess, tokenize=tokenize)
+
 
 def test_loader_workers_give_the_same_embeddings(tmp_path):
     write_image_folder(tmp_path, {"a": 5, "b": 6})
