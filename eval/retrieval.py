@@ -13,6 +13,7 @@ captions; a text's positive is its image, an image's positives are all its capti
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -105,10 +106,16 @@ def search_metrics(
     max_k = min(max(ks), num_gallery)
 
     faiss_index = build_index(gallery_GD, index)
+    start = time.perf_counter()
     if faiss_index is None:
         _, ids_QK = exact_search(query_QD, gallery_GD, max_k, batch_size)
     else:
         _, ids_QK = index_search(faiss_index, query_QD, max_k, batch_size)
+    log.debug(
+        "%s search: %d queries x %d gallery in %.1f s",
+        "exact" if faiss_index is None else index.kind, num_queries, num_gallery,
+        time.perf_counter() - start,
+    )  # fmt: skip
     first_hit_Q = _first_hit(ids_QK, query_labels_Q, gallery_labels_G)
     metrics = {f"recall@{k}": float((first_hit_Q < k).mean()) for k in ks}
 
@@ -121,6 +128,7 @@ def search_metrics(
             metrics["mean_rank"] = float(found.mean()) if len(found) else float("nan")
             metrics["median_rank"] = float(np.median(found)) if len(found) else float("nan")
     elif index.recall_sample > 0:
+        start = time.perf_counter()
         rng = np.random.default_rng(index.seed)
         sample = np.sort(rng.choice(num_queries, min(index.recall_sample, num_queries), False))
         _, exact_ids_SK = exact_search(query_QD[sample], gallery_GD, max_k, batch_size)
@@ -138,9 +146,10 @@ def search_metrics(
             metrics[f"ann_recall_loss@{k}"] = float(exact - approx)
         log.info(
             "%s index on %d queries sampled of %d: top-%d overlap with exact search %.4f, "
-            "recall loss %s",
+            "recall loss %s (measured in %.1f s)",
             index.kind, len(sample), num_queries, max_k, overlap,
             {k: round(metrics[f"ann_recall_loss@{k}"], 4) for k in ks},
+            time.perf_counter() - start,
         )  # fmt: skip
     return metrics
 
