@@ -29,7 +29,7 @@ def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
     preprocess = model.image_transform(is_train=False)
     return {
         task.name: build_evaluator(task, preprocess=preprocess, tokenize=model.tokenize)
-        for task in [*cfg.zeroshot, *cfg.retrieval]
+        for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]
     }
 
 
