@@ -177,7 +177,7 @@ def open_classification_set(
         classnames_file = base / evalsets.CLASSNAMES_FILE
         explicit = _read_classnames(classnames_file)
     templates_path = base / evalsets.TEMPLATES_FILE
-    templates = evalsets._read_lines(templates_path) if templates_path.is_file() else []
+    templates = evalsets.read_lines(templates_path) if templates_path.is_file() else []
     metadata = [Path(p) for p in (classnames_file,) if p is not None]
     if templates:
         metadata.append(templates_path)
@@ -305,7 +305,7 @@ def _open_csv(
 def _read_classnames(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"class names file {path} not found; write one class name a line")
-    names = evalsets._read_lines(path)
+    names = evalsets.read_lines(path)
     if not names:
         raise ValueError(f"class names file {path} is empty")
     return names

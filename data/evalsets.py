@@ -276,9 +276,9 @@ def read_classification_set(root: str | Path, split: str = SPLIT) -> Classificat
             f"{classnames_path} not found; a classification set needs one class name a line"
         )
     templates_path = root / TEMPLATES_FILE
-    templates = _read_lines(templates_path) if templates_path.is_file() else []
+    templates = read_lines(templates_path) if templates_path.is_file() else []
     return ClassificationSet(
-        root=root, classnames=_read_lines(classnames_path), templates=templates, split=split
+        root=root, classnames=read_lines(classnames_path), templates=templates, split=split
     )
 
 
@@ -320,8 +320,9 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+def read_lines(path: str | Path) -> list[str]:
+    """Reads a metadata file the way clip_benchmark does: one stripped item a line."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def _encode_image(image: PIL.Image.Image, ext: str) -> bytes:

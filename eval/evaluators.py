@@ -236,7 +236,7 @@ def resolve_templates(templates: list[str] | str | None, own: list[str], where: 
         if templates in BUILTIN_TEMPLATES:
             resolved = BUILTIN_TEMPLATES[templates]
         elif Path(templates).is_file():
-            resolved = evalsets._read_lines(Path(templates))
+            resolved = evalsets.read_lines(Path(templates))
         else:
             raise ValueError(
                 f"templates={templates!r} is neither a built-in set "
