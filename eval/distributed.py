@@ -101,3 +101,17 @@ def gather_objects(index: list[int], items: list[Any], world_size: int) -> list[
         pairs = [pair for part in parts for pair in part]
     pairs.sort(key=lambda pair: pair[0])
     return [item for _, item in pairs]
+
+
+def same_on_all_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Rank 0's metrics on every rank.
+
+    Every rank computes the metrics from the same gathered embeddings, so they agree; this
+    guards against libraries whose results may differ between runs (faiss builds its HNSW
+    graph with unordered threads), so that ranks never log or act on different numbers.
+    """
+    if world_size == 1:
+        return metrics
+    box = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

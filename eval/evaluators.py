@@ -28,7 +28,7 @@ from clipline.eval.cache import (
     files_fingerprint,
     model_fingerprint,
 )
-from clipline.eval.distributed import all_ranks_agree, rank_and_world
+from clipline.eval.distributed import all_ranks_agree, rank_and_world, same_on_all_ranks
 from clipline.eval.embedding import embed_all_texts, embed_indexed_images
 from clipline.eval.encoders import Encoders
 from clipline.eval.linear_probe import DEFAULT_C_GRID, linear_probe
@@ -315,7 +315,7 @@ def _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id):
             rank=rank, world_size=world_size,
         )  # fmt: skip
         logits_NC = LOGIT_SCALE * data["image"] @ classifier_CD.T
-        return classification_metrics(logits_NC, data["label"])
+        return same_on_all_ranks(classification_metrics(logits_NC, data["label"]), world_size)
 
     return evaluate_zeroshot
 
@@ -354,10 +354,11 @@ def _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id):
             "tokenize": describe(tokenize),
         }
         data = _cached(task, key, embed, world_size, rank)
-        return retrieval_from_embeddings(
+        metrics = retrieval_from_embeddings(
             data["image"], data["text"], data["text_image"], task.ks,
             index=task.index, ranks=task.ranks,
         )  # fmt: skip
+        return same_on_all_ranks(metrics, world_size)
 
     return evaluate_retrieval
 
@@ -397,12 +398,13 @@ def _linear_probe_evaluator(task, preprocess, distributed, model_id):
                 "preprocess": describe(preprocess),
             }
             features[split] = _cached(task, key, embed, world_size, rank)
-        return linear_probe(
+        metrics = linear_probe(
             features["train"]["image"], features["train"]["label"],
             features["test"]["image"], test_to_train[features["test"]["label"]],
             len(train_source.classnames),
             C=task.C, c_grid=task.c_grid, val_fraction=task.val_fraction,
             max_iter=task.max_iter, seed=task.seed,
         )  # fmt: skip
+        return same_on_all_ranks(metrics, world_size)
 
     return evaluate_probe
