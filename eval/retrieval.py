@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Score-matrix elements computed at once when ranking queries whose positive is not in the
 # top k (64 MiB of float32), so memory stays bounded on large galleries.
 _RANK_CHUNK_ELEMENTS = 1 << 24
+_MISS = np.iinfo(np.int64).max  # "first positive" position of a query whose top k has none
 
 
 def search_metrics(
@@ -134,7 +135,8 @@ def search_metrics(
         _, exact_ids_SK = exact_search(query_QD[sample], gallery_GD, max_k, batch_size)
         overlap = np.mean(
             [
-                len(np.intersect1d(exact_ids_SK[i], ids_QK[q], assume_unique=True)) / max_k
+                # -1 pads a short approximate list; it must not match (nor repeat) anything.
+                len(np.intersect1d(exact_ids_SK[i], ids_QK[q][ids_QK[q] >= 0])) / max_k
                 for i, q in enumerate(sample)
             ]
         )
@@ -157,13 +159,16 @@ def search_metrics(
 def _first_hit(
     ids_QK: np.ndarray, query_labels_Q: np.ndarray, gallery_labels_G: np.ndarray
 ) -> np.ndarray:
-    """0-based position of the first positive in each top-k list; k (a miss) when absent."""
+    """0-based position of the first positive in each top-k list; :data:`_MISS` when absent.
+
+    The miss marker exceeds any k, so that ``first_hit < k`` is false for a miss even when
+    k was capped at a gallery smaller than k.
+    """
     valid_QK = ids_QK >= 0  # approximate indexes pad short result lists with -1
     match_QK = valid_QK & (
         gallery_labels_G[np.where(valid_QK, ids_QK, 0)] == query_labels_Q[:, None]
     )
-    k = ids_QK.shape[1]
-    return np.where(match_QK.any(axis=1), match_QK.argmax(axis=1), k)
+    return np.where(match_QK.any(axis=1), match_QK.argmax(axis=1), _MISS)
 
 
 def _ranks(
@@ -175,7 +180,7 @@ def _ranks(
     k: int,
 ) -> np.ndarray:
     """1-based rank of each query's first positive; NaN when it has no positive at all."""
-    rank_Q = (first_hit_Q + 1).astype(np.float64)
+    rank_Q = first_hit_Q.astype(np.float64) + 1
     # Queries whose positive is not in their top k: rank them against the whole gallery.
     missed_M = np.flatnonzero(first_hit_Q >= k)
     rows = max(1, _RANK_CHUNK_ELEMENTS // len(gallery_GD))

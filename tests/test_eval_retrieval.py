@@ -63,8 +63,9 @@ def test_query_batches_and_rank_chunks_do_not_change_results(monkeypatch):
 
 def test_query_without_positive_has_no_rank():
     gallery = np.eye(3, dtype=np.float32)
-    metrics = search_metrics(gallery[:2], gallery, np.array([0, 7]), np.arange(3), ks=(1,))
-    assert metrics == {"recall@1": 0.5, "mean_rank": 1.0, "median_rank": 1.0}
+    metrics = search_metrics(gallery[:2], gallery, np.array([0, 7]), np.arange(3), ks=(1, 10))
+    # recall@10: k is capped at the 3 gallery items, yet the query without a positive misses.
+    assert metrics == {"recall@1": 0.5, "recall@10": 0.5, "mean_rank": 1.0, "median_rank": 1.0}
 
 
 def _clustered(num: int, dim: int, seed: int):

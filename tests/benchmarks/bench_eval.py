@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--exact-queries", type=int, default=200, help="queries timed exactly")
     p.add_argument("--index", choices=["ivf", "hnsw"], default="ivf")
-    p.add_argument("--nlist", type=int, default=0, help="IVF cells (0: sqrt(gallery))")
+    p.add_argument("--nlist", type=int, default=512, help="IVF cells (0: sqrt(gallery))")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--ef-search", type=int, default=128)
     p.add_argument("--recall-sample", type=int, default=250)
