@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import PIL.Image
@@ -193,8 +194,9 @@ def build_evaluator(
     The set's metadata is read and checked now, so that a wrong path or missing templates
     fail at start-up rather than at the first evaluation. Each call streams the images from
     disk again (memory stays at one batch plus the embeddings), preprocesses them and runs
-    the forward passes in batches of ``task.batch_size`` under ``torch.no_grad()``. The
-    text side is re-embedded every call, since it changes during training.
+    the forward passes in batches of ``task.batch_size`` under ``torch.no_grad()``, unless
+    ``task.cache_dir`` holds the embeddings of these weights on these data already. The
+    zero-shot text side is re-embedded every call, since it changes during training.
 
     Args:
         task: What to evaluate.
@@ -228,8 +230,6 @@ def resolve_templates(templates: list[str] | str | None, own: list[str], where: 
     Raises:
         ValueError: If none result, or a name is neither built in nor a file.
     """
-    from pathlib import Path
-
     if templates is None:
         resolved = own
     elif isinstance(templates, str):
