@@ -32,8 +32,9 @@ from clipline.eval.search import (
 log = logging.getLogger(__name__)
 
 # Score-matrix elements computed at once when ranking queries whose positive is not in the
-# top k (64 MiB of float32), so memory stays bounded on large galleries.
-_RANK_CHUNK_ELEMENTS = 1 << 24
+# top k (256 MiB of float32; 64 queries at a time on a 1M gallery, enough for BLAS to run
+# near full speed), so memory stays bounded on large galleries.
+_RANK_CHUNK_ELEMENTS = 1 << 26
 _MISS = np.iinfo(np.int64).max  # "first positive" position of a query whose top k has none
 
 

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 # faiss warns, and k-means degrades, below this many training points per IVF list.
 _MIN_POINTS_PER_LIST = 39
+_IVF_STORAGE = {
+    "flat": None,
+    "fp16": faiss.ScalarQuantizer.QT_fp16,
+    "sq8": faiss.ScalarQuantizer.QT_8bit,
+}
 
 
 @dataclass(kw_only=True)
@@ -27,12 +32,17 @@ class SearchIndexConfig:
 
     Attributes:
         kind: ``"flat"``: exact search (faiss brute force, queries in batches).
-            ``"ivf"``: faiss ``IndexIVFFlat`` (k-means cells; searches ``nprobe`` cells).
+            ``"ivf"``: faiss ``IndexIVFFlat``/``IndexIVFScalarQuantizer`` (k-means cells;
+            searches ``nprobe`` cells).
             ``"hnsw"``: faiss ``IndexHNSWFlat`` (graph; slow to build on large galleries).
         min_gallery: Galleries smaller than this are searched exactly whatever ``kind`` says
             (an approximate index only pays off on large galleries).
         nlist: IVF cells; 0 picks ``round(sqrt(G))``, at most ``G // 39``.
         nprobe: IVF cells visited per query; more is slower and closer to exact.
+        ivf_storage: How IVF stores the gallery: ``"fp16"`` (half precision: half the memory
+            and about twice the search speed of ``"flat"``, with the same top-10 overlap in
+            our measurements, since scanning the cells is bound by memory traffic),
+            ``"flat"`` (float32) or ``"sq8"`` (8 bits a dimension: faster again, slightly lossy).
         train_size: IVF k-means training points; 0 picks ``64 * nlist`` (at most G).
         kmeans_iters: IVF k-means iterations.
         hnsw_m: HNSW neighbours per node.
@@ -47,6 +57,7 @@ class SearchIndexConfig:
     min_gallery: int = 0
     nlist: int = 0
     nprobe: int = 32
+    ivf_storage: Literal["fp16", "flat", "sq8"] = "fp16"
     train_size: int = 0
     kmeans_iters: int = 10
     hnsw_m: int = 32
@@ -58,6 +69,10 @@ class SearchIndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf", "hnsw"):
             raise ValueError(f"index kind={self.kind!r}; use 'flat', 'ivf' or 'hnsw'")
+        if self.ivf_storage not in _IVF_STORAGE:
+            raise ValueError(
+                f"index ivf_storage={self.ivf_storage!r}; use one of {sorted(_IVF_STORAGE)}"
+            )
         for name in ("nprobe", "kmeans_iters", "hnsw_m", "ef_construction", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"index {name}={getattr(self, name)}; it must be at least 1")
@@ -123,7 +138,12 @@ def build_index(gallery_GD: np.ndarray, cfg: SearchIndexConfig) -> faiss.Index |
         max_lists = max(1, num_gallery // _MIN_POINTS_PER_LIST)
         nlist = min(cfg.nlist or round(math.sqrt(num_gallery)), max_lists)
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if cfg.ivf_storage == "flat":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, nlist, _IVF_STORAGE[cfg.ivf_storage], faiss.METRIC_INNER_PRODUCT
+            )
         index.cp.niter = cfg.kmeans_iters
         index.cp.seed = cfg.seed
         train_size = min(num_gallery, cfg.train_size or 64 * nlist)

@@ -76,14 +76,16 @@ def _clustered(num: int, dim: int, seed: int):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_exact_index_answers_equal_brute_force_and_approx_is_close(kind):
+@pytest.mark.parametrize(
+    ("kind", "storage"), [("ivf", "flat"), ("ivf", "fp16"), ("ivf", "sq8"), ("hnsw", "flat")]
+)
+def test_exact_index_answers_equal_brute_force_and_approx_is_close(kind, storage):
     gallery_GD = _clustered(4000, 32, 0)
     query_QD = gallery_GD[:300] + 0.05 * _clustered(300, 32, 1)
     scores_QG = query_QD @ gallery_GD.T
     _, exact_ids = exact_search(query_QD, gallery_GD, 10, batch_size=64)
     np.testing.assert_array_equal(exact_ids, np.argsort(-scores_QG, axis=1)[:, :10])
-    cfg = SearchIndexConfig(kind=kind, nprobe=8, ef_search=64)
+    cfg = SearchIndexConfig(kind=kind, nprobe=8, ef_search=64, ivf_storage=storage)
     index = build_index(gallery_GD, cfg)
     _, approx_ids = index_search(index, query_QD, 10, batch_size=64)
     overlap = np.mean(
@@ -126,3 +128,5 @@ def test_bad_index_settings():
         SearchIndexConfig(kind="annoy")
     with pytest.raises(ValueError, match="nprobe=0"):
         SearchIndexConfig(nprobe=0)
+    with pytest.raises(ValueError, match="ivf_storage='pq'"):
+        SearchIndexConfig(ivf_storage="pq")
