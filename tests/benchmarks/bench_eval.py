@@ -256,6 +256,11 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
         flush=True,
     )
 
+    # Warm-up, untimed: first-call costs (tokenizer vocabulary, first loader fork, page
+    # cache) are not throughput.
+    with torch.no_grad():
+        evaluate(model)
+
     runs: dict[str, list] = {"forward": [], "eval": []}
     for r in range(a.repeats):
         order = ("forward", "eval") if r % 2 == 0 else ("eval", "forward")
