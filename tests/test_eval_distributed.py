@@ -94,3 +94,9 @@ def test_two_ranks_evaluate_exactly_like_one_process(tmp_path):
         # Other batch compositions may move the last bits of a forward pass, nothing more.
         torch.testing.assert_close(tensors["image"], img_emb_ND, rtol=1e-5, atol=1e-6)
     assert "ret/image_retrieval_mean_rank" in expected and "lp/lp_acc1" in expected
+    # 7 images, split 4 + 3: each rank embeds its part once, then loads the cache.
+    caches = [json.loads((tmp_path / f"cache_rank{r}.json").read_text()) for r in (0, 1)]
+    assert caches == [
+        {"first": 4, "second": 0, "same": True},
+        {"first": 3, "second": 0, "same": True},
+    ]

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from clipline.eval import RetrievalTask, build_evaluator
 from tests.test_eval_distributed import eval_tasks, evaluate_all, gathered_embeddings
 from tests.helpers import micro_model
 
@@ -21,5 +22,23 @@ metrics = evaluate_all(model, eval_tasks(data), distributed=True)
 img_emb_ND, labels = gathered_embeddings(model, data, distributed=True)
 save_file(
     {"image": img_emb_ND, "label": torch.tensor(labels)}, out / f"embeddings_rank{rank}.safetensors"
+)
+
+# The embedding cache across ranks: the second call loads on every rank, embeds nothing.
+cached = build_evaluator(
+    RetrievalTask(name="ret", root=str(data / "ret"), batch_size=3, cache_dir=str(out / "cache")),
+    preprocess=model.image_transform(is_train=False),
+    tokenize=model.tokenize,
+    distributed=True,
+    model_id="micro-0",
+)
+calls = []
+encode_image = model.encode_image
+model.encode_image = lambda x: calls.append(len(x)) or encode_image(x)
+first = cached(model)
+embedded_first = sum(calls)
+second = cached(model)
+(out / f"cache_rank{rank}.json").write_text(
+    json.dumps({"first": embedded_first, "second": sum(calls) - embedded_first, "same": first == second})
 )
 dist.destroy_process_group()
