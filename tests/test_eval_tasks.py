@@ -261,3 +261,21 @@ def test_loader_workers_give_the_same_embeddings(tmp_path):
         for workers in (0, 2)
     ]  # fmt: skip
     assert results[0] == results[1]
+
+
+def test_linear_probe_task_on_wds_train_and_test_splits(tmp_path):
+    def samples(n: int, start: int):
+        out = []
+        for i in range(n):
+            pixels = np.random.default_rng(start + i).integers(0, 60, (4, 4, 3), dtype=np.uint8)
+            pixels[..., i % 3] += 180
+            out.append((PIL.Image.fromarray(pixels), i % 3))
+        return out
+
+    names = ["red", "green", "blue"]
+    evalsets.write_classification_set(tmp_path, samples(24, 0), names, ["a {c}."], split="train")
+    evalsets.write_classification_set(tmp_path, samples(9, 100), names, ["a {c}."])
+    assert evalsets.read_classification_set(tmp_path, "train").classnames == names
+    task = LinearProbeTask(name="p", root=str(tmp_path), c_grid=(1.0, 10.0), batch_size=5)
+    metrics = build_evaluator(task, preprocess=preprocess, tokenize=tokenize)(CountingTowers())
+    assert metrics["lp_acc1"] == 1.0 and metrics["lp_C"] in (1.0, 10.0)
