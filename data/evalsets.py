@@ -4,7 +4,9 @@ Layout (what ``clip_benchmark.datasets.builder.build_wds_dataset`` reads, so tha
 ``clip_benchmark eval --dataset wds/<name> --dataset_root <root>`` works on our files unchanged)::
 
     root/
-        test/nshards.txt                            number of shards, N
+        test/nshards.txt                            number of shards, N (one folder per
+                                                      split: test/ by default, train/ for
+                                                      a linear probe's training split)
         test/0.tar ... test/{N-1}.tar               samples: <key>.png|jpg|webp plus
                                                       <key>.cls (ASCII int label), or
                                                       <key>.txt (captions joined by "\\n")
@@ -31,7 +33,7 @@ import webdataset as wds
 
 logger = logging.getLogger(__name__)
 
-SPLIT = "test"  # clip_benchmark's default split; we only ever write the evaluation split
+SPLIT = "test"  # clip_benchmark's default split
 NSHARDS_FILE = "nshards.txt"
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -65,11 +67,27 @@ class ClassificationSet:
     root: Path
     classnames: list[str]
     templates: list[str]
+    split: str = SPLIT
 
     def samples(self) -> Iterator[tuple[PIL.Image.Image, int]]:
         """Yields ``(RGB image, label)`` pairs in shard order."""
-        for image, label in _read_shards(self.root, "cls"):
-            yield image, int(label)
+        for _, image, label in self.indexed_samples():
+            yield image, label
+
+    def indexed_samples(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
+        """Yields ``(index, RGB image, label)`` for the samples with ``index % num_parts == part``.
+
+        Every part reads the tar files but decodes only its own images, so ``num_parts``
+        processes (ranks, loader workers) share the decoding work without overlap.
+        """
+        for index, image, label in _read_shards(self.root, self.split, "cls", part, num_parts):
+            yield index, image, int(label)
+
+    def files(self) -> list[Path]:
+        """The files whose contents define the set (for cache keys)."""
+        return _set_files(self.root, self.split)
 
 
 @dataclass(kw_only=True)
@@ -81,12 +99,24 @@ class RetrievalSet:
     """
 
     root: Path
+    split: str = SPLIT
 
     def samples(self) -> Iterator[tuple[PIL.Image.Image, list[str]]]:
         """Yields ``(RGB image, captions)`` pairs in shard order."""
-        for image, text in _read_shards(self.root, "txt"):
+        for _, image, captions in self.indexed_samples():
+            yield image, captions
+
+    def indexed_samples(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, PIL.Image.Image, list[str]]]:
+        """Yields ``(index, RGB image, captions)`` for samples with ``index % num_parts == part``."""
+        for index, image, text in _read_shards(self.root, self.split, "txt", part, num_parts):
             # The same split clip_benchmark applies (str.splitlines).
-            yield image, text.splitlines()
+            yield index, image, text.splitlines()
+
+    def files(self) -> list[Path]:
+        """The files whose contents define the set (for cache keys)."""
+        return _set_files(self.root, self.split)
 
 
 def check_templates(templates: list[str]) -> None:
@@ -128,10 +158,12 @@ def write_classification_set(
     *,
     samples_per_shard: int = 1000,
     image_format: str = "png",
+    split: str = SPLIT,
 ) -> int:
     """Writes a zero-shot classification set that clip_benchmark reads as ``wds/<name>``.
 
-    Overwrites a set already at ``root``.
+    Overwrites the split already at ``root``; write ``split="train"`` next to ``"test"``
+    for a linear probe (clip_benchmark's ``--split``).
 
     Args:
         root: Folder to write into (created if needed).
@@ -140,6 +172,7 @@ def write_classification_set(
         templates: Prompt templates with a ``{c}`` placeholder, e.g. ``"a photo of a {c}."``.
         samples_per_shard: Samples per tar shard.
         image_format: ``"png"`` (lossless), ``"jpg"`` or ``"webp"`` (quality 95).
+        split: The split folder under ``root``.
 
     Returns:
         The number of samples written.
@@ -165,7 +198,7 @@ def write_classification_set(
             yield image, {"cls": str(label)}
 
     root = Path(root)
-    n = _write_shards(root, records(), samples_per_shard, image_format)
+    n = _write_shards(root, records(), samples_per_shard, image_format, split)
     _write_lines(root / CLASSNAMES_FILE, classnames)
     _write_lines(root / TEMPLATES_FILE, templates)
     _write_lines(root / DATASET_TYPE_FILE, [CLASSIFICATION])
@@ -178,10 +211,11 @@ def write_retrieval_set(
     *,
     samples_per_shard: int = 1000,
     image_format: str = "png",
+    split: str = SPLIT,
 ) -> int:
     """Writes an image-text retrieval set that clip_benchmark reads as ``wds/<name>``.
 
-    Overwrites a set already at ``root``.
+    Overwrites the split already at ``root``.
 
     Args:
         root: Folder to write into (created if needed).
@@ -189,6 +223,7 @@ def write_retrieval_set(
             captions must be non-empty single lines (they are stored joined by ``"\\n"``).
         samples_per_shard: Samples per tar shard.
         image_format: ``"png"`` (lossless), ``"jpg"`` or ``"webp"`` (quality 95).
+        split: The split folder under ``root``.
 
     Returns:
         The number of samples written.
@@ -208,18 +243,19 @@ def write_retrieval_set(
             yield image, {"txt": "\n".join(captions)}
 
     root = Path(root)
-    n = _write_shards(root, records(), samples_per_shard, image_format)
+    n = _write_shards(root, records(), samples_per_shard, image_format, split)
     _write_lines(root / DATASET_TYPE_FILE, [RETRIEVAL])
     return n
 
 
-def read_classification_set(root: str | Path) -> ClassificationSet:
+def read_classification_set(root: str | Path, split: str = SPLIT) -> ClassificationSet:
     """Opens a classification set written by :func:`write_classification_set` (or clip_benchmark).
 
     Only the metadata is read here; images are decoded lazily by ``samples()``.
 
     Args:
         root: The set's root folder.
+        split: The split folder under ``root``.
 
     Returns:
         The set, with class names and templates (empty list if the templates file is absent).
@@ -228,7 +264,7 @@ def read_classification_set(root: str | Path) -> ClassificationSet:
         ValueError: If ``root`` does not hold a classification set in this layout.
     """
     root = Path(root)
-    dataset_type = _check_layout(root)
+    dataset_type = _check_layout(root, split)
     if dataset_type != CLASSIFICATION:
         raise ValueError(
             f"{root} holds a {dataset_type!r} set ({root / DATASET_TYPE_FILE}); "
@@ -240,17 +276,18 @@ def read_classification_set(root: str | Path) -> ClassificationSet:
             f"{classnames_path} not found; a classification set needs one class name a line"
         )
     templates_path = root / TEMPLATES_FILE
-    templates = _read_lines(templates_path) if templates_path.is_file() else []
+    templates = read_lines(templates_path) if templates_path.is_file() else []
     return ClassificationSet(
-        root=root, classnames=_read_lines(classnames_path), templates=templates
+        root=root, classnames=read_lines(classnames_path), templates=templates, split=split
     )
 
 
-def read_retrieval_set(root: str | Path) -> RetrievalSet:
+def read_retrieval_set(root: str | Path, split: str = SPLIT) -> RetrievalSet:
     """Opens a retrieval set written by :func:`write_retrieval_set` (or clip_benchmark).
 
     Args:
         root: The set's root folder.
+        split: The split folder under ``root``.
 
     Returns:
         The set; images and captions are decoded lazily by ``samples()``.
@@ -259,13 +296,13 @@ def read_retrieval_set(root: str | Path) -> RetrievalSet:
         ValueError: If ``root`` does not hold a retrieval set in this layout.
     """
     root = Path(root)
-    dataset_type = _check_layout(root)
+    dataset_type = _check_layout(root, split)
     if dataset_type != RETRIEVAL:
         raise ValueError(
             f"{root} holds a {dataset_type!r} set, not a retrieval set: clip_benchmark needs "
             f"{root / DATASET_TYPE_FILE} to read 'retrieval'; open it with read_classification_set"
         )
-    return RetrievalSet(root=root)
+    return RetrievalSet(root=root, split=split)
 
 
 def _check_lines(what: str, items: list[str]) -> None:
@@ -283,8 +320,9 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+def read_lines(path: str | Path) -> list[str]:
+    """Reads a metadata file the way clip_benchmark does: one stripped item a line."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def _encode_image(image: PIL.Image.Image, ext: str) -> bytes:
@@ -301,6 +339,7 @@ def _write_shards(
     records: Iterable[tuple[PIL.Image.Image, dict[str, str]]],
     samples_per_shard: int,
     image_format: str,
+    split: str,
 ) -> int:
     ext = _FORMAT_ALIASES.get(image_format.lower(), image_format.lower())
     if ext not in _IMAGE_FORMATS:
@@ -309,7 +348,8 @@ def _write_shards(
         )
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}; it must be at least 1")
-    split_dir = root / SPLIT
+    _check_split(split)
+    split_dir = root / split
     split_dir.mkdir(parents=True, exist_ok=True)
     # Written last: a set whose writing failed half-way has no nshards.txt and fails to open.
     (split_dir / NSHARDS_FILE).unlink(missing_ok=True)
@@ -349,18 +389,24 @@ def _write_shards(
     return n
 
 
-def _check_layout(root: Path) -> str:
+def _check_split(split: str) -> None:
+    if not split or "/" in split or split in (".", ".."):
+        raise ValueError(f"split={split!r}; give a folder name such as 'test' or 'train'")
+
+
+def _check_layout(root: Path, split: str) -> str:
     """Fails early, naming the missing piece, rather than deep inside webdataset."""
+    _check_split(split)
     if not root.is_dir():
         raise ValueError(
-            f"eval set root {root} is not a folder; expected {root}/{SPLIT}/{NSHARDS_FILE} and "
-            f"{root}/{SPLIT}/0.tar ... as written by clipline.data.evalsets"
+            f"eval set root {root} is not a folder; expected {root}/{split}/{NSHARDS_FILE} and "
+            f"{root}/{split}/0.tar ... as written by clipline.data.evalsets"
         )
-    nshards = _num_shards(root)
-    missing = [p for i in range(nshards) if not (p := root / SPLIT / f"{i}.tar").is_file()]
+    nshards = _num_shards(root, split)
+    missing = [p for i in range(nshards) if not (p := root / split / f"{i}.tar").is_file()]
     if missing:
         raise ValueError(
-            f"{root / SPLIT / NSHARDS_FILE} lists {nshards} shards but {missing[0]} is missing "
+            f"{root / split / NSHARDS_FILE} lists {nshards} shards but {missing[0]} is missing "
             f"({len(missing)} missing in all); rewrite the set"
         )
     type_path = root / DATASET_TYPE_FILE
@@ -368,12 +414,12 @@ def _check_layout(root: Path) -> str:
     return type_path.read_text().strip().lower() if type_path.is_file() else CLASSIFICATION
 
 
-def _num_shards(root: Path) -> int:
-    path = root / SPLIT / NSHARDS_FILE
+def _num_shards(root: Path, split: str) -> int:
+    path = root / split / NSHARDS_FILE
     if not path.is_file():
         raise ValueError(
-            f"{path} not found; an eval set needs {SPLIT}/{NSHARDS_FILE} holding its number "
-            f"of shards {SPLIT}/0.tar ... (CLIP_benchmark's webdataset layout)"
+            f"{path} not found; an eval set needs {split}/{NSHARDS_FILE} holding its number "
+            f"of shards {split}/0.tar ... (CLIP_benchmark's webdataset layout)"
         )
     text = path.read_text().strip()
     try:
@@ -385,13 +431,32 @@ def _num_shards(root: Path) -> int:
     return nshards
 
 
-def _read_shards(root: Path, label_key: str) -> Iterator[tuple[PIL.Image.Image, object]]:
-    urls = [str(root / SPLIT / f"{i}.tar") for i in range(_num_shards(root))]
-    dataset = (
-        # No node or worker splitting: every caller (each rank, if several evaluate) reads the
-        # whole set, in order; webdataset's default node splitter refuses to run under DDP.
-        wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
-        .decode("pilrgb")
-        .to_tuple(_IMAGE_KEYS, label_key)
-    )
-    yield from dataset
+def _set_files(root: Path, split: str) -> list[Path]:
+    metadata = [root / f for f in (CLASSNAMES_FILE, TEMPLATES_FILE, DATASET_TYPE_FILE)]
+    shards = [root / split / f"{i}.tar" for i in range(_num_shards(root, split))]
+    return [*shards, *(p for p in metadata if p.is_file())]
+
+
+def _read_shards(
+    root: Path, split: str, label_key: str, part: int, num_parts: int
+) -> Iterator[tuple[int, PIL.Image.Image, str]]:
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part={part}, num_parts={num_parts}; need 0 <= part < num_parts")
+    urls = [str(root / split / f"{i}.tar") for i in range(_num_shards(root, split))]
+    # No node or worker splitting: the caller picks its samples by index (``part``), so that
+    # the union of the parts is exactly the set, in order; webdataset's default node splitter
+    # would also refuse to run under DDP. Undecoded, so a part decodes only its own images.
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+    for index, sample in enumerate(dataset):
+        if index % num_parts != part:
+            continue
+        image_key = next((k for k in _IMAGE_KEYS.split(";") if k in sample), None)
+        if image_key is None or label_key not in sample:
+            raise ValueError(
+                f"sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks an image "
+                f"({_IMAGE_KEYS}) or a .{label_key} entry"
+            )
+        # What webdataset's "pilrgb" decoder does, so both readers see the same pixels.
+        image = PIL.Image.open(io.BytesIO(sample[image_key]))
+        image.load()
+        yield index, image.convert("RGB"), sample[label_key].decode("utf-8")

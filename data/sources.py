@@ -217,22 +217,100 @@ def load_fashion_mnist(
     Raises:
         ValueError: For an unknown split or missing files.
     """
+    return load_idx_split(split, root, what="Fashion-MNIST", hint=FASHION_MNIST_INSTALL_HINT)
+
+
+# ----------------------------------------------------------------------------- mnist
+
+# No Debian package ships the full MNIST; users point ``root`` at their own copy of the four
+# IDX files (torchvision's ``MNIST/raw`` folder has them, gzipped or not).
+MNIST_INSTALL_HINT = (
+    "point root at a folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] "
+    "(e.g. torchvision's MNIST/raw)"
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))  # clip_benchmark's mnist class names
+
+
+def load_mnist(split: str = "test", root: str | Path = ".") -> tuple[np.ndarray, np.ndarray]:
+    """Read one MNIST split from the standard IDX files.
+
+    Args:
+        split: ``"train"`` (60,000) or ``"test"``/``"t10k"`` (10,000).
+        root: Folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (``.gz`` or not).
+
+    Returns:
+        ``(images_NHxW uint8, labels_N uint8)``; label ``i`` is the digit ``i``.
+
+    Raises:
+        ValueError: For an unknown split, missing files or a malformed file.
+    """
+    return load_idx_split(split, root, what="MNIST", hint=MNIST_INSTALL_HINT)
+
+
+def load_idx_split(
+    split: str, root: str | Path, *, what: str = "IDX", hint: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``(images, labels)`` of one split in MNIST's file naming (``.gz`` or raw).
+
+    Args:
+        split: ``"train"`` or ``"test"``/``"t10k"``.
+        root: The folder of the IDX files.
+        what: Data set name for error messages.
+        hint: How to install or find the files, for error messages.
+
+    Returns:
+        ``(images_NHxW uint8, labels_N uint8)``.
+
+    Raises:
+        ValueError: For an unknown split, missing files, malformed files or a count mismatch.
+    """
     if split not in _FASHION_PREFIX:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'.")
-    prefix = Path(root) / _FASHION_PREFIX[split]
-    img_path = Path(f"{prefix}-images-idx3-ubyte.gz")
-    lbl_path = Path(f"{prefix}-labels-idx1-ubyte.gz")
-    for p in (img_path, lbl_path):
-        if not p.is_file():
-            raise ValueError(
-                f"Fashion-MNIST file {str(p)!r} not found; install it: {FASHION_MNIST_INSTALL_HINT}"
-            )
-    # IDX: big-endian int32 header (magic, count[, rows, cols]), then raw uint8.
-    images = np.frombuffer(gzip.decompress(img_path.read_bytes()), np.uint8, offset=16)
-    labels = np.frombuffer(gzip.decompress(lbl_path.read_bytes()), np.uint8, offset=8)
-    images_N28x28 = images.reshape(-1, 28, 28)
-    assert len(images_N28x28) == len(labels), (img_path, lbl_path)
-    return images_N28x28, labels
+        raise ValueError(f"unknown {what} split {split!r}; use 'train' or 'test'.")
+    prefix = f"{_FASHION_PREFIX[split]}-"
+    paths = []
+    for kind in ("images-idx3", "labels-idx1"):
+        candidates = [Path(root) / f"{prefix}{kind}-ubyte{ext}" for ext in (".gz", "")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ValueError(f"{what} file {str(candidates[0])!r} not found; {hint}")
+        paths.append(found)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{paths[0]} holds {images.shape} and {paths[1]} holds {labels.shape}; expected "
+            "[N, H, W] images and [N] labels"
+        )
+    return images, labels
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an unsigned-byte IDX array (MNIST's format), gzipped or not.
+
+    Args:
+        path: The file.
+
+    Returns:
+        A uint8 array of the shape the header declares.
+
+    Raises:
+        ValueError: If the header is not an unsigned-byte IDX header or the size is wrong.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    # Header: two zero bytes, a type code (0x08: unsigned byte), the number of dimensions,
+    # then one big-endian int32 per dimension.
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (header {raw[:4]!r})")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(shape)):
+        raise ValueError(
+            f"{path}: header declares shape {shape} but {len(raw) - offset} bytes follow it"
+        )
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- shapes

@@ -1,35 +1,73 @@
-"""Image-text retrieval recall@k with an exact faiss index, under CLIP_benchmark's metric names."""
+"""Image-text retrieval: recall@k, mean and median rank, under CLIP_benchmark's metric names.
+
+Semantics (``clip_benchmark/metrics/zeroshot_retrieval.py``): each image has one or more
+captions; a text's positive is its image, an image's positives are all its captions.
+
+- ``image_retrieval_recall@k`` (text -> image): share of texts whose image is in the top k.
+- ``text_retrieval_recall@k`` (image -> text): share of images with *any* of their captions
+  in the top k (CLIP-paper recall, not the share of captions found).
+- ``*_mean_rank``, ``*_median_rank`` (ours; clip_benchmark has none): the 1-based rank of the
+  first positive in the query's ranking of the whole gallery, averaged / median over queries.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
 from clipline.eval.encoders import Encoders, embed_images, embed_texts
+from clipline.eval.search import (
+    SearchIndexConfig,
+    as_float32,
+    build_index,
+    exact_search,
+    index_search,
+)
+
+log = logging.getLogger(__name__)
+
+# Score-matrix elements computed at once when ranking queries whose positive is not in the
+# top k (256 MiB of float32; 64 queries at a time on a 1M gallery, enough for BLAS to run
+# near full speed), so memory stays bounded on large galleries.
+_RANK_CHUNK_ELEMENTS = 1 << 26
+_MISS = np.iinfo(np.int64).max  # "first positive" position of a query whose top k has none
 
 
-def recall_at_k_faiss(
+def search_metrics(
     query_QD: Tensor | np.ndarray,
     gallery_GD: Tensor | np.ndarray,
     query_labels_Q: Tensor | np.ndarray,
     gallery_labels_G: Tensor | np.ndarray,
     ks: Sequence[int],
     batch_size: int = 1024,
-) -> dict[int, float]:
-    """Share of queries with at least one positive among their top-k gallery items.
+    index: SearchIndexConfig | None = None,
+    ranks: bool = True,
+) -> dict[str, float]:
+    """Recall@k (and ranks) of queries against a gallery; positives share a label.
 
-    A query and a gallery item are a positive pair when their labels are equal. With images
-    labelled ``0..N-1`` and each caption labelled with its image's index, this covers both
-    directions with several captions per image (CLIP-paper recall, as in clip_benchmark).
+    With images labelled ``0..N-1`` and each caption labelled with its image's index, this
+    covers both directions with several captions per image.
 
-    The search is exact (``faiss.IndexFlatIP`` on inner products, i.e. cosine similarity for
-    unit vectors), with queries in batches. Unlike clip_benchmark, whose ``torch.topk`` fails
-    when k exceeds the gallery size, k is capped at the gallery size (then every query with a
-    positive counts as a hit), so tiny debug sets still report every k asked for.
+    Exact search (the default) uses faiss on inner products, i.e. cosine similarity for unit
+    vectors, ``batch_size`` queries at a time. Unlike clip_benchmark, whose ``torch.topk``
+    fails when k exceeds the gallery size, k is capped at the gallery size.
+
+    Ranks: the rank of the first positive is its position in the top k when it is there;
+    otherwise ``1 +`` the number of gallery items scoring above the best positive, from a
+    bounded-memory pass over the gallery for those queries only. A query with no positive in
+    the gallery has no rank and is left out of the mean and median. Ranks need the exact
+    scores, so they are reported for exact search only.
+
+    With an approximate index (``index.kind`` ``"ivf"``/``"hnsw"`` on a gallery of at least
+    ``index.min_gallery``), recall comes from the index, and a sample of
+    ``index.recall_sample`` queries is also searched exactly to report what it loses:
+    ``ann_overlap@K`` (share of the exact top K the index returns, K = largest k) and
+    ``ann_recall_loss@k`` (exact minus approximate recall@k on the sample).
 
     Args:
         query_QD: Query embeddings ``[Q, D]``.
@@ -37,18 +75,19 @@ def recall_at_k_faiss(
         query_labels_Q: Integer label of each query.
         gallery_labels_G: Integer label of each gallery item.
         ks: The k values, each at least 1.
-        batch_size: Queries per faiss search.
+        batch_size: Queries per search call.
+        index: The search index settings; ``None`` is exact search.
+        ranks: Whether to compute ``mean_rank`` and ``median_rank`` (exact search only).
 
     Returns:
-        ``{k: recall@k}`` for each k in ``ks``.
+        ``{"recall@k": ...}`` for each k, plus ``mean_rank``/``median_rank`` and, for an
+        approximate index, ``ann_overlap@K`` and ``ann_recall_loss@k``.
 
     Raises:
         ValueError: On empty inputs, mismatched shapes, or a k below 1.
     """
-    query_QD = np.ascontiguousarray(query_QD, dtype=np.float32)
-    gallery_GD = np.ascontiguousarray(gallery_GD, dtype=np.float32)
-    query_labels_Q = np.asarray(query_labels_Q)
-    gallery_labels_G = np.asarray(gallery_labels_G)
+    query_QD, gallery_GD = as_float32(query_QD), as_float32(gallery_GD)
+    query_labels_Q, gallery_labels_G = np.asarray(query_labels_Q), np.asarray(gallery_labels_G)
     num_queries, dim = query_QD.shape
     num_gallery = gallery_GD.shape[0]
     if (
@@ -65,19 +104,153 @@ def recall_at_k_faiss(
         )
     if not ks or min(ks) < 1:
         raise ValueError(f"ks={tuple(ks)}; give one or more k values, each at least 1")
-
-    index = faiss.IndexFlatIP(dim)
-    index.add(gallery_GD)
+    index = index or SearchIndexConfig()
     max_k = min(max(ks), num_gallery)
-    hits = dict.fromkeys(ks, 0)
-    for start in range(0, num_queries, batch_size):
-        _, topk_BK = index.search(query_QD[start : start + batch_size], max_k)
-        match_BK = gallery_labels_G[topk_BK] == query_labels_Q[start : start + batch_size, None]
-        # Rank of the first positive; max_k (never a hit) when none is retrieved.
-        first_hit_B = np.where(match_BK.any(axis=1), match_BK.argmax(axis=1), max_k)
+
+    faiss_index = build_index(gallery_GD, index)
+    start = time.perf_counter()
+    if faiss_index is None:
+        _, ids_QK = exact_search(query_QD, gallery_GD, max_k, batch_size)
+    else:
+        _, ids_QK = index_search(faiss_index, query_QD, max_k, batch_size)
+    log.debug(
+        "%s search: %d queries x %d gallery in %.1f s",
+        "exact" if faiss_index is None else index.kind, num_queries, num_gallery,
+        time.perf_counter() - start,
+    )  # fmt: skip
+    first_hit_Q = _first_hit(ids_QK, query_labels_Q, gallery_labels_G)
+    metrics = {f"recall@{k}": float((first_hit_Q < k).mean()) for k in ks}
+
+    if faiss_index is None:
+        if ranks:
+            rank_Q = _ranks(
+                query_QD, gallery_GD, query_labels_Q, gallery_labels_G, first_hit_Q, max_k
+            )
+            found = rank_Q[~np.isnan(rank_Q)]
+            metrics["mean_rank"] = float(found.mean()) if len(found) else float("nan")
+            metrics["median_rank"] = float(np.median(found)) if len(found) else float("nan")
+    elif index.recall_sample > 0:
+        start = time.perf_counter()
+        rng = np.random.default_rng(index.seed)
+        sample = np.sort(rng.choice(num_queries, min(index.recall_sample, num_queries), False))
+        _, exact_ids_SK = exact_search(query_QD[sample], gallery_GD, max_k, batch_size)
+        overlap = np.mean(
+            [
+                # -1 pads a short approximate list; it must not match (nor repeat) anything.
+                len(np.intersect1d(exact_ids_SK[i], ids_QK[q][ids_QK[q] >= 0])) / max_k
+                for i, q in enumerate(sample)
+            ]
+        )
+        metrics[f"ann_overlap@{max_k}"] = float(overlap)
+        exact_hit_S = _first_hit(exact_ids_SK, query_labels_Q[sample], gallery_labels_G)
         for k in ks:
-            hits[k] += int((first_hit_B < k).sum())
-    return {k: hits[k] / num_queries for k in ks}
+            exact = (exact_hit_S < k).mean()
+            approx = (first_hit_Q[sample] < k).mean()
+            metrics[f"ann_recall_loss@{k}"] = float(exact - approx)
+        log.info(
+            "%s index on %d queries sampled of %d: top-%d overlap with exact search %.4f, "
+            "recall loss %s (measured in %.1f s)",
+            index.kind, len(sample), num_queries, max_k, overlap,
+            {k: round(metrics[f"ann_recall_loss@{k}"], 4) for k in ks},
+            time.perf_counter() - start,
+        )  # fmt: skip
+    return metrics
+
+
+def _first_hit(
+    ids_QK: np.ndarray, query_labels_Q: np.ndarray, gallery_labels_G: np.ndarray
+) -> np.ndarray:
+    """0-based position of the first positive in each top-k list; :data:`_MISS` when absent.
+
+    The miss marker exceeds any k, so that ``first_hit < k`` is false for a miss even when
+    k was capped at a gallery smaller than k.
+    """
+    valid_QK = ids_QK >= 0  # approximate indexes pad short result lists with -1
+    match_QK = valid_QK & (
+        gallery_labels_G[np.where(valid_QK, ids_QK, 0)] == query_labels_Q[:, None]
+    )
+    return np.where(match_QK.any(axis=1), match_QK.argmax(axis=1), _MISS)
+
+
+def _ranks(
+    query_QD: np.ndarray,
+    gallery_GD: np.ndarray,
+    query_labels_Q: np.ndarray,
+    gallery_labels_G: np.ndarray,
+    first_hit_Q: np.ndarray,
+    k: int,
+) -> np.ndarray:
+    """1-based rank of each query's first positive; NaN when it has no positive at all."""
+    rank_Q = first_hit_Q.astype(np.float64) + 1
+    # Queries whose positive is not in their top k: rank them against the whole gallery.
+    missed_M = np.flatnonzero(first_hit_Q >= k)
+    rows = max(1, _RANK_CHUNK_ELEMENTS // len(gallery_GD))
+    for start in range(0, len(missed_M), rows):
+        chunk = missed_M[start : start + rows]
+        scores_MG = query_QD[chunk] @ gallery_GD.T
+        positive_MG = gallery_labels_G[None, :] == query_labels_Q[chunk, None]
+        best_M = np.where(positive_MG, scores_MG, -np.inf).max(axis=1)
+        rank_M = 1 + (scores_MG > best_M[:, None]).sum(axis=1)
+        rank_Q[chunk] = np.where(positive_MG.any(axis=1), rank_M, np.nan)
+    return rank_Q
+
+
+def recall_at_k_faiss(
+    query_QD: Tensor | np.ndarray,
+    gallery_GD: Tensor | np.ndarray,
+    query_labels_Q: Tensor | np.ndarray,
+    gallery_labels_G: Tensor | np.ndarray,
+    ks: Sequence[int],
+    batch_size: int = 1024,
+) -> dict[int, float]:
+    """``{k: recall@k}`` by exact search; see :func:`search_metrics`."""
+    metrics = search_metrics(
+        query_QD, gallery_GD, query_labels_Q, gallery_labels_G, ks, batch_size, ranks=False
+    )
+    return {k: metrics[f"recall@{k}"] for k in ks}
+
+
+def retrieval_from_embeddings(
+    img_emb_ND: Tensor | np.ndarray,
+    txt_emb_TD: Tensor | np.ndarray,
+    text_image_T: Tensor | np.ndarray | Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 1024,
+    index: SearchIndexConfig | None = None,
+    ranks: bool = True,
+) -> dict[str, float]:
+    """Retrieval metrics from embeddings, in both directions (see the module docstring).
+
+    Args:
+        img_emb_ND: Unit image embeddings ``[N, D]``.
+        txt_emb_TD: Unit text embeddings ``[T, D]``.
+        text_image_T: Index of each text's image.
+        ks: The k values of recall@k.
+        batch_size: Queries per search call.
+        index: Search index settings (``None``: exact); applies to both galleries.
+        ranks: Whether to report mean and median rank (exact search only).
+
+    Returns:
+        ``image_retrieval_*`` (text -> image) and ``text_retrieval_*`` (image -> text) metrics:
+        ``recall@k`` for each k, ``mean_rank``, ``median_rank``, and for an approximate index
+        ``ann_overlap@K`` and ``ann_recall_loss@k``.
+    """
+    image_labels_N = np.arange(len(img_emb_ND))
+    text_labels_T = np.asarray(text_image_T)
+    t2i = search_metrics(
+        txt_emb_TD, img_emb_ND, text_labels_T, image_labels_N, ks, batch_size, index, ranks
+    )
+    i2t = search_metrics(
+        img_emb_ND, txt_emb_TD, image_labels_N, text_labels_T, ks, batch_size, index, ranks
+    )
+    # clip_benchmark's key order: both directions for each k.
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = t2i.pop(f"recall@{k}")
+        metrics[f"text_retrieval_recall@{k}"] = i2t.pop(f"recall@{k}")
+    metrics.update({f"image_retrieval_{name}": v for name, v in t2i.items()})
+    metrics.update({f"text_retrieval_{name}": v for name, v in i2t.items()})
+    return metrics
 
 
 def retrieval(
@@ -86,23 +259,23 @@ def retrieval(
     tokenize: Callable[[list[str]], Tensor],
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 256,
+    index: SearchIndexConfig | None = None,
+    ranks: bool = True,
 ) -> dict[str, float]:
     """Zero-shot image-text retrieval with CLIP_benchmark's metric names and semantics.
-
-    - ``image_retrieval_recall@k``: text -> image; share of texts whose image is in the top k.
-    - ``text_retrieval_recall@k``: image -> text; share of images with any of their texts in
-      the top k.
 
     Args:
         encoders: The model.
         batches: ``(image_BCHW, captions)`` pairs; ``captions[b]`` lists the captions of image
             ``b`` (at least one each).
         tokenize: Maps a list of strings to token ids ``[B, L]``.
-        ks: The k values (capped at the gallery size; see :func:`recall_at_k_faiss`).
-        batch_size: Captions per ``encode_text`` call, and queries per faiss search.
+        ks: The k values (capped at the gallery size; see :func:`search_metrics`).
+        batch_size: Captions per ``encode_text`` call, and queries per search call.
+        index: Search index settings (``None``: exact).
+        ranks: Whether to report mean and median rank.
 
     Returns:
-        Both recalls for each k, keyed as above.
+        The metrics of :func:`retrieval_from_embeddings`.
 
     Raises:
         ValueError: On no images, an image without captions, or a caption count that does
@@ -117,10 +290,7 @@ def retrieval(
                 "give one list of captions per image"
             )
         for caps in captions:
-            if isinstance(caps, str) or not caps:
-                raise ValueError(
-                    f"image {image_index} has captions {caps!r}; give a non-empty list of strings"
-                )
+            check_captions(image_index, caps)
             texts.extend(caps)
             text_image.extend([image_index] * len(caps))
             image_index += 1
@@ -128,19 +298,20 @@ def retrieval(
     if not img_embs:
         raise ValueError("batches is empty; retrieval needs at least one image")
 
-    img_emb_ND = torch.cat(img_embs)
     txt_emb_TD = torch.cat(
         [
             embed_texts(encoders, tokenize(texts[i : i + batch_size]))
             for i in range(0, len(texts), batch_size)
         ]
     )
-    image_labels_N = np.arange(len(img_emb_ND))
-    text_labels_T = np.asarray(text_image)
-    t2i = recall_at_k_faiss(txt_emb_TD, img_emb_ND, text_labels_T, image_labels_N, ks, batch_size)
-    i2t = recall_at_k_faiss(img_emb_ND, txt_emb_TD, image_labels_N, text_labels_T, ks, batch_size)
-    metrics = {}
-    for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = t2i[k]
-        metrics[f"text_retrieval_recall@{k}"] = i2t[k]
-    return metrics
+    return retrieval_from_embeddings(
+        torch.cat(img_embs), txt_emb_TD, text_image, ks, batch_size, index, ranks
+    )
+
+
+def check_captions(image_index: int, captions: Sequence[str]) -> None:
+    """Raises ValueError unless ``captions`` is a non-empty list of strings."""
+    if isinstance(captions, str) or not captions:
+        raise ValueError(
+            f"image {image_index} has captions {captions!r}; give a non-empty list of strings"
+        )

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipline.data.evalsets import check_templates
-from clipline.eval.encoders import Encoders, embed_images, embed_texts
+from clipline.eval.embedding import embed_all_texts
+from clipline.eval.encoders import Encoders, embed_images
 
 # The 80 prompts of the CLIP paper's ImageNet evaluation (open_clip's OPENAI_IMAGENET_TEMPLATES),
 # written with clip_benchmark's "{c}" placeholder.
@@ -111,6 +112,9 @@ def build_classifier(
     templates: list[str],
     tokenize: Callable[[list[str]], Tensor],
     batch_size: int = 256,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Tensor:
     """Builds zero-shot class weights the CLIP/clip_benchmark way.
 
@@ -123,6 +127,9 @@ def build_classifier(
         templates: Prompt templates with a ``{c}`` placeholder.
         tokenize: Maps a list of strings to token ids ``[B, L]``.
         batch_size: Prompts per ``encode_text`` call (prompts of several classes share a batch).
+        rank: This process's rank; with ``world_size > 1`` every rank must call this, each
+            embeds every ``world_size``-th prompt and all get the whole classifier.
+        world_size: Number of ranks.
 
     Returns:
         ``[C, D]`` float32 CPU tensor of unit-norm class weights.
@@ -136,11 +143,8 @@ def build_classifier(
     num_classes, num_templates = len(classnames), len(templates)
     # Class-major order, so that row c * T + t is class c formatted with template t.
     prompts = [t.format(c=name) for name in classnames for t in templates]
-    prompt_emb_PD = torch.cat(
-        [
-            embed_texts(encoders, tokenize(prompts[i : i + batch_size]))
-            for i in range(0, len(prompts), batch_size)
-        ]
+    prompt_emb_PD = embed_all_texts(
+        encoders, prompts, tokenize, batch_size, rank=rank, world_size=world_size
     )
     prompt_emb_CTD = prompt_emb_PD.view(num_classes, num_templates, -1)
     return F.normalize(prompt_emb_CTD.mean(dim=1), dim=-1)

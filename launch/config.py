@@ -2,7 +2,7 @@
 
 A recipe is a TOML file with one table per component (``[data]``, ``[model]``, ``[loss]``,
 ``[optim]``, ``[loop]``) and arrays of tables for evaluations (``[[zeroshot]]``,
-``[[retrieval]]``). The command line adds ``section.key=value`` overrides, whose values are
+``[[retrieval]]``, ``[[linear_probe]]``). The command line adds ``section.key=value`` overrides, whose values are
 read as TOML literals (``loop.steps=200``, ``optim.betas=[0.9,0.95]``) or, failing that, as
 plain strings (``data.shards=/data/cc3m``). Unknown keys and ill-typed values are rejected
 with the valid choices before anything runs.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from clipline.data.stream import StreamConfig
-from clipline.eval.evaluators import RetrievalTask, ZeroShotTask
+from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipline.pretrain.loop import LoopConfig
 from clipline.pretrain.loss import LossConfig
 from clipline.pretrain.model import ModelConfig
@@ -39,6 +39,7 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     zeroshot: list[ZeroShotTask] = field(default_factory=list)
     retrieval: list[RetrievalTask] = field(default_factory=list)
+    linear_probe: list[LinearProbeTask] = field(default_factory=list)
 
     def validate(self) -> None:
         """Cross-field rules; per-field types were checked while building.
@@ -87,7 +88,7 @@ class RunConfig:
                 "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
                 f"{self.optim.cooldown_steps}"
             )
-        names = [t.name for t in [*self.zeroshot, *self.retrieval]]
+        names = [t.name for t in [*self.zeroshot, *self.retrieval, *self.linear_probe]]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
         self.model.resolve()  # unknown model names fail here, before any data is read

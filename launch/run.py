@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
 from clipline.data.stream import build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
@@ -30,12 +30,19 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; tests swap in a compile
 DONE_FILE = "DONE"
 
 
-def build_evaluators(cfg: RunConfig, model: DualEncoder) -> dict[str, Any]:
-    """Evaluator callables for every task in the config, using the model's eval transform."""
+def build_evaluators(
+    cfg: RunConfig, model: DualEncoder, *, distributed: bool = False
+) -> dict[str, Any]:
+    """Evaluator callables for every task in the config, using the model's eval transform.
+
+    ``distributed``: each rank embeds its share of the data (every rank must call them).
+    """
     preprocess = model.image_transform(is_train=False)
     return {
-        task.name: build_evaluator(task, preprocess=preprocess, tokenize=model.tokenize)
-        for task in [*cfg.zeroshot, *cfg.retrieval]
+        task.name: build_evaluator(
+            task, preprocess=preprocess, tokenize=model.tokenize, distributed=distributed
+        )
+        for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]
     }
 
 
@@ -89,7 +96,11 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )
-    evaluators = build_evaluators(cfg, model)
+    # The loop runs the evaluators on every rank. Under DDP each rank embeds its share; under
+    # FSDP every forward is a collective, so all ranks must run the same forwards: each
+    # evaluates everything (identical results) rather than shares of unequal length.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    evaluators = build_evaluators(cfg, model, distributed=not fsdp)
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
