@@ -47,6 +47,8 @@ from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
 from webdataset.tariterators import base_plus_ext
 
+from clipline.data.shards import sample_captions
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -420,6 +422,10 @@ class Decoder:
         if not caption:
             skipped["missing_caption"] += 1
             return None
+        if "json" in sample:  # several captions (clipline shards): one per epoch, seeded
+            captions = [c.strip() for c in sample_captions(sample) if c.strip()]
+            if len(captions) > 1:
+                caption = captions[seed % len(captions)]
         try:
             with warnings.catch_warnings():
                 # We apply our own limit below; PIL's warning would only repeat it.

@@ -403,3 +403,18 @@ def test_shards_with_nothing_usable_stop_with_the_counts_instead_of_cycling(tmp_
     )
     with pytest.raises(RuntimeError, match=r"last 50 samples .*'image_too_small': 50"):
         next(loader.epoch(0))
+
+
+def test_a_sample_with_several_captions_trains_on_one_per_seed():
+    from clipline.data.decode import DecodeConfig, Decoder
+
+    model = micro_model()
+    decoder = Decoder(DecodeConfig(), model.image_transform(True))
+    sample = {
+        "__key__": "k",
+        "jpg": _encode(photo(64, 48), "JPEG"),
+        "txt": b"a red car",
+        "json": json.dumps({"captions": ["a red car", "a car parked", "red vehicle"]}).encode(),
+    }
+    picked = {decoder(sample, seed=s, skipped=Counter(), converted=Counter())[2] for s in range(9)}
+    assert picked == {"a red car", "a car parked", "red vehicle"}
