@@ -168,8 +168,7 @@ class _MetricSink:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+            self.tb.add_scalar(k, v, step)  # its writer thread flushes (and on close)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

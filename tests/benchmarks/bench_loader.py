@@ -153,6 +153,8 @@ def _clipline_loader(spec: dict):
         workers=spec["workers"],
         shuffle_buffer=spec["shuffle_buffer"],
         num_samples=spec["num_samples"],
+        # Streams forever over the shards, like open_clip's --dataset-resampled above.
+        mode="resampled",
         decode=DecodeConfig(uint8_images=spec["loader"] != "clipline-f32"),
     )
     loader = build_train_loader(
