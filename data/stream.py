@@ -63,10 +63,12 @@ import random
 import re
 import subprocess
 import tarfile
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import fsspec
@@ -84,6 +86,8 @@ from clipline.data.shards import list_shards
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+OPEN_ATTEMPTS = 3  # tries to open a shard before it is given up (resampled) or lost
+RETRY_SECONDS = 0.5  # first wait between tries; doubled each time
 # fsspec protocol -> the pip package that provides it (fsspec itself only knows the names).
 _BACKEND_PACKAGES = {
     "s3": "s3fs",
@@ -294,6 +298,15 @@ def _source_shards(src: SourceConfig, allow_pipe: bool) -> list[tuple[str, int]]
                 "shards); rewrite the shards or add the entry"
             )
         out.append((url, manifests[where][name]))
+    if Path(src.shards).is_dir():  # a folder: every shard its manifest lists should be there
+        listed = set().union(*manifests.values())
+        absent = sorted(listed - {_shard_name(u) for u, _ in out})
+        if absent:
+            raise ValueError(
+                f"{src.shards}/sizes.json lists {len(absent)} shard(s) that are not in the "
+                f"folder, e.g. {absent[:3]}; restore them or rewrite sizes.json "
+                "(`clipline shards --index-only`)"
+            )
     return out
 
 
@@ -488,8 +501,14 @@ class _LaneReader:
     sample: no already-consumed shard is read again.
     """
 
-    def __init__(self, lane: _Lane, wanted: np.ndarray, on_error: Callable[[Exception], None]):
-        self.lane, self.on_error = lane, on_error
+    def __init__(
+        self,
+        lane: _Lane,
+        wanted: np.ndarray,
+        on_error: Callable[[Exception], None],
+        exact: bool,
+    ):
+        self.lane, self.on_error, self.exact = lane, on_error, exact
         self.wanted = np.unique(wanted)  # sorted lane indices this pass will ask for
         self.wanted_set = set(self.wanted.tolist())
         self.cache: dict[int, dict[str, Any] | None] = {}  # None: known unreadable
@@ -522,10 +541,26 @@ class _LaneReader:
         url, first, stop = self.lane.segments[self.seg]
         base = int(self.lane.offsets[self.seg]) - first  # lane index = base + index in shard
         self.frontier = idx
-        try:
-            f, seekable, self.close = _open(url)
-        except Exception as e:  # an unreachable shard costs its samples, not the run
-            self._lose(e)
+        error: Exception | None = None
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                f, seekable, self.close = _open(url)
+                break
+            except FileNotFoundError as e:
+                if self.exact:
+                    raise RuntimeError(
+                        f"shard {url} is missing but listed in its sizes.json: an exact epoch "
+                        "cannot skip it without changing which samples the run sees. Restore "
+                        "it, remove it from sizes.json, or use data.mode='resampled' (which "
+                        "retries, then skips and counts missing shards)"
+                    ) from e
+                error = e
+            except Exception as e:  # network blips: retried; then the shard is given up
+                error = e
+            if attempt + 1 < OPEN_ATTEMPTS:
+                time.sleep(RETRY_SECONDS * 2**attempt)
+        else:  # an unreachable shard costs its samples, not the run (counted)
+            self._lose(error)
             return
 
         def want(i: int) -> bool:
@@ -681,7 +716,12 @@ class ContrastiveStream(IterableDataset):
 
         def decoded(rows: np.ndarray) -> Iterator[tuple[str, str, torch.Tensor, str] | None]:
             readers = {
-                lane: _LaneReader(plan.lanes[lane], rows[rows[:, 0] == lane, 1], on_error)
+                lane: _LaneReader(
+                    plan.lanes[lane],
+                    rows[rows[:, 0] == lane, 1],
+                    on_error,
+                    exact=self.layout.mode == "exact",
+                )
                 for lane in np.unique(rows[:, 0]).tolist()
             }
             try:

@@ -176,3 +176,11 @@ def test_two_ranks_with_uneven_shards_never_hang(tmp_path):
     assert len(ids) == len(set(ids)) == 96  # no sample twice in an epoch, across ranks
     for key in ("resampled/error", "exact/resample"):
         assert [r["batches"] for r in report[key]] == [12, 12]  # 48 // (2 x 4) per epoch
+
+
+def test_a_shard_listed_in_sizes_json_but_absent_fails_before_training(tmp_path):
+    shards = make_shards(tmp_path / "s", n=48, per_shard=16)
+    (shards / "000001.tar").unlink()
+    cfg = StreamConfig(shards=str(shards), batch_size=4, workers=0)
+    with pytest.raises(ValueError, match=r"lists 1 shard\(s\) that are not in the folder"):
+        epoch_shape(cfg, world_size=1)

@@ -79,11 +79,36 @@ def test_a_missing_fsspec_backend_names_the_package(monkeypatch):
         epoch_shape(StreamConfig(shards="gs://bucket/000000.tar", workers=0), 1)
 
 
-def test_an_unreachable_shard_costs_its_samples_not_the_run(served):
+def test_a_missing_shard_in_an_exact_epoch_is_a_clear_error(served):
+    shards, url = served
+    model = micro_model()
+    cfg = StreamConfig(shards=f"{url}/{{000000..000003}}.tar", batch_size=4, workers=0)
+    loader = build_train_loader(
+        cfg,
+        preprocess=model.image_transform(True),
+        tokenize=model.tokenize,
+        rank=0,
+        world_size=1,
+    )
+    (shards / "000002.tar").rename(shards / "gone.tar")  # 404 from now on
+    try:
+        with pytest.raises(RuntimeError, match=r"000002.tar is missing .*data.mode='resampled'"):
+            list(loader.epoch(0))
+    finally:
+        (shards / "gone.tar").rename(shards / "000002.tar")
+
+
+def test_an_unreachable_shard_costs_its_samples_not_the_run(served, monkeypatch):
+    # Resampled mode: the shard is retried, then given up; its samples are replaced.
+    import clipline.data.stream as stream
+
+    monkeypatch.setattr(stream, "RETRY_SECONDS", 0.01)
     shards, url = served
     spec = f"{url}/{{000000..000003}}.tar"
     model = micro_model()
-    cfg = StreamConfig(shards=spec, batch_size=4, workers=0)
+    cfg = StreamConfig(
+        shards=spec, batch_size=4, workers=0, mode="resampled", num_samples=192, seed=3
+    )
     loader = build_train_loader(
         cfg,
         preprocess=model.image_transform(True),
@@ -96,7 +121,8 @@ def test_an_unreachable_shard_costs_its_samples_not_the_run(served):
         batches = list(loader.epoch(0))
     finally:
         (shards / "gone.tar").rename(shards / "000002.tar")
-    assert len(batches) == loader.batches_per_epoch == 12  # refilled from the other shards
-    assert sum(b["skipped"].get("shard_read_error", 0) for b in batches) == 1
+    assert len(batches) == loader.batches_per_epoch == 48  # refilled from the other shards
+    lost = sum(b["skipped"].get("shard_read_error", 0) for b in batches)
+    assert lost >= 1  # each draw of the missing shard: tried 3 times, then counted once
     keys = [k for b in batches for k in b["key"]]
     assert not {f"{i:09d}" for i in range(24, 36)} & set(keys)
