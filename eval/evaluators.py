@@ -286,6 +286,30 @@ def _data_key(source: classsets.ClassificationSource) -> str:
     return cache_key(files=files_fingerprint(source.files()), labels=labels)
 
 
+def _class_image_embeddings(
+    task, source, split, encoders, preprocess, model_id, rank, world_size
+) -> dict[str, Tensor]:
+    """``{"image": img_emb_ND, "label": i64[N]}`` of one split of a classification set,
+    from the task's embedding cache when it holds these weights on these data."""
+
+    def embed() -> dict[str, Tensor]:
+        img_emb_ND, labels = embed_indexed_images(
+            encoders, source.indexed_samples, preprocess, task.batch_size,
+            labels=True, rank=rank, world_size=world_size, workers=task.workers,
+        )  # fmt: skip
+        return {"image": img_emb_ND, "label": torch.tensor(labels, dtype=torch.long)}
+
+    key = {
+        "kind": "classification-images",
+        "model": _model_key(encoders, model_id) if task.cache_dir else None,
+        "data": _data_key(source) if task.cache_dir else None,
+        "format": task.format,
+        "split": split,
+        "preprocess": describe(preprocess),
+    }
+    return _cached(task, key, embed, world_size, rank)
+
+
 def _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id):
     source = task.open(task.split)
     templates = resolve_templates(task.templates, source.templates, task.root)
@@ -293,23 +317,9 @@ def _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id):
 
     def evaluate_zeroshot(encoders: Encoders) -> dict[str, float]:
         rank, world_size = rank_and_world(distributed)
-
-        def embed() -> dict[str, Tensor]:
-            img_emb_ND, labels = embed_indexed_images(
-                encoders, source.indexed_samples, preprocess, task.batch_size,
-                labels=True, rank=rank, world_size=world_size, workers=task.workers,
-            )  # fmt: skip
-            return {"image": img_emb_ND, "label": torch.tensor(labels, dtype=torch.long)}
-
-        key = {
-            "kind": "classification-images",
-            "model": _model_key(encoders, model_id) if task.cache_dir else None,
-            "data": _data_key(source) if task.cache_dir else None,
-            "format": task.format,
-            "split": task.split,
-            "preprocess": describe(preprocess),
-        }
-        data = _cached(task, key, embed, world_size, rank)
+        data = _class_image_embeddings(
+            task, source, task.split, encoders, preprocess, model_id, rank, world_size
+        )
         classifier_CD = build_classifier(
             encoders, classnames, templates, tokenize, task.batch_size,
             rank=rank, world_size=world_size,
@@ -379,25 +389,15 @@ def _linear_probe_evaluator(task, preprocess, distributed, model_id):
 
     def evaluate_probe(encoders: Encoders) -> dict[str, float]:
         rank, world_size = rank_and_world(distributed)
-        features = {}
-        for split, source in (("train", train_source), ("test", test_source)):
-
-            def embed(source=source) -> dict[str, Tensor]:
-                img_emb_ND, labels = embed_indexed_images(
-                    encoders, source.indexed_samples, preprocess, task.batch_size,
-                    labels=True, rank=rank, world_size=world_size, workers=task.workers,
-                )  # fmt: skip
-                return {"image": img_emb_ND, "label": torch.tensor(labels, dtype=torch.long)}
-
-            key = {
-                "kind": "classification-images",
-                "model": _model_key(encoders, model_id) if task.cache_dir else None,
-                "data": _data_key(source) if task.cache_dir else None,
-                "format": task.format,
-                "split": task.train_split if split == "train" else task.test_split,
-                "preprocess": describe(preprocess),
-            }
-            features[split] = _cached(task, key, embed, world_size, rank)
+        features = {
+            name: _class_image_embeddings(
+                task, source, split, encoders, preprocess, model_id, rank, world_size
+            )
+            for name, source, split in (
+                ("train", train_source, task.train_split),
+                ("test", test_source, task.test_split),
+            )
+        }
         metrics = linear_probe(
             features["train"]["image"], features["train"]["label"],
             features["test"]["image"], test_to_train[features["test"]["label"]],
