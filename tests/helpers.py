@@ -28,6 +28,25 @@ def micro_model(seed: int = 0, loss: str = "infonce") -> DualEncoder:
     return DualEncoder({**MICRO_CFG, **model_overrides(LossConfig(kind=loss))})
 
 
+def micro_loader(cfg, rank: int = 0, world_size: int = 1):
+    """The real training loader for ``cfg`` with the micro model's transform and tokenizer."""
+    from clipline.data.stream import build_train_loader
+
+    model = micro_model()
+    return build_train_loader(
+        cfg,
+        preprocess=model.image_transform(is_train=True),
+        tokenize=model.tokenize,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def sample_ids(batches) -> list[str]:
+    """``url#key`` of every sample in ``batches``: unique across shards and sources."""
+    return [f"{u}#{k}" for b in batches for u, k in zip(b["url"], b["key"], strict=True)]
+
+
 def global_batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, 32, 32, generator=g)

@@ -25,8 +25,8 @@ from clipline.data.decode import (
     read_shards,
     to_rgb,
 )
-from clipline.data.stream import StreamConfig, build_train_loader
-from tests.helpers import micro_model
+from clipline.data.stream import StreamConfig
+from tests.helpers import micro_loader, micro_model
 
 TRAIN_224 = image_transform_v2(PreprocessCfg(size=224), is_train=True)
 TRAIN_32 = image_transform_v2(PreprocessCfg(size=32), is_train=True)
@@ -348,15 +348,8 @@ def test_a_shard_mixing_every_case_yields_exactly_the_usable_samples_with_counts
     cut_tar(shard, lambda members: members[-1].offset_data)  # cut.txt's data is gone
     (tmp_path / "s" / "sizes.json").write_text(json.dumps({"000000.tar": len(mixed) + 1}))
     usable = [k for k, _ in _good(6)] + sorted(CONVERTED)
-    model = micro_model()
     cfg = StreamConfig(shards=str(shard), batch_size=len(mixed) + 1, workers=0, shuffle_buffer=1)
-    loader = build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=0,
-        world_size=1,
-    )
+    loader = micro_loader(cfg)
     keys, skipped, converted = [], Counter(), Counter()
     for batch in loader.epoch(0):
         keys += batch["key"]
@@ -396,11 +389,8 @@ def test_shards_with_nothing_usable_stop_with_the_counts_instead_of_cycling(tmp_
     tiny = {"png": _encode(photo(8, 8), "PNG"), "txt": b"x"}
     shard = write_tar(tmp_path / "s" / "000000.tar", [(f"t{i}", tiny) for i in range(100)])
     (tmp_path / "s" / "sizes.json").write_text(json.dumps({"000000.tar": 100}))
-    model = micro_model()
     cfg = StreamConfig(shards=str(shard), batch_size=2, workers=0, num_samples=100)
-    loader = build_train_loader(
-        cfg, preprocess=model.image_transform(True), tokenize=model.tokenize, rank=0, world_size=1
-    )
+    loader = micro_loader(cfg)
     with pytest.raises(RuntimeError, match=r"last 50 samples .*'image_too_small': 50"):
         next(loader.epoch(0))
 

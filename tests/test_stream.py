@@ -8,22 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipline.data.stream import StreamConfig, build_train_loader
-from tests.helpers import make_shards, micro_model
+from clipline.data.stream import StreamConfig
+from tests.helpers import make_shards, micro_loader
 
 
 def _loader(shards, rank=0, world=1, workers=0, batch=8, **kw):
-    model = micro_model()
     cfg = StreamConfig(
         shards=str(shards), batch_size=batch, workers=workers, shuffle_buffer=16, **kw
     )
-    return build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=rank,
-        world_size=world,
-    )
+    return micro_loader(cfg, rank=rank, world_size=world)
 
 
 def _append_corrupt_sample(shard: Path, key: str) -> None:

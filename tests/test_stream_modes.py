@@ -6,24 +6,9 @@ import pytest
 
 from clipline.data.shards import Sample, write_samples
 from clipline.data.sources import generate_shapes
-from clipline.data.stream import SourceConfig, StreamConfig, build_train_loader, epoch_shape
+from clipline.data.stream import SourceConfig, StreamConfig, epoch_shape
 from clipline.launch.config import load_run_config
-from tests.helpers import make_shards, micro_model, micro_recipe
-
-
-def _loader(cfg: StreamConfig, rank=0, world=1):
-    model = micro_model()
-    return build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=rank,
-        world_size=world,
-    )
-
-
-def _ids(batches) -> list[str]:
-    return [f"{u}#{k}" for b in batches for u, k in zip(b["url"], b["key"], strict=True)]
+from tests.helpers import make_shards, micro_loader, micro_recipe, sample_ids
 
 
 def _write(out, sizes, seed=0):
@@ -55,7 +40,7 @@ def test_exact_epoch_splits_uneven_shards_into_equal_disjoint_rank_slices(tmp_pa
     per_rank = []
     for rank in range(3):
         cfg = StreamConfig(shards=spec, batch_size=4, workers=0, shuffle_buffer=4)
-        per_rank.append(_ids(_loader(cfg, rank=rank, world=3).epoch(2)))
+        per_rank.append(sample_ids(micro_loader(cfg, rank=rank, world_size=3).epoch(2)))
     assert [len(x) for x in per_rank] == [12, 12, 12]  # 40 // (3 x 4) = 3 batches each
     seen = [i for ids in per_rank for i in ids]
     assert len(set(seen)) == 36  # disjoint; 4 samples wait for another epoch
@@ -69,8 +54,8 @@ def test_exact_epochs_cover_every_sample_and_reshuffle(two_sources):
         workers=2,
         shuffle_buffer=16,
     )
-    loader = _loader(cfg)
-    e0, e1 = _ids(loader.epoch(0)), _ids(loader.epoch(1))
+    loader = micro_loader(cfg)
+    e0, e1 = sample_ids(loader.epoch(0)), sample_ids(loader.epoch(1))
     assert len(e0) == len(set(e0)) == 96 and sorted(e0) == sorted(e1)
     assert e0 != e1
     assert {u.split("/")[-2] for u in e0} == {"a", "b"}
@@ -87,13 +72,13 @@ def test_resampled_weights_set_the_share_of_each_source_deterministically(two_so
         workers=0,
         shuffle_buffer=16,
     )
-    ids = _ids(_loader(cfg).epoch(0))
+    ids = sample_ids(micro_loader(cfg).epoch(0))
     assert len(ids) == 400
     share_a = sum("/a/" in i for i in ids) / len(ids)
     assert share_a == pytest.approx(0.75, abs=0.06)
     assert len(set(ids)) < len(ids)  # drawn with replacement
-    assert _ids(_loader(cfg).epoch(0)) == ids  # same seed, same stream
-    assert _ids(_loader(cfg).epoch(1)) != ids
+    assert sample_ids(micro_loader(cfg).epoch(0)) == ids  # same seed, same stream
+    assert sample_ids(micro_loader(cfg).epoch(1)) != ids
 
 
 def test_resampled_per_batch_mixing_keeps_each_batch_to_one_source(two_sources):
@@ -108,7 +93,7 @@ def test_resampled_per_batch_mixing_keeps_each_batch_to_one_source(two_sources):
         workers=2,
         shuffle_buffer=16,
     )
-    origins = [{u.split("/")[-2] for u in batch["url"]} for batch in _loader(cfg).epoch(0)]
+    origins = [{u.split("/")[-2] for u in batch["url"]} for batch in micro_loader(cfg).epoch(0)]
     assert len(origins) == 40 and all(len(o) == 1 for o in origins)
     assert 10 < sum(o == {"a"} for o in origins) < 30
 
@@ -120,7 +105,7 @@ def test_resampled_mode_serves_more_readers_than_shards(tmp_path):
         cfg = StreamConfig(
             shards=spec, mode="resampled", batch_size=4, workers=2, num_samples=64, shuffle_buffer=8
         )
-        counts.append(sum(1 for _ in _loader(cfg, rank=rank, world=2).epoch(0)))
+        counts.append(sum(1 for _ in micro_loader(cfg, rank=rank, world_size=2).epoch(0)))
     assert counts == [8, 8]
 
 

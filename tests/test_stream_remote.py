@@ -7,20 +7,13 @@ import threading
 import pytest
 
 import clipline.data.stream as stream
-from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
-from tests.helpers import make_shards, micro_model
+from clipline.data.stream import StreamConfig, epoch_shape
+from tests.helpers import make_shards, micro_loader
 
 
 def _keys(spec: str, **kw) -> list[str]:
-    model = micro_model()
     cfg = StreamConfig(shards=spec, batch_size=4, workers=kw.pop("workers", 0), **kw)
-    loader = build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=0,
-        world_size=1,
-    )
+    loader = micro_loader(cfg)
     return [k for b in loader.epoch(0) for k in b["key"]]
 
 
@@ -81,15 +74,8 @@ def test_a_missing_fsspec_backend_names_the_package(monkeypatch):
 
 def test_a_missing_shard_in_an_exact_epoch_is_a_clear_error(served):
     shards, url = served
-    model = micro_model()
     cfg = StreamConfig(shards=f"{url}/{{000000..000003}}.tar", batch_size=4, workers=0)
-    loader = build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=0,
-        world_size=1,
-    )
+    loader = micro_loader(cfg)
     (shards / "000002.tar").rename(shards / "gone.tar")  # 404 from now on
     try:
         with pytest.raises(RuntimeError, match=r"000002.tar is missing .*data.mode='resampled'"):
@@ -105,17 +91,10 @@ def test_an_unreachable_shard_costs_its_samples_not_the_run(served, monkeypatch)
     monkeypatch.setattr(stream, "RETRY_SECONDS", 0.01)
     shards, url = served
     spec = f"{url}/{{000000..000003}}.tar"
-    model = micro_model()
     cfg = StreamConfig(
         shards=spec, batch_size=4, workers=0, mode="resampled", num_samples=192, seed=3
     )
-    loader = build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=0,
-        world_size=1,
-    )
+    loader = micro_loader(cfg)
     (shards / "000002.tar").rename(shards / "gone.tar")  # 404 from now on
     try:
         batches = list(loader.epoch(0))

@@ -5,25 +5,14 @@ import json
 import pytest
 import torch
 
-from clipline.data.stream import StreamConfig, build_train_loader
-from tests.helpers import make_shards, micro_model
+from clipline.data.stream import StreamConfig
+from tests.helpers import make_shards, micro_loader, sample_ids
 
 
 def _loader(shards, workers, mode="exact", rank=0, world=1, **kw):
-    model = micro_model()
     kw = {"shuffle_buffer": 8, **kw}
     cfg = StreamConfig(shards=str(shards), batch_size=4, workers=workers, mode=mode, **kw)
-    return build_train_loader(
-        cfg,
-        preprocess=model.image_transform(True),
-        tokenize=model.tokenize,
-        rank=rank,
-        world_size=world,
-    )
-
-
-def _ids(batches) -> list[str]:
-    return [f"{u}#{k}" for b in batches for u, k in zip(b["url"], b["key"], strict=True)]
+    return micro_loader(cfg, rank=rank, world_size=world)
 
 
 def _take(loader, epoch, n, start=0):
@@ -52,19 +41,19 @@ def test_resume_with_the_same_workers_gives_the_same_batches(shards):
 
 @pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 0), (0, 2)])
 def test_resume_with_other_workers_sees_each_sample_of_the_epoch_once(shards, before, after):
-    full = _ids(_loader(shards, workers=0).epoch(0))
+    full = sample_ids(_loader(shards, workers=0).epoch(0))
     assert len(full) == len(set(full)) == 104
     first, state = _take(_loader(shards, workers=before), 0, 8)
     resumed = _loader(shards, workers=after)
     resumed.load_state_dict([state])
     rest = list(resumed.epoch(0, start=8))
     assert len(first) + len(rest) == 26  # the rank's batch count does not change
-    seen = _ids(first) + _ids(rest)
+    seen = sample_ids(first) + sample_ids(rest)
     assert sorted(seen) == sorted(full)  # none repeated, none skipped
 
 
 def test_two_worker_changes_in_one_epoch_stay_exact(shards):
-    full = sorted(_ids(_loader(shards, workers=1).epoch(0)))
+    full = sorted(sample_ids(_loader(shards, workers=1).epoch(0)))
     first, state = _take(_loader(shards, workers=2), 0, 5)
     middle_loader = _loader(shards, workers=3)
     middle_loader.load_state_dict([state])
@@ -74,9 +63,9 @@ def test_two_worker_changes_in_one_epoch_stay_exact(shards):
     last_loader.load_state_dict([state])
     last = list(last_loader.epoch(0, start=14))
     assert len(first) + len(middle) + len(last) == 26
-    assert sorted(_ids(first) + _ids(middle) + _ids(last)) == full
+    assert sorted(sample_ids(first) + sample_ids(middle) + sample_ids(last)) == full
     # The next epoch starts afresh with the new worker count.
-    assert sorted(_ids(last_loader.epoch(1))) == full
+    assert sorted(sample_ids(last_loader.epoch(1))) == full
 
 
 def test_resampled_resume_continues_the_seeded_sequence(shards):
