@@ -126,3 +126,19 @@ def to_toml(data: dict) -> str:
     for table, items in ((k, v) for k, v in data.items() if isinstance(v, dict)):
         lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in items.items()]
     return "\n".join(lines) + "\n"
+
+
+def numpy2_safe_accuracy(accuracy):
+    """clip_benchmark's ``accuracy`` calls ``float()`` on a one-element array, which NumPy 2
+    rejects; where it fails, compute the same top-k accuracy with ``.item()`` (applied at
+    run time; the installed package is never edited)."""
+
+    def safe_accuracy(output, target, topk=(1,)):
+        try:
+            return accuracy(output, target, topk)
+        except TypeError:
+            pred = output.topk(max(topk), 1, True, True)[1].t()
+            correct = pred.eq(target.view(1, -1).expand_as(pred))
+            return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+    return safe_accuracy

@@ -17,26 +17,11 @@ from clipline.data import evalsets
 from clipline.data.sources import generate_shapes
 from clipline.launch.cli import main as clipline_main
 from clipline.pretrain.export import export
-from tests.helpers import micro_model
+from tests.helpers import micro_model, numpy2_safe_accuracy
 
 SHAPES = ["circle", "square", "diamond", "triangle", "star", "cross"]  # generate_shapes' labels
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c} shape."]
 CB_WDS_WARNING = "ignore:WebDataset\\(shardshuffle"  # clip_benchmark's own call, not ours
-
-
-def _numpy2_safe(accuracy):
-    """clip_benchmark's ``accuracy`` calls ``float()`` on a one-element array, which NumPy 2
-    rejects; where it fails, compute the same top-k accuracy with ``.item()``."""
-
-    def safe_accuracy(output, target, topk=(1,)):
-        try:
-            return accuracy(output, target, topk)
-        except TypeError:
-            pred = output.topk(max(topk), 1, True, True)[1].t()
-            correct = pred.eq(target.view(1, -1).expand_as(pred))
-            return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-
-    return safe_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +51,7 @@ def _clip_benchmark(monkeypatch, tmp_path, *args: str) -> dict[str, float]:
     from clip_benchmark import cli
     from clip_benchmark.metrics import zeroshot_classification as cb_zeroshot
 
-    monkeypatch.setattr(cb_zeroshot, "accuracy", _numpy2_safe(cb_zeroshot.accuracy))
+    monkeypatch.setattr(cb_zeroshot, "accuracy", numpy2_safe_accuracy(cb_zeroshot.accuracy))
     output = tmp_path / "clip_benchmark.json"
     argv = ["clip_benchmark", "eval", *args, "--no_amp", "--num_workers", "0"]
     monkeypatch.setattr(sys, "argv", [*argv, "--batch_size", "16", "--output", str(output)])

@@ -24,6 +24,7 @@ from clipline.eval import (
     retrieval,
     zeroshot_classification,
 )
+from tests.helpers import numpy2_safe_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 CB_WDS_WARNING = "ignore:WebDataset\\(shardshuffle"  # clip_benchmark's own call, not ours
@@ -164,27 +165,12 @@ def test_faiss_recall_equals_brute_force_and_clip_benchmark(seed):
         )
 
 
-def _numpy2_safe(accuracy):
-    """Wraps clip_benchmark's ``accuracy``: where NumPy 2 refuses its ``float()`` of a
-    one-element array, computes the same thing with ``.item()`` instead."""
-
-    def safe_accuracy(output, target, topk=(1,)):
-        try:
-            return accuracy(output, target, topk)
-        except TypeError:
-            pred = output.topk(max(topk), 1, True, True)[1].t()
-            correct = pred.eq(target.view(1, -1).expand_as(pred))
-            return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-
-    return safe_accuracy
-
-
 @pytest.mark.parametrize("num_classes", [3, 10])
 def test_classification_metrics_equal_clip_benchmark(num_classes):
     from clip_benchmark.metrics.zeroshot_classification import accuracy
     from sklearn.metrics import balanced_accuracy_score
 
-    _accuracy = _numpy2_safe(accuracy)
+    _accuracy = numpy2_safe_accuracy(accuracy)
 
     g = torch.Generator().manual_seed(num_classes)
     logits_NC = torch.randn(200, num_classes, generator=g)
@@ -266,7 +252,7 @@ def test_zeroshot_evaluator_equals_clip_benchmark(tmp_path, tokenize, monkeypatc
     )
     ours = evaluate(model)
 
-    monkeypatch.setattr(cb_zeroshot, "accuracy", _numpy2_safe(cb_zeroshot.accuracy))
+    monkeypatch.setattr(cb_zeroshot, "accuracy", numpy2_safe_accuracy(cb_zeroshot.accuracy))
     dataset = build_wds_dataset("wds/toy", transform=_preprocess, data_dir=str(tmp_path))
     loader = torch.utils.data.DataLoader(dataset, batch_size=7)
     theirs = cb_zeroshot.evaluate(
