@@ -96,7 +96,7 @@ def count_model_flops(model: DualEncoder) -> ModelFlops:
         lengths = (context, max(2, context // 2), max(1, context // 4))
         if not probe.tokenize.trim:  # fixed length: the fit is a constant
             lengths = (context, context, context)
-        counts = [_count(lambda n=n: probe.encode_text(_tokens(n, context))) for n in lengths]
+        counts = [_count(lambda n=n: probe.encode_text(_tokens(n))) for n in lengths]
     if len(set(lengths)) < 3:
         coeffs = (float(counts[0]), 0.0, 0.0)
     else:
@@ -107,7 +107,7 @@ def count_model_flops(model: DualEncoder) -> ModelFlops:
     return ModelFlops(image=float(image), text_coeffs=coeffs, image_backward=trains_image)
 
 
-def _tokens(length: int, context: int) -> torch.Tensor:
+def _tokens(length: int) -> torch.Tensor:
     """A 1 x length batch whose last token has the largest id (where EOT pooling looks)."""
     text_1L = torch.ones(1, length, dtype=torch.long)
     text_1L[0, -1] = 2

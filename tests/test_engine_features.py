@@ -55,7 +55,7 @@ def test_text_flops_are_exact_for_any_caption_length():
     flops = count_model_flops(model)
     for length in (3, 7, 16):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.encode_text(_tokens(length, model.context_length))
+            model.encode_text(_tokens(length))
         assert flops.text(length) == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
@@ -63,7 +63,7 @@ def test_train_step_flops_match_a_counted_forward_and_backward():
     model = micro_model()
     flops = count_model_flops(model)
     images = torch.randn(4, 3, 32, 32)
-    texts = _tokens(9, model.context_length).expand(4, -1).contiguous()
+    texts = _tokens(9).expand(4, -1).contiguous()
     with FlopCounterMode(display=False) as counter:
         InfoNCELoss(LossConfig())(*model(images, texts)).backward()
     # 3x forward is the usual estimate (backward = 2x forward). It overcounts by what needs
