@@ -193,11 +193,8 @@ _CLIPLINE_CHILD = textwrap.dedent(
             def state_dict(self):
                 return None
 
-            def load_state_dict(self, state):
+            def load_state_dict(self, state):  # nothing to resume: one batch, forever
                 pass
-
-            def __getattr__(self, name):  # anything else the loop asks of a loader
-                return getattr(self.stream, name)
 
         run.build_train_loader = lambda *a, **k: FixedBatchLoader(real_build(*a, **k))
     run.run_pretrain(load_run_config(sys.argv[1], json.loads(sys.argv[2])))
