@@ -24,7 +24,6 @@ The peak is the dense tensor-core figure of the device for the training precisio
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -83,20 +82,30 @@ class ModelFlops:
 
 
 def count_model_flops(model: DualEncoder) -> ModelFlops:
-    """Counts per-sample forward FLOPs on a CPU copy in train mode (patch dropout included).
+    """Counts per-sample forward FLOPs in train mode (patch dropout included).
 
-    The copy keeps the model's own state (e.g. BatchNorm statistics) and RNG untouched.
+    Runs on the model itself, not a copy (a copy would double host memory on every rank of
+    a large model); its buffers (e.g. BatchNorm statistics), mode and the RNG are restored.
     """
-    probe = copy.deepcopy(model).cpu().float().train()
-    size = probe.preprocess_cfg["size"]
+    size = model.preprocess_cfg["size"]
     height, width = (size, size) if isinstance(size, int) else size
-    context = probe.context_length
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        image = _count(lambda: probe.encode_image(torch.zeros(1, 3, height, width)))
-        lengths = (context, max(2, context // 2), max(1, context // 4))
-        if not probe.tokenize.trim:  # fixed length: the fit is a constant
-            lengths = (context, context, context)
-        counts = [_count(lambda n=n: probe.encode_text(_tokens(n))) for n in lengths]
+    context = model.context_length
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            # Two samples, halved: BatchNorm in train mode needs more than one value per channel.
+            image = _count(lambda: model.encode_image(torch.zeros(2, 3, height, width))) / 2
+            lengths = (context, max(2, context // 2), max(1, context // 4))
+            if not model.tokenize.trim:  # fixed length: the fit is a constant
+                lengths = (context, context, context)
+            counts = [_count(lambda n=n: model.encode_text(_tokens(n))) / 2 for n in lengths]
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.train(was_training)
     if len(set(lengths)) < 3:
         coeffs = (float(counts[0]), 0.0, 0.0)
     else:
@@ -108,7 +117,7 @@ def count_model_flops(model: DualEncoder) -> ModelFlops:
 
 
 def _tokens(length: int) -> torch.Tensor:
-    """A 1 x length batch whose last token has the largest id (where EOT pooling looks)."""
-    text_1L = torch.ones(1, length, dtype=torch.long)
-    text_1L[0, -1] = 2
-    return text_1L
+    """A 2 x length batch whose last token has the largest id (where EOT pooling looks)."""
+    text_2L = torch.ones(2, length, dtype=torch.long)
+    text_2L[:, -1] = 2
+    return text_2L

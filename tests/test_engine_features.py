@@ -55,15 +55,15 @@ def test_text_flops_are_exact_for_any_caption_length():
     flops = count_model_flops(model)
     for length in (3, 7, 16):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model.encode_text(_tokens(length))
-        assert flops.text(length) == pytest.approx(counter.get_total_flops(), rel=1e-9)
+            model.encode_text(_tokens(length))  # 2 captions
+        assert 2 * flops.text(length) == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 def test_train_step_flops_match_a_counted_forward_and_backward():
     model = micro_model()
     flops = count_model_flops(model)
     images = torch.randn(4, 3, 32, 32)
-    texts = _tokens(9).expand(4, -1).contiguous()
+    texts = _tokens(9).repeat(2, 1)
     with FlopCounterMode(display=False) as counter:
         InfoNCELoss(LossConfig())(*model(images, texts)).backward()
     # 3x forward is the usual estimate (backward = 2x forward). It overcounts by what needs
@@ -126,3 +126,15 @@ def test_wandb_missing_is_a_clear_error(tmp_path, shards, monkeypatch):
     recipe = micro_recipe(shards, tmp_path / "run", steps=2, wandb_project="clip")
     with pytest.raises(ValueError, match="pip install wandb"):
         run.run_pretrain(load_run_config(recipe))
+
+
+def test_counting_flops_leaves_the_model_as_it_was():
+    # BatchNorm statistics (timm ResNet), the mode and the RNG are untouched by the count.
+    cfg = ModelConfig(name="custom", config=MICRO_CFG, image_tower="timm:resnet18")
+    model = DualEncoder.from_config(cfg).eval()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    assert count_model_flops(model).image > 0
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=0, atol=0, msg=name)
