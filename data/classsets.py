@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -55,6 +56,12 @@ class ClassificationSource(Protocol):
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
         """Yields ``(index, RGB image, label)`` for samples with ``index % num_parts == part``."""
+        ...
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+        """Like ``indexed_samples``, with a function that decodes the image when called."""
         ...
 
     def files(self) -> list[Path]:
@@ -87,10 +94,15 @@ class ImageListSet:
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
         """Yields ``(index, RGB image, label)`` for samples with ``index % num_parts == part``."""
+        return evalsets.decoded(self.indexed_items(part, num_parts))
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+        """Like :meth:`indexed_samples`, with a function that decodes the image when called."""
         _check_part(part, num_parts)
         for index in range(part, len(self.paths), num_parts):
-            with PIL.Image.open(self.paths[index]) as image:
-                yield index, image.convert("RGB"), self.labels[index]
+            yield index, partial(_rgb_from_file, self.paths[index]), self.labels[index]
 
     def files(self) -> list[Path]:
         """The files whose contents define the set (for cache keys)."""
@@ -122,14 +134,28 @@ class ArraySet:
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
         """Yields ``(index, RGB image, label)`` for samples with ``index % num_parts == part``."""
+        return evalsets.decoded(self.indexed_items(part, num_parts))
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+        """Like :meth:`indexed_samples`, with a function that makes the image when called."""
         _check_part(part, num_parts)
         for index in range(part, len(self.labels_N), num_parts):
-            image = PIL.Image.fromarray(self.images_NHW[index], mode="L")
-            yield index, image.convert("RGB"), int(self.labels_N[index])
+            yield index, partial(_rgb_from_grey, self.images_NHW[index]), int(self.labels_N[index])
 
     def files(self) -> list[Path]:
         """The files whose contents define the set (for cache keys)."""
         return list(self.source_files)
+
+
+def _rgb_from_file(path: Path) -> PIL.Image.Image:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _rgb_from_grey(pixels_HW: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(pixels_HW, mode="L").convert("RGB")
 
 
 def open_classification_set(

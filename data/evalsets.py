@@ -24,9 +24,11 @@ import io
 import logging
 import math
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import PIL.Image
 import webdataset as wds
@@ -51,6 +53,10 @@ _IMAGE_FORMATS = {
 _FORMAT_ALIASES = {"jpeg": "jpg"}
 # clip_benchmark looks the image up under any of these extensions, in this order.
 _IMAGE_KEYS = "webp;png;jpg;jpeg"
+
+# Decodes one sample's image as RGB when called (see ``indexed_items``).
+ImageLoader = Callable[[], PIL.Image.Image]
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -82,8 +88,15 @@ class ClassificationSet:
         Every part reads the tar files but decodes only its own images, so ``num_parts``
         processes (ranks, loader workers) share the decoding work without overlap.
         """
-        for index, image, label in _read_shards(self.root, self.split, "cls", part, num_parts):
-            yield index, image, int(label)
+        return decoded(self.indexed_items(part, num_parts))
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, ImageLoader, int]]:
+        """Like :meth:`indexed_samples`, with a function that decodes the image when called
+        (so that the caller can decode on several threads)."""
+        for index, load, label in _read_shards(self.root, self.split, "cls", part, num_parts):
+            yield index, load, int(label)
 
     def files(self) -> list[Path]:
         """The files whose contents define the set (for cache keys)."""
@@ -110,9 +123,15 @@ class RetrievalSet:
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, PIL.Image.Image, list[str]]]:
         """Yields ``(index, RGB image, captions)`` for samples with ``index % num_parts == part``."""
-        for index, image, text in _read_shards(self.root, self.split, "txt", part, num_parts):
+        return decoded(self.indexed_items(part, num_parts))
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, ImageLoader, list[str]]]:
+        """Like :meth:`indexed_samples`, with a function that decodes the image when called."""
+        for index, load, text in _read_shards(self.root, self.split, "txt", part, num_parts):
             # The same split clip_benchmark applies (str.splitlines).
-            yield index, image, text.splitlines()
+            yield index, load, text.splitlines()
 
     def files(self) -> list[Path]:
         """The files whose contents define the set (for cache keys)."""
@@ -439,7 +458,7 @@ def _set_files(root: Path, split: str) -> list[Path]:
 
 def _read_shards(
     root: Path, split: str, label_key: str, part: int, num_parts: int
-) -> Iterator[tuple[int, PIL.Image.Image, str]]:
+) -> Iterator[tuple[int, ImageLoader, str]]:
     if not 0 <= part < num_parts:
         raise ValueError(f"part={part}, num_parts={num_parts}; need 0 <= part < num_parts")
     urls = [str(root / split / f"{i}.tar") for i in range(_num_shards(root, split))]
@@ -456,7 +475,20 @@ def _read_shards(
                 f"sample {sample.get('__key__')!r} in {sample.get('__url__')} lacks an image "
                 f"({_IMAGE_KEYS}) or a .{label_key} entry"
             )
-        # What webdataset's "pilrgb" decoder does, so both readers see the same pixels.
-        image = PIL.Image.open(io.BytesIO(sample[image_key]))
-        image.load()
-        yield index, image.convert("RGB"), sample[label_key].decode("utf-8")
+        yield index, partial(rgb_from_bytes, sample[image_key]), sample[label_key].decode("utf-8")
+
+
+def rgb_from_bytes(data: bytes) -> PIL.Image.Image:
+    """Decodes an image file's bytes as webdataset's "pilrgb" decoder does (clip_benchmark's
+    reader), so both see the same pixels."""
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def decoded(
+    items: Iterable[tuple[int, ImageLoader, T]],
+) -> Iterator[tuple[int, PIL.Image.Image, T]]:
+    """``indexed_items`` -> ``indexed_samples``: each image decoded, in order."""
+    for index, load, target in items:
+        yield index, load(), target

@@ -795,6 +795,11 @@ class TrainLoader:
     _state: dict[str, Any] | None = None  # the epoch being read, updated per batch taken
     _saved: dict[str, Any] | None = None  # a loaded state, for the next epoch() call
 
+    def model_input(self, image_BCHW: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """A batch's images, moved to the device, as the model takes them (uint8 batches
+        are normalised there; see :meth:`Decoder.model_input` for ``slot``)."""
+        return self.stream.decoder.model_input(image_BCHW, slot)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """An iterator over epoch ``epoch`` from its batch ``start`` on.
 

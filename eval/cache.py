@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -108,3 +109,88 @@ class EmbeddingCache:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
         log.info("embedding cache saved: %s", path)
+
+
+class PixelCache:
+    """One rank's preprocessed images of an eval set, kept on disk as uint8 pixels.
+
+    A run is scored again and again on the same eval sets (every ``eval_every`` steps in
+    training, every checkpoint with ``clipline eval --run``), and the decoded, resized,
+    cropped pixels (:class:`~clipline.data.decode.BatchedNormalize`'s output) are the same
+    each time: keeping them makes every evaluation after the first read them back instead
+    of decoding again. Costs ``N x 3 x H x W`` bytes of disk (150 KB per 224-px image:
+    7.5 GB for ImageNet's 50,000 validation images).
+
+    Files, under a key of the data, the transform, the Pillow version and the part:
+    ``<key>.u8`` (the raw ``[N,3,H,W]`` array, read back through ``numpy.memmap``) and
+    ``<key>.json`` (shape, the set indexes of the rows, their targets). Both are written
+    under temporary names and renamed, the JSON last: a reader sees both or neither.
+    """
+
+    def __init__(self, root: str | Path, key: str):
+        self.root, self.key = Path(root), key
+        self.data_path = self.root / f"{key}.u8"
+        self.meta_path = self.root / f"{key}.json"
+
+    def load(self) -> tuple[np.ndarray, list[int], list[Any]] | None:
+        """``(pixels_NCHW memmap, index, targets)``, or None when not cached (or damaged)."""
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            shape = tuple(meta["shape"])
+            pixels = np.memmap(self.data_path, dtype=np.uint8, mode="c", shape=shape)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning(
+                "pixel cache %s unreadable (%s); decoding the images again", self.meta_path, exc
+            )
+            return None
+        log.info("pixel cache hit: %s (%d images)", self.data_path, shape[0])
+        return pixels, meta["index"], meta["targets"]
+
+    def writer(self) -> PixelWriter:
+        """A writer that fills the cache batch by batch and commits it on ``close()``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return PixelWriter(self)
+
+
+class PixelWriter:
+    """Appends uint8 batches to a temporary file; :meth:`commit` renames it into place."""
+
+    def __init__(self, cache: PixelCache):
+        self.cache = cache
+        self.tmp = cache.data_path.with_name(f".{cache.data_path.name}.{os.getpid()}.tmp")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in commit/abort)
+        self.index: list[int] = []
+        self.targets: list[Any] = []
+        self.item_shape: tuple[int, ...] | None = None
+
+    def append(self, index: list[int], pixels_BCHW: Tensor, targets: list[Any]) -> None:
+        """One batch: its set indexes, its ``u8[B,3,H,W]`` pixels, its targets."""
+        shape = tuple(pixels_BCHW.shape[1:])
+        if self.item_shape not in (None, shape):
+            raise ValueError(f"pixel cache rows {self.item_shape} and {shape} differ")
+        self.item_shape = shape
+        self.file.write(pixels_BCHW.contiguous().numpy().tobytes())
+        self.index += [int(i) for i in index]
+        self.targets += list(targets)
+
+    def commit(self) -> None:
+        """Puts the files in place (the data first, then the JSON that marks them whole)."""
+        self.file.close()
+        cache = self.cache
+        os.replace(self.tmp, cache.data_path)
+        meta = {"shape": [len(self.index), *(self.item_shape or ())], "index": self.index,
+                "targets": self.targets}  # fmt: skip
+        tmp_meta = cache.meta_path.with_name(f".{cache.meta_path.name}.{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, cache.meta_path)
+        size_gb = cache.data_path.stat().st_size / 1e9
+        log.info(
+            "pixel cache saved: %s (%d images, %.2f GB)", cache.data_path, len(self.index), size_gb
+        )
+
+    def abort(self) -> None:
+        """Drops the partial file."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)

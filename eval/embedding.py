@@ -9,67 +9,106 @@ number of ranks and workers, the result equals one process reading the set in or
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torch import Tensor
 
+from clipline.data.decode import BatchedNormalize, ImageNormalizer
+from clipline.data.evalsets import ImageLoader
+from clipline.eval.cache import PixelCache
 from clipline.eval.distributed import gather_objects, gather_rows
 from clipline.eval.encoders import Encoders, embed_images, embed_texts
 
-# (part, num_parts) -> (index, image, target) for the samples of that part.
-IndexedSamples = Callable[[int, int], Iterator[tuple[int, PIL.Image.Image, Any]]]
+# A set's ``indexed_items``: (part, num_parts) -> (index, image loader, target) for the
+# samples of that part.
+IndexedItems = Callable[[int, int], Iterator[tuple[int, ImageLoader, Any]]]
 
 
 class _PartBatches(torch.utils.data.IterableDataset):
-    """Preprocessed batches of one rank's samples; split again across loader workers."""
+    """Batches of one rank's samples, split again across loader workers.
+
+    With a transform of :class:`BatchedNormalize`'s shape (open_clip's eval transform) the
+    batches are uint8 pixels, normalised by the consumer once per batch (a quarter of the
+    bytes through worker shared memory); each image is decoded and resized on a pool of
+    ``torch.get_num_threads()`` threads (PIL releases the GIL), so with ``workers=0`` the
+    evaluating process prepares a batch on all its cores, then runs the forward pass on
+    all of them, in turn: the two never compete for a core, as a loader worker beside the
+    forward's threads does on a CPU-only machine. Any other transform runs per image, on
+    one thread, and gives float batches.
+    """
 
     def __init__(
         self,
-        samples: IndexedSamples,
+        items: IndexedItems,
         preprocess: Callable[[PIL.Image.Image], Tensor],
         batch_size: int,
         rank: int,
         world_size: int,
     ):
-        self.samples, self.preprocess, self.batch_size = samples, preprocess, batch_size
+        self.items, self.preprocess, self.batch_size = items, preprocess, batch_size
         self.rank, self.world_size = rank, world_size
+        self.split = BatchedNormalize.from_transform(preprocess)
 
     def __iter__(self) -> Iterator[tuple[list[int], Tensor, list[Any]]]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        part = self.rank * workers + worker
-        # Per-image tensor ops (to_tensor, normalize) are too small to gain from intra-op
-        # threads, and on a busy machine OpenMP's fork-join makes them ~50x slower (measured:
-        # to_tensor of a 224-px image 0.8 ms on 1 thread, 56 ms on 2 with the other core
-        # taken). Loader workers already run on 1 thread; do the same in this process while
-        # preprocessing, and give the forward pass its threads back between batches.
+        items = self.items(self.rank * workers + worker, self.world_size * workers)
         threads = torch.get_num_threads()
+        # Per-image tensor ops are too small to gain from intra-op threads, and on a busy
+        # machine OpenMP's fork-join makes them ~50x slower (measured: to_tensor of a
+        # 224-px image 0.8 ms on 1 thread, 56 ms on 2 with the other core taken). Loader
+        # workers already run on 1 thread; do the same in this process while preparing a
+        # batch, and give the forward pass its threads back between batches.
         torch.set_num_threads(1)
+        pool = ThreadPoolExecutor(threads) if self.split is not None and threads > 1 else None
         try:
-            index, images, targets = [], [], []
-            for i, image, target in self.samples(part, self.world_size * workers):
-                index.append(i)
-                images.append(self.preprocess(image))
-                targets.append(target)
-                if len(images) == self.batch_size:
+            while True:
+                index, images, targets = [], [], []
+                # Submitted as read: the pool decodes while this thread reads the next bytes.
+                for i, load, target in islice(items, self.batch_size):
+                    index.append(i)
+                    targets.append(target)
+                    if self.split is None:
+                        images.append(self.preprocess(load()))
+                    elif pool is None:
+                        images.append(_pixels(self.split, load))
+                    else:
+                        images.append(pool.submit(_pixels, self.split, load))
+                if not index:
+                    break
+                if self.split is None:
                     batch = torch.stack(images)
-                    torch.set_num_threads(threads)
-                    yield index, batch, targets
-                    torch.set_num_threads(1)
-                    index, images, targets = [], [], []
-            if images:
-                batch = torch.stack(images)
+                else:
+                    batch = self.split.collate([f.result() if pool else f for f in images])
                 torch.set_num_threads(threads)
                 yield index, batch, targets
+                torch.set_num_threads(1)
         finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
             torch.set_num_threads(threads)
+
+
+def _pixels(split: BatchedNormalize, load: ImageLoader) -> Tensor:
+    return split.pixels(load())
+
+
+def _stored_batches(
+    pixels_NCHW: np.ndarray, index: list[int], targets: list[Any], batch_size: int
+) -> Iterator[tuple[list[int], Tensor, list[Any]]]:
+    for start in range(0, len(index), batch_size):
+        stop = start + batch_size
+        yield index[start:stop], torch.from_numpy(pixels_NCHW[start:stop]), targets[start:stop]
 
 
 def embed_indexed_images(
     encoders: Encoders,
-    samples: IndexedSamples,
+    items: IndexedItems,
     preprocess: Callable[[PIL.Image.Image], Tensor],
     batch_size: int,
     *,
@@ -77,12 +116,13 @@ def embed_indexed_images(
     rank: int = 0,
     world_size: int = 1,
     workers: int = 0,
+    pixel_cache: PixelCache | None = None,
 ) -> tuple[Tensor, list[Any]]:
     """Embeds every image of a set; this rank embeds its part, all ranks get the whole.
 
     Args:
         encoders: The model.
-        samples: The set's ``indexed_samples(part, num_parts)``.
+        items: The set's ``indexed_items(part, num_parts)``.
         preprocess: PIL image -> model input ``[3, H, W]``.
         batch_size: Images per ``encode_image`` call.
         labels: Whether targets are integer labels (gathered as a tensor) rather than
@@ -91,7 +131,11 @@ def embed_indexed_images(
         rank: This process's rank.
         world_size: Number of ranks (each must call this function).
         workers: DataLoader worker processes decoding and preprocessing in the background
-            (0: in this process).
+            (0: in this process, on a pool of ``torch.get_num_threads()`` threads between
+            forward passes; the better choice without an accelerator).
+        pixel_cache: Where this rank's preprocessed pixels are kept: read from there when
+            present, else written there on the way (transforms of
+            :class:`BatchedNormalize`'s shape only; others always run).
 
     Returns:
         ``(img_emb_ND, targets)``: unit float32 CPU embeddings and the per-sample targets
@@ -100,18 +144,40 @@ def embed_indexed_images(
     Raises:
         ValueError: If the set is empty.
     """
-    batches: Any = _PartBatches(samples, preprocess, batch_size, rank, world_size)
-    if workers > 0:
-        batches = torch.utils.data.DataLoader(
-            batches, batch_size=None, num_workers=workers, persistent_workers=False
-        )
+    part = _PartBatches(items, preprocess, batch_size, rank, world_size)
+    split = part.split
+    normalize = ImageNormalizer(split.mean, split.std) if split is not None else None
+    stored = pixel_cache.load() if pixel_cache is not None and split is not None else None
+    writer = None
+    batches: Any
+    if stored is not None:
+        batches = _stored_batches(*stored, batch_size)
+    else:
+        batches = part
+        if workers > 0:
+            batches = torch.utils.data.DataLoader(
+                part, batch_size=None, num_workers=workers, persistent_workers=False
+            )
+        if pixel_cache is not None and split is not None:
+            writer = pixel_cache.writer()
     index: list[int] = []
     targets: list[Any] = []
     embs: list[Tensor] = []
-    for batch_index, image_BCHW, batch_targets in batches:
-        embs.append(embed_images(encoders, image_BCHW))
-        index += list(batch_index)
-        targets += list(batch_targets)
+    try:
+        for batch_index, image_BCHW, batch_targets in batches:
+            if writer is not None:
+                writer.append(batch_index, image_BCHW, batch_targets)
+            if normalize is not None:  # uint8 pixels: ToTensor + Normalize, once per batch
+                image_BCHW = normalize(image_BCHW)
+            embs.append(embed_images(encoders, image_BCHW))
+            index += list(batch_index)
+            targets += list(batch_targets)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.commit()
     img_emb_ND = torch.cat(embs) if embs else torch.empty(0, 0)
     index_N = torch.tensor(index, dtype=torch.long)
     index_M, img_emb_MD = gather_rows(index_N, img_emb_ND, world_size)

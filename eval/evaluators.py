@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import PIL
 import PIL.Image
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from clipline.data import classsets, evalsets
 from clipline.eval.cache import (
     EmbeddingCache,
+    PixelCache,
     cache_key,
     describe,
     files_fingerprint,
@@ -61,7 +63,9 @@ class _Common:
         workers: DataLoader processes decoding and preprocessing images in the background
             (0: in the evaluating process).
         cache_dir: Folder of cached embeddings, keyed by model weights (or ``model_id``) and
-            the data's bytes; ``None`` disables caching.
+            the data's bytes, and of the set's preprocessed images (uint8, 150 KB per 224-px
+            image, under ``pixels/``), so that evaluating the next checkpoint does not
+            decode them again; ``None`` disables caching.
     """
 
     name: str
@@ -275,6 +279,25 @@ def _cached(
     return tensors
 
 
+def _pixel_cache(
+    task: _Common,
+    data_key: Callable[[], str],
+    split: str | None,
+    preprocess: Callable,
+    rank: int,
+    world_size: int,
+) -> PixelCache | None:
+    """Where this rank keeps its preprocessed images of the set, with ``task.cache_dir``."""
+    if task.cache_dir is None:
+        return None
+    key = cache_key(
+        kind="pixels", data=data_key(), format=getattr(task, "format", "wds"), split=split,
+        preprocess=describe(preprocess), pillow=PIL.__version__, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+    return PixelCache(Path(task.cache_dir) / "pixels", key)
+
+
 def _model_key(encoders: Encoders, model_id: str | None) -> str:
     return f"id:{model_id}" if model_id is not None else model_fingerprint(encoders)
 
@@ -294,8 +317,10 @@ def _class_image_embeddings(
 
     def embed() -> dict[str, Tensor]:
         img_emb_ND, labels = embed_indexed_images(
-            encoders, source.indexed_samples, preprocess, task.batch_size,
+            encoders, source.indexed_items, preprocess, task.batch_size,
             labels=True, rank=rank, world_size=world_size, workers=task.workers,
+            pixel_cache=_pixel_cache(task, lambda: _data_key(source), split, preprocess, rank,
+                                     world_size),
         )  # fmt: skip
         return {"image": img_emb_ND, "label": torch.tensor(labels, dtype=torch.long)}
 
@@ -338,8 +363,12 @@ def _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id):
 
         def embed() -> dict[str, Tensor]:
             img_emb_ND, captions = embed_indexed_images(
-                encoders, retrieval_set.indexed_samples, preprocess, task.batch_size,
+                encoders, retrieval_set.indexed_items, preprocess, task.batch_size,
                 labels=False, rank=rank, world_size=world_size, workers=task.workers,
+                pixel_cache=_pixel_cache(
+                    task, lambda: files_fingerprint(retrieval_set.files()), task.split,
+                    preprocess, rank, world_size,
+                ),
             )  # fmt: skip
             texts, text_image = [], []
             for image_index, caps in enumerate(captions):

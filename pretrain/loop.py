@@ -337,14 +337,14 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             device = accelerator.device
-            # uint8 batches (data.decode.uint8_images) are normalised here, on the device.
-            to_model = loader.stream.decoder.model_input
+            # uint8 batches (data.decode.uint8_images) are normalised here, on the device,
+            # each micro-batch into its own reused buffer (this step's are all alive at once).
             inputs = [
                 (
-                    to_model(b["image"].to(device, non_blocking=True)),
+                    loader.model_input(b["image"].to(device, non_blocking=True), slot=i),
                     b["text"].to(device, non_blocking=True),
                 )
-                for b in micro
+                for i, b in enumerate(micro)
             ]
             loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
             window_flops += flops.train_step([tuple(text.shape) for _, text in inputs])

@@ -74,7 +74,7 @@ def gathered_embeddings(model, root: Path, distributed: bool):
     rank, world_size = rank_and_world(distributed)
     source = classsets.open_classification_set("wds", root / "zs")
     return embed_indexed_images(
-        model, source.indexed_samples, model.image_transform(is_train=False), 3,
+        model, source.indexed_items, model.image_transform(is_train=False), 3,
         labels=True, rank=rank, world_size=world_size,
     )  # fmt: skip
 

@@ -279,3 +279,121 @@ def test_linear_probe_task_on_wds_train_and_test_splits(tmp_path):
     task = LinearProbeTask(name="p", root=str(tmp_path), c_grid=(1.0, 10.0), batch_size=5)
     metrics = build_evaluator(task, preprocess=preprocess, tokenize=tokenize)(CountingTowers())
     assert metrics["lp_acc1"] == 1.0 and metrics["lp_C"] in (1.0, 10.0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, workers):
+    # open_clip's eval transform is split at ToTensor: PIL steps per image (on a thread
+    # pool, or in loader workers), /255 + Normalize once per batch into a reused buffer.
+    from clipline.data.decode import BatchedNormalize
+    from clipline.eval import embed_indexed_images
+    from tests.helpers import micro_model
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 40), (57, 33), (32, 90), (64, 48), (33, 33)]
+    images = [
+        PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes * 3
+    ]
+    evalsets.write_classification_set(
+        tmp_path, ((im, i % 3) for i, im in enumerate(images)), ["a", "b", "c"],
+        ["a {c}."], samples_per_shard=4, image_format="jpg",
+    )  # fmt: skip
+    model = micro_model().eval()
+    transform = model.image_transform(is_train=False)
+    assert BatchedNormalize.from_transform(transform) is not None
+    source = evalsets.read_classification_set(tmp_path)
+    seen = []
+
+    class Recording:
+        def encode_image(self, image_BCHW):
+            seen.append(image_BCHW.clone())
+            return model.encode_image(image_BCHW)
+
+    emb_ND, labels = embed_indexed_images(
+        Recording(), source.indexed_items, transform, 4, labels=True, workers=workers
+    )
+    expected = torch.stack([transform(image) for image, _ in source.samples()])
+    assert labels == [i % 3 for i in range(15)]
+    if workers == 0:  # batches in set order: each one equals the transform's, bit for bit
+        assert torch.equal(torch.cat(seen), expected)
+    with torch.no_grad():
+        reference = F.normalize(model.encode_image(expected), dim=-1)
+    torch.testing.assert_close(emb_ND, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_image_normalizer_reuses_its_buffer_and_matches_normalize_images():
+    from clipline.data.decode import ImageNormalizer, normalize_images
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    normalize = ImageNormalizer(mean, std)
+    a, b = (torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8) for _ in range(2))
+    out_a = normalize(a)
+    assert torch.equal(out_a, normalize_images(a, mean, std))
+    out_b = normalize(b)
+    assert out_b.data_ptr() == out_a.data_ptr()  # the same memory, rewritten
+    assert torch.equal(out_b, normalize_images(b, mean, std))
+    assert normalize(b, slot=1).data_ptr() != out_b.data_ptr()
+    floats = torch.rand(2, 3, 5, 5)
+    assert normalize(floats) is floats
+
+
+def test_pixel_cache_skips_decoding_for_the_next_checkpoint(tmp_path, monkeypatch):
+    from tests.helpers import micro_model
+
+    rng = np.random.default_rng(1)
+    images = [
+        PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(9)
+    ]
+    evalsets.write_classification_set(
+        tmp_path / "set", ((im, i % 3) for i, im in enumerate(images)), ["a", "b", "c"],
+        ["a {c}."], samples_per_shard=4, image_format="jpg",
+    )  # fmt: skip
+    decoded = []
+    real = evalsets.rgb_from_bytes
+    monkeypatch.setattr(evalsets, "rgb_from_bytes", lambda data: decoded.append(1) or real(data))
+    checkpoints = [micro_model(seed=s).eval() for s in (0, 1)]
+    transform = checkpoints[0].image_transform(is_train=False)
+
+    def evaluator(cache_dir):
+        task = ZeroShotTask(name="z", root=str(tmp_path / "set"), batch_size=4, cache_dir=cache_dir)
+        return build_evaluator(task, preprocess=transform, tokenize=checkpoints[0].tokenize)
+
+    with torch.no_grad():
+        expected = [evaluator(None)(m) for m in checkpoints]
+        decoded.clear()
+        cached = evaluator(str(tmp_path / "cache"))
+        assert cached(checkpoints[0]) == expected[0] and len(decoded) == 9
+        assert cached(checkpoints[1]) == expected[1] and len(decoded) == 9  # read back
+        (data,) = (tmp_path / "cache" / "pixels").glob("*.u8")
+        assert data.stat().st_size == 9 * 3 * 32 * 32
+        assert not list((tmp_path / "cache" / "pixels").glob(".*tmp"))
+
+        # A damaged file is decoded again (and rewritten), with a warning.
+        data.write_bytes(data.read_bytes()[:100])
+        for path in (tmp_path / "cache").glob("*.safetensors"):
+            path.unlink()  # so that the images are embedded again
+        assert cached(checkpoints[1]) == expected[1] and len(decoded) == 18
+        assert data.stat().st_size == 9 * 3 * 32 * 32
+
+
+def test_an_interrupted_evaluation_leaves_no_pixel_cache(tmp_path):
+    from tests.helpers import micro_model
+
+    write_image_folder(tmp_path / "set", {"a": 3, "b": 3})
+    model = micro_model().eval()
+
+    class Failing:
+        def encode_image(self, image_BCHW):
+            raise KeyboardInterrupt
+
+        encode_text = model.encode_text
+
+    task = ZeroShotTask(name="z", format="folder", root=str(tmp_path / "set"), templates="simple",
+                        batch_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    evaluate = build_evaluator(
+        task, preprocess=model.image_transform(is_train=False), tokenize=model.tokenize,
+        model_id="failing",
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Failing())
+    assert list((tmp_path / "cache" / "pixels").iterdir()) == []

@@ -190,6 +190,9 @@ _CLIPLINE_CHILD = textwrap.dedent(
                 while True:
                     yield self.batch
 
+            def model_input(self, image, slot=0):
+                return self.stream.decoder.model_input(image, slot)
+
             def state_dict(self):
                 return None
 
