@@ -200,7 +200,103 @@ _CLIPLINE_CHILD = textwrap.dedent(
                 pass
 
         run.build_train_loader = lambda *a, **k: FixedBatchLoader(real_build(*a, **k))
-    run.run_pretrain(load_run_config(sys.argv[1], json.loads(sys.argv[2])))
+
+        # Where each step's time goes, timed inside this run: the model step
+        # (contrastive_step, gradient clipping, optimizer step, zero_grad) and the rest,
+        # which is the loop's own cost. Then, in this same process, pure steps on the
+        # trained model and the same batch: no cross-process noise in the comparison.
+        import statistics, time
+        import torch
+        import torch.nn.functional as F
+        import clipline.pretrain.loop as loop
+        from accelerate import Accelerator
+        from accelerate.optimizer import AcceleratedOptimizer
+        spans = {"forward_backward": [], "clip": [], "optimizer": [], "zero_grad": []}
+        step_ends, seen = [], {}
+
+        def timed(name, fn):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                spans[name].append(time.perf_counter() - t)
+                return out
+            return wrapper
+
+        real_step = loop.contrastive_step
+
+        def contrastive_step(ddp_model, loss_fn, micro_batches, accelerator):
+            seen.update(model=ddp_model, loss_fn=loss_fn, inputs=micro_batches,
+                        accelerator=accelerator)  # fmt: skip
+            return real_step(ddp_model, loss_fn, micro_batches, accelerator)
+
+        real_opt_step = AcceleratedOptimizer.step
+
+        def optimizer_step(self, *args, **kwargs):
+            seen["optimizer"] = self
+            return real_opt_step(self, *args, **kwargs)
+
+        loop.contrastive_step = timed("forward_backward", contrastive_step)
+        Accelerator.clip_grad_norm_ = timed("clip", Accelerator.clip_grad_norm_)
+        AcceleratedOptimizer.step = timed("optimizer", optimizer_step)
+        AcceleratedOptimizer.zero_grad = timed("zero_grad", AcceleratedOptimizer.zero_grad)
+
+        class Bar(loop.tqdm):
+            def update(self, n=1):
+                step_ends.append(time.perf_counter())
+                return super().update(n)
+
+        loop.tqdm = Bar
+
+    cfg = load_run_config(sys.argv[1], json.loads(sys.argv[2]))
+    run.run_pretrain(cfg)
+
+    if sys.argv[3] == "in-memory":
+        skip = cfg.loop.log_every
+        steps = [b - a for a, b in zip(step_ends, step_ends[1:])]  # steps 2..N
+        window = slice(skip, len(steps) - skip)  # steady state, as the windows
+        parts = {k: v[1:][window] for k, v in spans.items()}
+        model_step = [sum(p[i] for p in parts.values()) for i in range(len(steps[window]))]
+        own = [t - m for t, m in zip(steps[window], model_step)]
+        # The loop's model step against the pure step, on the trained model and the same
+        # batch, in alternating blocks (a step's time drifts by several % over a minute).
+        model, ((image, text),) = seen["model"], seen["inputs"]
+        image = image.clone()  # the loop's buffer is reused; these steps keep their own
+        loss_fn, accelerator, optimizer = seen["loss_fn"], seen["accelerator"], seen["optimizer"]
+        labels = torch.arange(len(text))
+        max_norm = cfg.optim.grad_clip_norm
+        ab = {"loop model step": [], "pure step": []}
+        for block in range(2 * 4):
+            kind = "loop model step" if block % 2 == 0 else "pure step"
+            for i in range(1 + 3):
+                t0 = time.perf_counter()
+                if kind == "pure step":
+                    img_emb, txt_emb, scale = model(image, text)[:3]
+                    logits = scale * img_emb.float() @ txt_emb.float().T
+                    loss = 0.5 * (
+                        F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+                    )
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.optimizer.step()
+                    optimizer.optimizer.zero_grad(set_to_none=True)
+                else:
+                    real_step(model, loss_fn, [(image, text)], accelerator)
+                    accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if i >= 1:  # the first step of a block warms the allocator up
+                    ab[kind].append(time.perf_counter() - t0)
+        med = statistics.median
+        print("BENCH_LOOP " + json.dumps({
+            "step_ms": 1e3 * med(steps[window]),
+            "model_step_ms": 1e3 * med(model_step),
+            "own_ms": 1e3 * med(own),
+            "own_mean_ms": 1e3 * sum(own) / len(own),
+            "step_mean_ms": 1e3 * sum(steps[window]) / len(own),
+            "parts_ms": {k: 1e3 * med(v) for k, v in parts.items()},
+            "ab_ms": {k: 1e3 * med(v) for k, v in ab.items()},
+            "steps_timed": len(own),
+        }), flush=True)
     """
 )
 
@@ -484,7 +580,8 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "str
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     t0 = time.perf_counter()
     child_args = ["cpu-debug", json.dumps(overrides), data]
-    _, cpu = _run_child(_CLIPLINE_CHILD, child_args, log_path, a.timeout)
+    text, cpu = _run_child(_CLIPLINE_CHILD, child_args, log_path, a.timeout)
+    loop_line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_LOOP ")), None)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/samples_per_s" in r]
@@ -509,6 +606,7 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "str
         "mean": a.batch_size * sum(p[0] for p in post) / total_t,
         "data_wait": sum(p[1] * p[3] for p in post) / total_t,
         "per_window": [p[2] for p in post],
+        **({"loop": json.loads(loop_line.removeprefix("BENCH_LOOP "))} if loop_line else {}),
         **cpu,
     }
 
@@ -635,6 +733,32 @@ def summarize(a: argparse.Namespace, results: list[dict]) -> tuple[str, dict]:
         lines.append(
             f"{label:<32} {len(rs):>4} {win:>7.1f} {step_s:>8} {mean:>6.1f} {extra:>7} "
             f"{ms:>7} {wait_s:>9} {others:>6}  {per_run}"
+        )
+    inmem = [r["loop"] for r in by.get("clipline, in-memory batch", []) if "loop" in r]
+    if inmem:
+        # The goal's measure: what the loop adds to its own model step, both timed in the
+        # same steps of the same process (no cross-process noise).
+        own = _median(inmem, "own_ms")
+        model_step = _median(inmem, "model_step_ms")
+        parts = {
+            k: statistics.median(r["parts_ms"][k] for r in inmem) for k in inmem[0]["parts_ms"]
+        }
+        summary["loop_own_share"] = own / model_step
+        summary["loop_in_process"] = inmem
+        lines.append(
+            f"in-memory runs, timed inside the loop (medians over {inmem[0]['steps_timed']} "
+            f"steady steps x {len(inmem)} runs): step {_median(inmem, 'step_ms'):.1f} ms = model "
+            f"step {model_step:.1f} ms ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+            + f") + the loop's own {own:.1f} ms (**{100 * own / model_step:+.1f}%** over its "
+            f"model step; means: {100 * statistics.median(r['own_mean_ms'] / (r['step_mean_ms'] - r['own_mean_ms']) for r in inmem):+.1f}%). "
+            "After the run, in the same process, alternating blocks on the trained model "
+            "and the same batch: "
+            + ", ".join(
+                f"{k} {statistics.median(r['ab_ms'][k] for r in inmem):.1f} ms"
+                for k in inmem[0]["ab_ms"]
+            )
+            + "."
         )
     c, o = summary["clipline"], summary["open_clip_train"]
     ratio = c["win_med"] / o["win_med"]
