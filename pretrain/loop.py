@@ -36,6 +36,7 @@ from clipline.pretrain.checkpoint import (
     save_checkpoint,
 )
 from clipline.pretrain.flops import count_model_flops, peak_tflops
+from clipline.pretrain.host_memory import keep_freed_memory
 from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at
@@ -278,6 +279,8 @@ def train(
     accum = loop_cfg.accum_steps
     global_batch = loader.stream.cfg.batch_size * accum * accelerator.num_processes
 
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # before the loader forks its workers; see pretrain/host_memory.py
     flops = count_model_flops(model)
     peak = loop_cfg.peak_tflops or peak_tflops(accelerator.device, loop_cfg.mixed_precision)
     optimizer = build_optimizer(model, optim_cfg)

@@ -309,6 +309,10 @@ _PURE_CHILD = textwrap.dedent(
     from PIL import Image
     from clipline.pretrain.model import DualEncoder, ModelConfig
 
+    from clipline.pretrain.host_memory import keep_freed_memory
+
+    # As clipline's loop does when training on the CPU: the pure step is clipline's own.
+    keep_freed_memory()
     name, shards, batch, warmup, steps = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
     bf16 = sys.argv[6] == "bf16"
     torch.manual_seed(0)
