@@ -70,7 +70,7 @@ class ClassificationSource(Protocol):
 
 
 @dataclass(kw_only=True)
-class ImageListSet:
+class ImageListSet(evalsets.IndexedImages):
     """Images on disk listed with their labels (the ``folder`` and ``csv`` formats).
 
     Attributes:
@@ -90,16 +90,10 @@ class ImageListSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def indexed_samples(
-        self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
-        """Yields ``(index, RGB image, label)`` for samples with ``index % num_parts == part``."""
-        return evalsets.decoded(self.indexed_items(part, num_parts))
-
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
-        """Like :meth:`indexed_samples`, with a function that decodes the image when called."""
+        """``(index, image loader, label)`` for samples with ``index % num_parts == part``."""
         _check_part(part, num_parts)
         for index in range(part, len(self.paths), num_parts):
             yield index, partial(_rgb_from_file, self.paths[index]), self.labels[index]
@@ -110,7 +104,7 @@ class ImageListSet:
 
 
 @dataclass(kw_only=True)
-class ArraySet:
+class ArraySet(evalsets.IndexedImages):
     """Images held as a ``uint8`` array (the IDX formats).
 
     Attributes:
@@ -130,16 +124,10 @@ class ArraySet:
     def __len__(self) -> int:
         return len(self.labels_N)
 
-    def indexed_samples(
-        self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
-        """Yields ``(index, RGB image, label)`` for samples with ``index % num_parts == part``."""
-        return evalsets.decoded(self.indexed_items(part, num_parts))
-
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
-        """Like :meth:`indexed_samples`, with a function that makes the image when called."""
+        """``(index, image loader, label)`` for samples with ``index % num_parts == part``."""
         _check_part(part, num_parts)
         for index in range(part, len(self.labels_N), num_parts):
             yield index, partial(_rgb_from_grey, self.images_NHW[index]), int(self.labels_N[index])

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import PIL.Image
 import webdataset as wds
@@ -56,11 +56,31 @@ _IMAGE_KEYS = "webp;png;jpg;jpeg"
 
 # Decodes one sample's image as RGB when called (see ``indexed_items``).
 ImageLoader = Callable[[], PIL.Image.Image]
-T = TypeVar("T")
+
+
+class IndexedImages:
+    """What every eval set offers: its samples by index, split into parts.
+
+    A set implements :meth:`indexed_items`, whose image loaders decode when called (so a
+    caller can decode on several threads); :meth:`indexed_samples` decodes in order.
+    """
+
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, ImageLoader, Any]]:
+        """``(index, image loader, target)`` for samples with ``index % num_parts == part``."""
+        raise NotImplementedError
+
+    def indexed_samples(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, PIL.Image.Image, Any]]:
+        """``(index, RGB image, target)`` for samples with ``index % num_parts == part``."""
+        for index, load, target in self.indexed_items(part, num_parts):
+            yield index, load(), target
 
 
 @dataclass(kw_only=True)
-class ClassificationSet:
+class ClassificationSet(IndexedImages):
     """A zero-shot classification set on disk.
 
     Attributes:
@@ -80,21 +100,15 @@ class ClassificationSet:
         for _, image, label in self.indexed_samples():
             yield image, label
 
-    def indexed_samples(
-        self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
-        """Yields ``(index, RGB image, label)`` for the samples with ``index % num_parts == part``.
-
-        Every part reads the tar files but decodes only its own images, so ``num_parts``
-        processes (ranks, loader workers) share the decoding work without overlap.
-        """
-        return decoded(self.indexed_items(part, num_parts))
-
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, ImageLoader, int]]:
-        """Like :meth:`indexed_samples`, with a function that decodes the image when called
-        (so that the caller can decode on several threads)."""
+        """``(index, image loader, label)`` for the samples with ``index % num_parts == part``.
+
+        Every part reads the tar files but decodes only its own images (when it calls their
+        loaders), so ``num_parts`` processes (ranks, loader workers) share the decoding work
+        without overlap.
+        """
         for index, load, label in _read_shards(self.root, self.split, "cls", part, num_parts):
             yield index, load, int(label)
 
@@ -104,7 +118,7 @@ class ClassificationSet:
 
 
 @dataclass(kw_only=True)
-class RetrievalSet:
+class RetrievalSet(IndexedImages):
     """An image-text retrieval set on disk (one image, one or more captions per sample).
 
     Attributes:
@@ -119,16 +133,10 @@ class RetrievalSet:
         for _, image, captions in self.indexed_samples():
             yield image, captions
 
-    def indexed_samples(
-        self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, PIL.Image.Image, list[str]]]:
-        """Yields ``(index, RGB image, captions)`` for samples with ``index % num_parts == part``."""
-        return decoded(self.indexed_items(part, num_parts))
-
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
     ) -> Iterator[tuple[int, ImageLoader, list[str]]]:
-        """Like :meth:`indexed_samples`, with a function that decodes the image when called."""
+        """``(index, image loader, captions)`` for samples with ``index % num_parts == part``."""
         for index, load, text in _read_shards(self.root, self.split, "txt", part, num_parts):
             # The same split clip_benchmark applies (str.splitlines).
             yield index, load, text.splitlines()
@@ -484,11 +492,3 @@ def rgb_from_bytes(data: bytes) -> PIL.Image.Image:
     image = PIL.Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
-
-
-def decoded(
-    items: Iterable[tuple[int, ImageLoader, T]],
-) -> Iterator[tuple[int, PIL.Image.Image, T]]:
-    """``indexed_items`` -> ``indexed_samples``: each image decoded, in order."""
-    for index, load, target in items:
-        yield index, load(), target
