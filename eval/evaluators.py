@@ -61,7 +61,9 @@ class _Common:
         root: The set's root (see ``format``).
         batch_size: Images per ``encode_image`` call and texts per ``encode_text`` call.
         workers: DataLoader processes decoding and preprocessing images in the background
-            (0: in the evaluating process).
+            (0: in the evaluating process, on a thread pool between forward passes: the
+            better choice without an accelerator; with a GPU, workers decode during the
+            forward pass).
         cache_dir: Folder of cached embeddings, keyed by model weights (or ``model_id``) and
             the data's bytes, and of the set's preprocessed images (uint8, 150 KB per 224-px
             image, under ``pixels/``), so that evaluating the next checkpoint does not
