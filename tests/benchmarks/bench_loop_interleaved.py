@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fixed_batch import feed_one_batch
 
 import clipline.launch.run as run
 import clipline.pretrain.loop as loop
@@ -61,32 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         keep_freed_memory()
 
-    batch: dict = {}
-    real_build = run.build_train_loader
-
-    class FixedBatchLoader:
-        """The real loader's first batch, again and again (the loop alone)."""
-
-        def __init__(self, loader):
-            self.stream, self.num_samples = loader.stream, loader.num_samples
-            self.batches_per_epoch = loader.batches_per_epoch
-            self.batch = batch.setdefault("b", next(iter(loader.epoch(0))))
-            batch.setdefault("decoder", loader.stream.decoder)
-
-        def epoch(self, epoch, start=0):
-            while True:
-                yield self.batch
-
-        def model_input(self, image, slot=0):
-            return self.stream.decoder.model_input(image, slot)
-
-        def state_dict(self):
-            return None
-
-        def load_state_dict(self, state):
-            pass
-
-    run.build_train_loader = lambda *args, **kw: FixedBatchLoader(real_build(*args, **kw))
+    loaders = feed_one_batch(run)
     marks: list[tuple[float, int]] = []
 
     class Bar(loop.tqdm):
@@ -132,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = DualEncoder.from_config(ModelConfig(name=a.model)).train()
         opt = build_optimizer(model, cfg.optim)
-        image = batch["decoder"].model_input(batch["b"]["image"]).clone()
-        text = batch["b"]["text"]
+        first = loaders[0].batch  # every loop block feeds the same shards' first batch
+        image = loaders[0].model_input(first["image"]).clone()
+        text = first["text"]
         labels = torch.arange(len(text))
         steps, faults = [], []
         for _ in range(a.steps):
@@ -152,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{a.model}, batch {a.batch_size}, {'glibc defaults' if a.plain_malloc else 'keep_freed_memory'}"
     )
-    loop_block()  # warm-up; takes the batch
+    loop_block()  # warm-up; builds the first loader
     results: dict[str, list[float]] = {"loop": [], "pure": []}
     for r in range(2 * a.blocks):
         kind = ("pure", "loop", "loop", "pure")[r % 4]

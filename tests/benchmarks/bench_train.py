@@ -177,29 +177,10 @@ _CLIPLINE_CHILD = textwrap.dedent(
     if sys.argv[3] == "in-memory":
         # The loop alone: the real loader delivers one batch, which is then fed again and
         # again from memory (no worker process competing for the cores).
-        real_build = run.build_train_loader
+        sys.path.insert(0, sys.argv[4])
+        from fixed_batch import feed_one_batch
 
-        class FixedBatchLoader:
-            def __init__(self, loader):
-                self.stream, self.num_samples = loader.stream, loader.num_samples
-                self.batches_per_epoch = loader.batches_per_epoch
-                self.batch = next(iter(loader.epoch(0)))
-                del loader  # stops its worker
-
-            def epoch(self, epoch, start=0):
-                while True:
-                    yield self.batch
-
-            def model_input(self, image, slot=0):
-                return self.stream.decoder.model_input(image, slot)
-
-            def state_dict(self):
-                return None
-
-            def load_state_dict(self, state):  # nothing to resume: one batch, forever
-                pass
-
-        run.build_train_loader = lambda *a, **k: FixedBatchLoader(real_build(*a, **k))
+        feed_one_batch(run)
 
         # Where each step's time goes, timed inside this run: the model step
         # (contrastive_step, gradient clipping, optimizer step, zero_grad) and the rest,
@@ -583,7 +564,7 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "str
     ]
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     t0 = time.perf_counter()
-    child_args = ["cpu-debug", json.dumps(overrides), data]
+    child_args = ["cpu-debug", json.dumps(overrides), data, str(Path(__file__).resolve().parent)]
     text, cpu = _run_child(_CLIPLINE_CHILD, child_args, log_path, a.timeout)
     loop_line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_LOOP ")), None)
     wall = time.perf_counter() - t0
