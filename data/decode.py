@@ -335,8 +335,9 @@ class BatchedNormalize:
     open_clip's eval transform (resize, centre crop, convert to RGB, to-tensor, normalise)
     has this shape. :meth:`pixels` runs the PIL steps on one image and returns its uint8
     ``[3,H,W]`` pixels (no torch arithmetic: safe and GIL-free enough to run on several
-    threads); :func:`normalize_images` then does ToTensor's ``/255`` and the normalisation
-    once per batch, which equals the whole transform per image bit for bit (tested).
+    threads); :func:`stack_pixels` makes the batch, and :class:`ImageNormalizer` does
+    ToTensor's ``/255`` and the normalisation once per batch, which equals the whole
+    transform per image bit for bit (tested).
     """
 
     pil_steps: tuple[Callable[[Image.Image], Image.Image], ...]
@@ -371,33 +372,14 @@ class BatchedNormalize:
             )
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
-    def collate(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """u8[B,3,H,W]; in a dataloader worker, in shared memory."""
-        shape = (len(images), *images[0].shape)
-        return torch.stack(images, out=_batch_tensor(shape, torch.uint8))
-
-
-def normalize_images(
-    image_BCHW: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """Model input from a batch of uint8 pixels: normalised float32 ``[B,3,H,W]``.
-
-    The training loop calls it on the device (after ``.to(device)``), so the float
-    conversion runs there; the operations are torchvision's ``ToTensor`` + ``Normalize``
-    in the same order and dtype (IEEE fp32 on CPU and CUDA alike), so on CPU the result
-    equals open_clip's transform bit for bit (tested).
-    Float batches pass through unchanged.
-    """
-    if image_BCHW.dtype != torch.uint8:
-        return image_BCHW
-    return _normalize_(image_BCHW.float(), mean, std)
-
 
 class ImageNormalizer:
     """uint8 batches -> normalised float32 batches, written into buffers reused call after call.
 
-    The same operations as :func:`normalize_images` (so the same bits), minus an
-    allocation per batch. That allocation is what costs on a CPU: glibc serves anything
+    torchvision's ``ToTensor`` (``/255``) and ``Normalize`` in the same order and dtype
+    (IEEE fp32 on CPU and CUDA alike), so on CPU the result equals open_clip's transform
+    bit for bit (tested); run on the device after ``.to(device)``. Into a reused buffer
+    rather than a new one per batch: That allocation is what costs on a CPU: glibc serves anything
     over 32 MiB (a float batch of 64 x 224 px is 38 MiB) with a fresh ``mmap``, so every
     batch page-faults its memory in again: measured 12 ms per such batch on the 2-core VM,
     against 1.3 ms into a reused buffer. (CUDA's caching allocator reuses memory anyway.)
@@ -584,10 +566,16 @@ class Decoder:
             return torch.stack(images)
         shape = (len(images), *images[0].shape)
         if self.cfg.uint8_images:
-            return torch.stack(images, out=_batch_tensor(shape, torch.uint8))
+            return stack_pixels(images)
         pixels_BCHW = torch.stack(images)
         image_BCHW = _batch_tensor(shape, torch.float32).copy_(pixels_BCHW)
         return _normalize_(image_BCHW, self.spec.mean, self.spec.std)
+
+
+def stack_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """u8[3,H,W] images -> one u8[B,3,H,W] batch; in a dataloader worker, in shared memory."""
+    shape = (len(images), *images[0].shape)
+    return torch.stack(images, out=_batch_tensor(shape, torch.uint8))
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from clipline.data.decode import BatchedNormalize, ImageNormalizer
+from clipline.data.decode import BatchedNormalize, ImageNormalizer, stack_pixels
 from clipline.data.evalsets import ImageLoader
 from clipline.eval.cache import PixelCache
 from clipline.eval.distributed import gather_objects, gather_rows
@@ -84,7 +84,7 @@ class _PartBatches(torch.utils.data.IterableDataset):
                 if self.split is None:
                     batch = torch.stack(images)
                 else:
-                    batch = self.split.collate([f.result() if pool else f for f in images])
+                    batch = stack_pixels([f.result() if pool else f for f in images])
                 torch.set_num_threads(threads)
                 yield index, batch, targets
                 torch.set_num_threads(1)

@@ -321,17 +321,25 @@ def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, work
     torch.testing.assert_close(emb_ND, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_image_normalizer_reuses_its_buffer_and_matches_normalize_images():
-    from clipline.data.decode import ImageNormalizer, normalize_images
+def test_image_normalizer_reuses_its_buffer_and_equals_torchvision_per_image():
+    from torchvision.transforms import Normalize
+    from torchvision.transforms.functional import to_tensor
+
+    from clipline.data.decode import ImageNormalizer
 
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    def torchvision(batch_BCHW):  # ToTensor + Normalize on each image, as open_clip runs them
+        images = [PIL.Image.fromarray(x.permute(1, 2, 0).numpy()) for x in batch_BCHW]
+        return torch.stack([Normalize(mean, std)(to_tensor(im)) for im in images])
+
     normalize = ImageNormalizer(mean, std)
     a, b = (torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8) for _ in range(2))
     out_a = normalize(a)
-    assert torch.equal(out_a, normalize_images(a, mean, std))
+    assert torch.equal(out_a, torchvision(a))
     out_b = normalize(b)
     assert out_b.data_ptr() == out_a.data_ptr()  # the same memory, rewritten
-    assert torch.equal(out_b, normalize_images(b, mean, std))
+    assert torch.equal(out_b, torchvision(b))
     assert normalize(b, slot=1).data_ptr() != out_b.data_ptr()
     floats = torch.rand(2, 3, 5, 5)
     assert normalize(floats) is floats

@@ -199,7 +199,7 @@ def _zeroshot_set(root: Path, n: int, size: int) -> Path:
 
 def bench_zeroshot(a: argparse.Namespace) -> dict:
     from clipline.data import evalsets
-    from clipline.data.decode import BatchedNormalize, ImageNormalizer
+    from clipline.data.decode import BatchedNormalize, ImageNormalizer, stack_pixels
     from clipline.eval import ZeroShotTask, build_evaluator
     from clipline.pretrain.model import DualEncoder, ModelConfig
 
@@ -261,7 +261,7 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
             for (_, load, _), _ in zip(source.indexed_items(), range(n_data), strict=False)
         ]
         for start in range(0, len(pixels), a.zeroshot_batch):
-            normalize(split.collate(pixels[start : start + a.zeroshot_batch]))
+            normalize(stack_pixels(pixels[start : start + a.zeroshot_batch]))
     with torch.no_grad(), Timed() as t_fwd:
         model.encode_image(batch_BCHW)
     torch.set_num_threads(threads)
