@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -65,6 +66,10 @@ class _PartBatches(torch.utils.data.IterableDataset):
         # workers already run on 1 thread; do the same in this process while preparing a
         # batch, and give the forward pass its threads back between batches.
         torch.set_num_threads(1)
+        if self.split is not None:
+            prepare, collate = partial(_pixels, self.split), stack_pixels
+        else:
+            prepare, collate = partial(_preprocessed, self.preprocess), torch.stack
         pool = ThreadPoolExecutor(threads) if self.split is not None and threads > 1 else None
         try:
             while True:
@@ -73,18 +78,10 @@ class _PartBatches(torch.utils.data.IterableDataset):
                 for i, load, target in islice(items, self.batch_size):
                     index.append(i)
                     targets.append(target)
-                    if self.split is None:
-                        images.append(self.preprocess(load()))
-                    elif pool is None:
-                        images.append(_pixels(self.split, load))
-                    else:
-                        images.append(pool.submit(_pixels, self.split, load))
+                    images.append(pool.submit(prepare, load) if pool else prepare(load))
                 if not index:
                     break
-                if self.split is None:
-                    batch = torch.stack(images)
-                else:
-                    batch = stack_pixels([f.result() if pool else f for f in images])
+                batch = collate([f.result() for f in images] if pool else images)
                 torch.set_num_threads(threads)
                 yield index, batch, targets
                 torch.set_num_threads(1)
@@ -92,6 +89,10 @@ class _PartBatches(torch.utils.data.IterableDataset):
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
             torch.set_num_threads(threads)
+
+
+def _preprocessed(preprocess: Callable[[PIL.Image.Image], Tensor], load: ImageLoader) -> Tensor:
+    return preprocess(load())
 
 
 def _pixels(split: BatchedNormalize, load: ImageLoader) -> Tensor:
