@@ -40,13 +40,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
 from webdataset.tariterators import base_plus_ext
 
+from clipline.data.shard_io import open_shard
 from clipline.data.shards import sample_captions
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,11 @@ class _WatchedTarInfo(tarfile.TarInfo):
             raise
 
 
-def read_shard(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, counts: Counter, *, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
     """The samples of one shard (webdataset grouping: ``key.ext`` members by key).
+
+    ``url`` is opened by :func:`~clipline.data.shard_io.open_shard`: a ``pipe:`` command
+    runs only with ``allow_pipe`` (else ``ValueError``, before anything runs).
 
     Never raises for bad data. A shard that cannot be opened or has a corrupt header
     counts ``shard_read_error``; one that ends mid-member or without its end-of-archive
@@ -176,7 +179,7 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
     """
     current: dict[str, Any] | None = None
     try:
-        stream = wds.gopen(url)  # local paths, pipe:, http(s), s3 via webdataset
+        stream, _, close = open_shard(url, allow_pipe=allow_pipe)
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)
             for info in tar:
@@ -194,7 +197,7 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
                 current[ext.lower()] = tar.extractfile(info).read()
             end = getattr(tar, "end_error", None)
         finally:
-            stream.close()
+            close()
     except (tarfile.ReadError, EOFError, zlib.error) as exn:
         # "unexpected end of data" (cut member) or a gzip stream cut short.
         truncated = isinstance(exn, EOFError) or "unexpected end" in str(exn)
@@ -216,10 +219,12 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict[str, Any]]:
     log.warning("shard %s ends early (%r); skipping the rest of it", url, end)
 
 
-def read_shards(urls: Iterable[str], counts: Counter) -> Iterator[dict[str, Any]]:
+def read_shards(
+    urls: Iterable[str], counts: Counter, *, allow_pipe: bool = False
+) -> Iterator[dict[str, Any]]:
     """The samples of each shard in turn; see :func:`read_shard`."""
     for url in urls:
-        yield from read_shard(url, counts)
+        yield from read_shard(url, counts, allow_pipe=allow_pipe)
 
 
 # --------------------------------------------------------------------------- images

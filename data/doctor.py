@@ -2,7 +2,10 @@
 
 Everything that would stop or hang a run is found here, before a job waits in a queue for
 GPUs: unreadable or cut-off tars, samples without an image or a caption, duplicate keys,
-images that do not decode, a ``sizes.json`` that disagrees with the tars, shards that hold no
+samples the stream would skip (it runs the stream's own
+:class:`~clipline.data.decode.Decoder` with the same ``data.decode`` rules, so an image
+over ``max_pixels`` or under ``min_image_size`` is reported under the skip reason training
+counts, never fully decoded), a ``sizes.json`` that disagrees with the tars, shards that hold no
 usable sample (a reader given only those raises), and too few shards for ranks x workers
 (the stream's own :func:`~clipline.data.stream.epoch_shape` rule, so the two never
 disagree). Then the real stream runs for a few seconds to measure samples/s per worker.
@@ -13,28 +16,25 @@ there is any problem.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import re
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from torchvision import transforms as T
 
-from clipline.data.shards import (
-    IMAGE_KEYS,
-    ShardScan,
+from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
+from clipline.data.shard_io import (
+    is_remote,
+    iter_tar_samples,
     list_shards,
     read_manifest,
-    scan_shard,
-    split_member_name,
 )
+from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,15 @@ MAX_EXAMPLES = 3
 # Shards this much larger than the smallest get their samples seen less often per epoch
 # (every reader yields the same number of batches): worth a warning, not a failure.
 UNEVEN_RATIO = 2.0
-_META_RE = re.compile(r"__[^/]*__($|/)")
+# What each of the stream's skip reasons means for one sample, in the decode check's report.
+_SKIP_MEANING = {
+    "corrupt_image": "does not decode",
+    "image_too_large": "has more pixels than max_pixels={max_pixels}",
+    "image_too_small": "has a side shorter than min_image_size={min_image_size}",
+    "caption_not_utf8": "has a caption that is not UTF-8",
+    "missing_image": "has no image",
+    "missing_caption": "has no caption",
+}
 
 
 @dataclass(kw_only=True)
@@ -59,6 +67,8 @@ class DoctorConfig:
         full: Decode every sample instead of one per shard.
         seconds: How long to run the loader for the throughput figure; 0 skips it.
         image_size: Training image size for the loader's preprocessing.
+        decode: The stream's per-sample rules (``data.decode``: ``max_pixels``,
+            ``min_image_size``, ...); the decode check skips what training would skip.
     """
 
     shards: str
@@ -68,6 +78,7 @@ class DoctorConfig:
     full: bool = False
     seconds: float = 5.0
     image_size: int = 224
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
 @dataclass
@@ -96,6 +107,8 @@ class DoctorReport:
         samples: Usable samples found in the tars (an image and a caption).
         manifest_samples: The sum of ``sizes.json``, or None when it cannot be read.
         decoded: Samples decoded (one per shard, or all with ``full``).
+        skipped: Of those, the ones training would skip, by the stream's skip reason
+            (``corrupt_image``, ``image_too_large``, ``image_too_small``, ...).
         problems: What would break or hang a run; empty when healthy.
         warnings: What would not stop a run but is worth knowing.
         per_shard: ``{"shard", "samples", "keys", "manifest"}`` per shard.
@@ -108,6 +121,7 @@ class DoctorReport:
     samples: int = 0
     manifest_samples: int | None = None
     decoded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     per_shard: list[dict[str, Any]] = field(default_factory=list)
@@ -153,7 +167,8 @@ class DoctorReport:
 
     def _detail(self, check: str) -> str:
         if check == "decode":
-            return f"{self.decoded} sample(s) decoded"
+            skipped = sum(self.skipped.values())
+            return f"{self.decoded} sample(s) decoded, {skipped} the stream would skip"
         if check == "run_shape" and self.run_shape:
             r = self.run_shape
             return (
@@ -174,49 +189,6 @@ class DoctorReport:
 def _examples(keys: list[str]) -> str:
     more = f", ... {len(keys) - MAX_EXAMPLES} more" if len(keys) > MAX_EXAMPLES else ""
     return ", ".join(keys[:MAX_EXAMPLES]) + more
-
-
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample, grouped the way webdataset groups members.
-
-    Args:
-        path: A local ``.tar``.
-
-    Yields:
-        The samples in tar order.
-    """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r:") as tf:
-        for m in tf:
-            if not m.isreg() or _META_RE.match(m.name):
-                continue
-            k, ext = split_member_name(m.name)
-            if k is None:
-                continue
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            f = tf.extractfile(m)
-            members[ext] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, members
-
-
-def _decode_error(key: str, members: dict[str, bytes]) -> str | None:
-    """Why the stream would drop this sample at read time, or None (mirrors its decoding)."""
-    ext = next(e for e in IMAGE_KEYS if e in members)
-    try:
-        with Image.open(io.BytesIO(members[ext])) as im:
-            im.convert("RGB")  # the full decode: truncated images fail here, not at open()
-    except Exception as e:  # PIL raises many types for bad bytes; all mean the same here
-        return f"{key}.{ext} does not decode ({type(e).__name__}: {e})"
-    try:
-        members["txt"].decode("utf-8")
-    except UnicodeDecodeError:
-        return f"{key}.txt is not UTF-8"
-    return None
 
 
 def _check_tar(scan: ShardScan, report: DoctorReport) -> None:
@@ -277,29 +249,58 @@ def _check_tar(scan: ShardScan, report: DoctorReport) -> None:
         )
 
 
-def _check_decode(scan: ShardScan, full: bool, report: DoctorReport) -> None:
+def _decoder(cfg: DoctorConfig) -> Decoder:
+    """The stream's own decoder, with a training transform of open_clip's shape (so the
+    same header checks, draft decoding and crop path run as in training)."""
+    preprocess = T.Compose(
+        [
+            T.RandomResizedCrop(
+                cfg.image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.ToTensor(),
+            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    return Decoder(cfg.decode, preprocess)
+
+
+def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> None:
+    """Runs the stream's :class:`~clipline.data.decode.Decoder` on the shard's samples and
+    reports those it would skip, by the skip reasons training counts."""
+    decoder = _decoder(cfg)
+    meaning = {k: v.format(**asdict(cfg.decode)) for k, v in _SKIP_MEANING.items()}
     bad: list[str] = []
+    skipped: Counter = Counter()
     try:
         for key, members in iter_tar_samples(scan.path):
             if "txt" not in members or not any(e in members for e in IMAGE_KEYS):
                 continue  # already reported by the key check
-            error = _decode_error(key, members)
+            before = skipped.copy()
+            sample = {"__key__": key, "__url__": scan.path, **members}
+            decoded = decoder(sample, seed=report.decoded, skipped=skipped, converted=Counter())
             report.decoded += 1
-            if error is not None:
-                bad.append(error)
-            if not full:
+            if decoded is None:
+                (reason,) = skipped - before
+                ext = next((e for e in IMAGE_EXTS if e in members), "txt")
+                bad.append(f"{key}.{ext} {meaning.get(reason, reason)} ({reason})")
+            if not cfg.full:
                 break
     except (tarfile.TarError, OSError) as e:  # already reported by the tar check
         log.debug("decode check stopped at a damaged tar %s: %s", scan.path, e)
+    for reason, n in skipped.items():
+        report.skipped[reason] = report.skipped.get(reason, 0) + n
     if bad:
-        scope = "" if full else " (the first sample checked; run --full to check all)"
+        scope = "" if cfg.full else " (the first sample checked; run --full to check all)"
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
         report.problems.append(
             Problem(
                 "decode",
                 scan.path,
-                f"{len(bad)} sample(s) the stream would drop{scope}: {_examples(bad)}. "
-                "Rewrite the shard from the source images with `clipline shards` (it "
-                "skips undecodable images), or find the broken files with --full.",
+                f"{len(bad)} sample(s) the stream would drop{scope} ({counts}): "
+                f"{_examples(bad)}. Rewrite the shard from the source images with `clipline "
+                "shards` (it skips undecodable images; --max-side shrinks large ones), relax "
+                "data.decode (--max-pixels, --min-image-size here), or find the files with "
+                "--full.",
             )
         )
 
@@ -336,7 +337,11 @@ def _check_manifest(cfg: DoctorConfig, scans: list[ShardScan], report: DoctorRep
 
 def _check_run_shape(cfg: DoctorConfig, num_samples: int | None, report: DoctorReport) -> bool:
     stream_cfg = StreamConfig(
-        shards=cfg.shards, batch_size=cfg.batch_size, workers=cfg.workers, num_samples=num_samples
+        shards=cfg.shards,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        num_samples=num_samples,
+        decode=cfg.decode,
     )
     try:
         shape = epoch_shape(stream_cfg, cfg.world_size)
@@ -361,7 +366,11 @@ def _measure_loader(cfg: DoctorConfig, num_samples: int | None, report: DoctorRe
     preprocess = open_clip.transform.image_transform(cfg.image_size, is_train=True)
     tokenize = open_clip.get_tokenizer("ViT-B-32")
     stream_cfg = StreamConfig(
-        shards=cfg.shards, batch_size=cfg.batch_size, workers=cfg.workers, num_samples=num_samples
+        shards=cfg.shards,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        num_samples=num_samples,
+        decode=cfg.decode,
     )
     loader = build_train_loader(
         stream_cfg, preprocess=preprocess, tokenize=tokenize, rank=0, world_size=cfg.world_size
@@ -419,13 +428,14 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
             f"world_size={cfg.world_size}, batch_size={cfg.batch_size} and "
             f"workers={cfg.workers} must be >= 1, >= 1 and >= 0"
         )
+    cfg.decode.validate()
     try:
         urls = list_shards(cfg.shards)
     except ValueError as e:
         report.problems.append(Problem("shards", None, str(e)))
         report.checks["shards"] = "failed"
         return report
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
+    remote = [u for u in urls if is_remote(u)]
     if remote:
         raise ValueError(
             f"the doctor reads local shards; {remote[0]!r} is remote. Copy a few shards "
@@ -448,7 +458,7 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
         _check_tar(s, report)
     for check in ("tar", "keys"):
         report.checks[check] = "failed" if any(p.check == check for p in report.problems) else "ok"
-    run("decode", lambda: [_check_decode(s, cfg.full, report) for s in scans if s.samples])
+    run("decode", lambda: [_check_decode(s, cfg, report) for s in scans if s.samples])
     run("manifest", _check_manifest, cfg, scans, report)
     # Without a readable sizes.json, check the shape on the counted samples so that a
     # too-few-shards problem still shows up in the same report.

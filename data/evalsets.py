@@ -33,6 +33,8 @@ from typing import Any
 import PIL.Image
 import webdataset as wds
 
+from clipline.data.shard_io import webdataset_samples
+
 logger = logging.getLogger(__name__)
 
 SPLIT = "test"  # clip_benchmark's default split
@@ -469,12 +471,13 @@ def _read_shards(
 ) -> Iterator[tuple[int, ImageLoader, str]]:
     if not 0 <= part < num_parts:
         raise ValueError(f"part={part}, num_parts={num_parts}; need 0 <= part < num_parts")
-    urls = [str(root / split / f"{i}.tar") for i in range(_num_shards(root, split))]
+    # Paths, never strings: a root such as ./pipe:cmd must stay a folder, where webdataset
+    # would run "pipe:cmd/test/0.tar" as a shell command.
+    paths = [root / split / f"{i}.tar" for i in range(_num_shards(root, split))]
     # No node or worker splitting: the caller picks its samples by index (``part``), so that
-    # the union of the parts is exactly the set, in order; webdataset's default node splitter
-    # would also refuse to run under DDP. Undecoded, so a part decodes only its own images.
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
-    for index, sample in enumerate(dataset):
+    # the union of the parts is exactly the set, in order. Undecoded, so a part decodes only
+    # its own images.
+    for index, sample in enumerate(webdataset_samples(paths)):
         if index % num_parts != part:
             continue
         image_key = next((k for k in _IMAGE_KEYS.split(";") if k in sample), None)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import glob
 import hashlib
 import io
 import json
@@ -50,8 +49,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 from PIL import Image
+
+# Listing and manifests live in shard_io (one module for every reader and writer); these
+# names stay importable from here.
+from clipline.data.shard_io import (
+    is_remote,
+    list_shards,
+    local_path,
+    split_member_name,
+)
+from clipline.data.shard_io import read_manifest as read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -967,16 +975,6 @@ class ShardScan:
     captions: _CaptionStats = field(default_factory=_CaptionStats, repr=False)
 
 
-def split_member_name(name: str) -> tuple[str | None, str | None]:
-    """``(key, lower-cased extension)`` of a tar member, or ``(None, None)`` without a dot.
-
-    webdataset's own rule (``base_plus_ext``): the key is everything before the first dot of
-    the file name, the extension everything after it.
-    """
-    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
-    return (match.group(1), match.group(2).lower()) if match else (None, None)
-
-
 def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
     """Read a tar's headers and captions (not its image bytes) and check its structure.
 
@@ -1080,13 +1078,13 @@ def index_shards(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     urls = list_shards(spec)
-    remote = [u for u in urls if _is_remote(u)]
+    remote = [u for u in urls if is_remote(u)]
     if remote:
         raise ValueError(
             f"cannot index remote shards ({remote[0]!r}); copy them locally or write "
             "sizes.json yourself."
         )
-    paths = [Path(_local(u)).resolve() for u in urls]
+    paths = [Path(local_path(u)).resolve() for u in urls]
     if output_dir is None:
         folders = sorted({str(p.parent) for p in paths})
         if len(folders) > 1:
@@ -1153,129 +1151,3 @@ def index_shards(
     _write_manifest(out, report, report_name="index_report.json", merge=output_dir is None)
     logger.info("indexed %d samples in %d shards into %s", report.written, len(names), out)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and counting shards
-
-
-def _is_remote(url: str) -> bool:
-    return bool(_REMOTE_RE.match(url)) and not url.startswith("file://")
-
-
-def _local(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
-
-
-def _split_outside_braces(spec: str) -> list[str]:
-    """Split on ',' except inside '{...}', where commas belong to brace alternatives."""
-    parts, depth, cur = [], 0, []
-    for ch in spec:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-def list_shards(spec: str | Path | list[str]) -> list[str]:
-    """Expand a shard specification into a list of shard URLs/paths.
-
-    Accepts a directory (all ``*.tar`` in it, sorted), a brace pattern
-    (``/x/{000000..000009}.tar``), a glob (``/x/*.tar``), or several of these separated by
-    ``::`` (open_clip's multi-source separator) or by commas outside braces. Remote URLs
-    (``s3://``, ``https://``, ``pipe:``) pass through unchecked.
-
-    Args:
-        spec: The specification, or a list of them.
-
-    Returns:
-        Shard paths/URLs in order.
-
-    Raises:
-        ValueError: If the spec is empty, a directory has no shards, or a local shard
-            does not exist.
-    """
-    specs = [str(s) for s in spec] if isinstance(spec, list | tuple) else [str(spec)]
-    parts = [
-        p.strip() for s in specs for chunk in s.split("::") for p in _split_outside_braces(chunk)
-    ]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise ValueError(f"empty shard spec {spec!r}; pass a folder, a pattern or a list.")
-    shards: list[str] = []
-    for part in parts:
-        if not _is_remote(part) and Path(_local(part)).is_dir():
-            found = sorted(str(p) for p in Path(_local(part)).glob("*.tar"))
-            if not found:
-                raise ValueError(
-                    f"no *.tar shards in folder {part!r}; write some with `clipline shards` "
-                    "or point at the folder that holds them."
-                )
-            shards.extend(found)
-        elif not _is_remote(part) and any(c in part for c in "*?["):
-            found = sorted(glob.glob(_local(part)))
-            if not found:
-                raise ValueError(f"glob {part!r} matches no files; check the path.")
-            shards.extend(found)
-        else:
-            shards.extend(braceexpand.braceexpand(part))
-    missing = [s for s in shards if not _is_remote(s) and not Path(_local(s)).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ValueError(
-            f"shard(s) not found: {missing[:3]}{more}; "
-            "check the path/pattern (brace ranges like {000000..000009} must match the "
-            "file names) or write the shards with `clipline shards`."
-        )
-    return shards
-
-
-def read_manifest(shards_dir_or_pattern: str | Path | list[str]) -> dict[str, int]:
-    """Sample counts per shard, from the ``sizes.json`` next to each shard.
-
-    ``sizes.json`` is open_clip's format: ``{"000000.tar": n, ...}`` keyed by file name, in
-    the shards' folder.
-
-    Args:
-        shards_dir_or_pattern: Anything :func:`list_shards` accepts (local shards only).
-
-    Returns:
-        ``{shard path: sample count}`` in shard order.
-
-    Raises:
-        ValueError: If a shard is remote, a ``sizes.json`` is missing, or it lacks a shard.
-    """
-    shards = list_shards(shards_dir_or_pattern)
-    cache: dict[Path, dict[str, int]] = {}
-    counts: dict[str, int] = {}
-    for shard in shards:
-        if _is_remote(shard):
-            raise ValueError(
-                f"cannot read sizes.json for remote shard {shard!r}; give the sample count "
-                "explicitly (e.g. num_samples=...) or copy sizes.json next to local shards."
-            )
-        folder = Path(_local(shard)).parent
-        if folder not in cache:
-            sizes_path = folder / "sizes.json"
-            if not sizes_path.is_file():
-                raise ValueError(
-                    f"no sizes.json in {str(folder)!r} (needed for shard {shard!r}); "
-                    "shards written by `clipline shards` have one, otherwise write "
-                    '{"<shard>.tar": <count>, ...} there or give the sample count explicitly.'
-                )
-            cache[folder] = {k: int(v) for k, v in json.loads(sizes_path.read_text()).items()}
-        name = Path(shard).name
-        if name not in cache[folder]:
-            raise ValueError(
-                f"{str(folder / 'sizes.json')!r} has no entry for {name!r} "
-                f"(it lists {len(cache[folder])} shards); rewrite the shards or add the entry."
-            )
-        counts[shard] = cache[folder][name]
-    return counts

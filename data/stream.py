@@ -61,7 +61,6 @@ import logging
 import multiprocessing
 import random
 import re
-import subprocess
 import tarfile
 import time
 import zlib
@@ -71,7 +70,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -81,25 +79,16 @@ from webdataset.tariterators import base_plus_ext
 from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
 from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
-from clipline.data.shards import list_shards
+from clipline.data.shard_io import check_url as _check_url
+from clipline.data.shard_io import list_shards, open_shard
+from clipline.data.shard_io import protocol as _protocol
+from clipline.data.shard_io import read_bytes as _read_bytes
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 OPEN_ATTEMPTS = 3  # tries to open a shard before it is given up (resampled) or lost
 RETRY_SECONDS = 0.5  # first wait between tries; doubled each time
-# fsspec protocol -> the pip package that provides it (fsspec itself only knows the names).
-_BACKEND_PACKAGES = {
-    "s3": "s3fs",
-    "s3a": "s3fs",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "http": "aiohttp",
-    "https": "aiohttp",
-    "az": "adlfs",
-    "abfs": "adlfs",
-    "hf": "huggingface_hub",
-}
 
 
 @dataclass(kw_only=True)
@@ -196,61 +185,10 @@ class StreamConfig:
 # ----------------------------------------------------------------------------- reading URLs
 
 
-def _protocol(url: str) -> str:
-    if url.startswith("pipe:"):
-        return "pipe"
-    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", url)
-    return m.group(1).lower() if m else "file"
-
-
-def _check_url(url: str, allow_pipe: bool) -> None:
-    """Fails before training on a gated ``pipe:`` URL or a missing fsspec backend."""
-    proto = _protocol(url)
-    if proto == "pipe":
-        if not allow_pipe:
-            raise ValueError(
-                f"{url!r} is a pipe: URL, which runs a shell command taken from the config; "
-                "set data.allow_pipe=true to allow it"
-            )
-        return
-    if proto == "file":
-        return
-    try:
-        fsspec.get_filesystem_class(proto)
-    except ImportError as e:
-        package = _BACKEND_PACKAGES.get(proto, f"the fsspec backend for {proto}://")
-        raise ValueError(f"reading {url!r} needs {package}: pip install {package} ({e})") from e
-    except ValueError as e:
-        raise ValueError(f"{url!r}: fsspec knows no protocol {proto!r} ({e})") from e
-
-
 def _open(url: str) -> tuple[IO[bytes], bool, Callable[[], None]]:
-    """(binary stream, whether it is seekable, close) for a path, fsspec URL or pipe: command."""
-    proto = _protocol(url)
-    if proto == "pipe":
-        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
-
-        def close() -> None:
-            proc.stdout.close()  # a command cut short gets SIGPIPE, which is fine here
-            proc.wait()
-
-        return proc.stdout, False, close
-    if proto == "file":
-        f = open(url.removeprefix("file://"), "rb")  # noqa: SIM115 (closed by the caller)
-        return f, True, f.close
-    # Streaming, not random access: shards are read front to back, and many HTTP servers
-    # (python's http.server among them) answer range requests with the whole file.
-    options = {"block_size": 0} if proto in ("http", "https") else {}
-    f = fsspec.open(url, "rb", **options).open()
-    return f, False, f.close
-
-
-def _read_bytes(url: str) -> bytes:
-    f, _, close = _open(url)
-    try:
-        return f.read()
-    finally:
-        close()
+    """(stream, seekable, close) for a shard of the plan: its URLs passed
+    ``_check_url(url, cfg.allow_pipe)`` when the epoch was laid out (:func:`_source_shards`)."""
+    return open_shard(url, allow_pipe=True)
 
 
 def _shard_name(url: str) -> str:

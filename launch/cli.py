@@ -54,8 +54,13 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_doctor(args: argparse.Namespace) -> int:
+    from clipline.data.decode import DecodeConfig
     from clipline.data.doctor import DoctorConfig, diagnose
 
+    decode = DecodeConfig()
+    for name in ("max_pixels", "min_image_size"):
+        if getattr(args, name) is not None:
+            setattr(decode, name, getattr(args, name))
     report = diagnose(
         DoctorConfig(
             shards=args.shards,
@@ -65,6 +70,7 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
             full=args.full,
             seconds=args.seconds,
             image_size=args.image_size,
+            decode=decode,
         )
     )
     print(report.to_json() if args.json else report.to_text(args.shards))
@@ -305,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="decode every sample, not one per shard")
     p.add_argument("--seconds", type=float, default=5.0, help="loader measurement time; 0 skips it")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="data.decode.max_pixels: skip larger images, as training does (89478485)",
+    )
+    p.add_argument(
+        "--min-image-size",
+        type=int,
+        default=None,
+        help="data.decode.min_image_size: skip images with a shorter side, as training (16)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_data_doctor)
 

@@ -65,7 +65,9 @@ def test_a_missing_fsspec_backend_names_the_package(monkeypatch):
     def missing(protocol):
         raise ImportError(f"Install the package for {protocol}")
 
-    monkeypatch.setattr(stream.fsspec, "get_filesystem_class", missing)
+    import fsspec  # shard_io imports it on demand: patch the module itself
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", missing)
     with pytest.raises(ValueError, match="pip install s3fs"):
         epoch_shape(StreamConfig(shards="s3://bucket/{000000..000001}.tar", workers=0), 1)
     with pytest.raises(ValueError, match="pip install gcsfs"):
