@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+
+from clipline.pretrain.safe_load import load_safetensors, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 
 def load_weights(model: nn.Module, ckpt: Path) -> None:
     """Loads ``model.safetensors`` into an unwrapped model (strict)."""
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
+    model.load_state_dict(load_safetensors(ckpt / "model.safetensors", "checkpoint"), strict=True)
 
 
 def load_checkpoint(ckpt: Path, *, model: nn.Module) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def load_checkpoint(ckpt: Path, *, model: nn.Module) -> dict[str, Any]:
 
 def load_optimizer_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Restores the optimizer of a wrapped model (DDP, FSDP2 or none); on every rank."""
-    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved = load_weights_only(ckpt / "optimizer.pt", "optimizer state", map_location="cpu")
     set_optimizer_state_dict(
         model, optimizer, saved, options=StateDictOptions(full_state_dict=True)
     )

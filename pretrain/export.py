@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from clipline.pretrain.model import DualEncoder
+from clipline.pretrain.safe_load import load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,10 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> D
         model_cfg["text_cfg"]["hf_tokenizer_name"] = path
     # The HF tower's weights are in text_encoder.safetensors: build it from its config only.
     model = DualEncoder(model_cfg, meta["preprocess"], load_hf_weights=False)
-    weights = {**load_file(export_dir / IMAGE_FILE), **load_file(export_dir / TEXT_FILE)}
+    weights = {
+        **load_safetensors(export_dir / IMAGE_FILE, "export"),
+        **load_safetensors(export_dir / TEXT_FILE, "export"),
+    }
     weights["logit_scale"] = torch.tensor([meta["log_logit_scale"]], dtype=torch.float32)
     if meta["logit_bias"] is not None:
         weights["logit_bias"] = torch.tensor([meta["logit_bias"]], dtype=torch.float32)

@@ -26,6 +26,8 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
+from clipline.pretrain.safe_load import check_safetensors, load_safetensors
+
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 1/100
@@ -101,8 +103,12 @@ class ModelConfig:
                 "model.image_tower_weights needs model.image_tower = 'timm:<name>' "
                 "(the weights are loaded into that timm model)"
             )
-        if self.image_tower_weights is not None and not Path(self.image_tower_weights).is_file():
-            raise ValueError(f"model.image_tower_weights: no such file {self.image_tower_weights}")
+        if self.image_tower_weights is not None:
+            if not Path(self.image_tower_weights).is_file():
+                raise ValueError(
+                    f"model.image_tower_weights: no such file {self.image_tower_weights}"
+                )
+            check_safetensors(self.image_tower_weights, "model.image_tower_weights")
         if self.text_tower is not None:
             model_cfg["text_cfg"] = _hf_text_cfg(self.text_tower)
         return model_cfg
@@ -303,10 +309,9 @@ class DualEncoder(nn.Module):
 
     def load_image_tower_weights(self, path: str) -> None:
         """Loads timm weights (safetensors) into the timm image tower; the head is not used."""
-        from safetensors.torch import load_file
-
         trunk = self.clip.visual.trunk
-        missing, unexpected = trunk.load_state_dict(load_file(path), strict=False)
+        weights = load_safetensors(path, "model.image_tower_weights")
+        missing, unexpected = trunk.load_state_dict(weights, strict=False)
         if missing:
             name = self.model_cfg["vision_cfg"]["timm_model_name"]
             raise ValueError(
