@@ -664,16 +664,14 @@ def write_samples(
         images=dict(images),
     )
     _write_manifest(out, report)
-    if written == 0:
-        logger.warning("no samples written to %s; skipped: %s", out, report.skipped)
-    else:
-        logger.info(
-            "wrote %d samples in %d shards to %s; skipped %s",
-            written,
-            len(sizes),
-            out,
-            report.skipped or "none",
-        )
+    # No warning for 0 written: write_shards raises, naming the input and the reasons.
+    logger.info(
+        "wrote %d samples in %d shards to %s; skipped %s",
+        written,
+        len(sizes),
+        out,
+        report.skipped or "none",
+    )
     return report
 
 
@@ -864,7 +862,9 @@ def _read_folder(root: Path) -> Iterator[Sample | Skipped]:
         except (OSError, UnicodeDecodeError):
             yield Skipped(MALFORMED_ROW, key)
             continue
-        yield _row_sample(_Row(key, str(img), [caption], {}), root)
+        # Absolute: _row_sample resolves relative paths against the folder, and img is
+        # already under it (a relative folder would be joined twice: every image missing).
+        yield _row_sample(_Row(key, str(img.absolute()), [caption], {}), root)
 
 
 _TABLE_READERS: dict[str, Callable[[Path, ShardsConfig], Iterator[_Row | Skipped]]] = {
@@ -930,10 +930,12 @@ def write_shards(cfg: ShardsConfig) -> ShardReport:
 
     Raises:
         ValueError: For a missing input, an unsupported input type, a missing column,
-            an option out of range, or an output folder that already holds shards.
+            an option out of range, an output folder that already holds shards, or when
+            no sample could be written (after writing ``report.json``: the message names
+            the skip reasons).
     """
     samples = iter_input(cfg)
-    return write_samples(
+    report = write_samples(
         samples,
         cfg.output_dir,
         samples_per_shard=cfg.samples_per_shard,
@@ -942,6 +944,37 @@ def write_shards(cfg: ShardsConfig) -> ShardReport:
         jpeg_quality=cfg.jpeg_quality,
         dedup=cfg.dedup,
         token_stats=cfg.token_stats,
+    )
+    if report.written == 0:
+        raise ValueError(_nothing_written(cfg, report))
+    return report
+
+
+def _nothing_written(cfg: ShardsConfig, report: ShardReport) -> str:
+    """Why a run wrote no sample, and the likely fix, in one line."""
+    where = f"{cfg.output_dir}/report.json"
+    if not report.skipped:
+        return (
+            f"no samples written from {cfg.input!r}: it holds no rows or images "
+            f"({'/'.join(IMAGE_EXTENSIONS)} files); see {where}"
+        )
+    reasons = ", ".join(
+        f"{reason}: {n} (e.g. {report.skipped_examples.get(reason, ['?'])[0]!r})"
+        for reason, n in report.skipped.items()
+    )
+    fixes = {
+        MISSING_IMAGE: "image paths resolve against the manifest's folder; check "
+        f"--image-column={cfg.image_column!r} and that the files exist",
+        MISSING_CAPTION: "a folder needs name.txt beside each name.jpg; a manifest needs "
+        f"--caption-column={cfg.caption_column!r}",
+        EMPTY_CAPTION: "the captions are empty",
+        CORRUPT_IMAGE: "the image files do not decode",
+        REMOTE_IMAGE: "the images are URLs: download them first (e.g. with img2dataset)",
+    }
+    fix = "; ".join(fixes[r] for r in report.skipped if r in fixes)
+    return (
+        f"no samples written from {cfg.input!r}: every one was skipped ({reasons})"
+        f"{'; ' + fix if fix else ''}; see {where}"
     )
 
 

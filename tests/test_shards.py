@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from clipline.data.shards import (
     write_samples,
     write_shards,
 )
+from clipline.launch.cli import main
 
 
 def _jpeg_bytes(color=(200, 30, 30), size=(24, 20)) -> bytes:
@@ -231,3 +234,59 @@ def test_list_shards_and_manifest(tmp_path: Path) -> None:
     (d / "sizes.json").unlink()
     with pytest.raises(ValueError, match="sizes.json"):
         read_manifest(d)
+
+
+def _pairs_folder(root: Path, n: int = 3, captions: bool = True) -> Path:
+    (root / "sub").mkdir(parents=True)
+    for i in range(n):
+        stem = root / ("sub" if i % 2 else "") / f"p{i}"
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(stem.with_suffix(".png"))
+        if captions:
+            stem.with_suffix(".txt").write_text(f"pair {i}")
+    return root
+
+
+def _clipline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clipline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_folder_input_relative_and_absolute_paths(tmp_path: Path, monkeypatch) -> None:
+    # The field report: `clipline shards pairs out` from the folder above wrote 0 samples
+    # (every row missing_image: the relative folder was joined to itself) and exited 0.
+    _pairs_folder(tmp_path / "pairs")
+    proc = _clipline("shards", "pairs", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == 3
+    assert read_manifest(tmp_path / "out") == {str(tmp_path / "out" / "000000.tar"): 3}
+    # Every mix of relative and absolute input and output, from another working directory.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    for i, (src, out) in enumerate(
+        [("../pairs", str(tmp_path / "o0")), (str(tmp_path / "pairs"), "o1"), ("../pairs", "o2")]
+    ):
+        assert main(["shards", src, out]) == 0
+        written = read_manifest(out if i else str(tmp_path / "o0"))
+        assert list(written.values()) == [3]
+
+
+def test_a_run_that_writes_nothing_fails_naming_input_and_reasons(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    _pairs_folder(tmp_path / "nocaps", captions=False)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["shards", "nocaps", "out"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "no samples written from 'nocaps'" in err[0] and "missing_caption: 3" in err[0]
+    assert "name.txt" in err[0]  # the fix
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["written"] == 0
+    csv_path = tmp_path / "rows.csv"
+    csv_path.write_text("filepath,caption\nnot_there.jpg,a caption\n")
+    with pytest.raises(ValueError, match=r"missing_image: 1 \(e.g. 'not_there.jpg'\)"):
+        write_shards(ShardsConfig(input=str(csv_path), output_dir=str(tmp_path / "o")))
