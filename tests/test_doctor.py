@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,51 @@ def test_diagnose_api_and_missing_folder(tmp_path: Path) -> None:
     report = diagnose(DoctorConfig(shards=str(tmp_path / "nope"), seconds=0))
     assert not report.ok and report.problems[0].check == "shards"
     assert "nope" in report.to_text()
+
+
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_applies_the_streams_rules(shards: Path, capsys) -> None:
+    # A 10000 x 10000 PNG (1-bit: small to write) that training skips as image_too_large:
+    # the doctor used to decode it in full (300 MB of RGB) and call it usable. And an 8 x 8
+    # JPEG below min_image_size.
+    _tar(
+        shards / "000003.tar",
+        [("big.png", _png((10_000, 10_000), "1")), ("big.txt", b"a huge image")]
+        + [("small.jpg", _jpeg()), ("small.txt", b"an icon")]
+        + [("ok.png", _png((32, 32))), ("ok.txt", b"fine")],
+    )
+    sizes = json.loads((shards / "sizes.json").read_text())
+    sizes["000003.tar"] = 3
+    (shards / "sizes.json").write_text(json.dumps(sizes))
+    rc, out = _doctor(shards, capsys)  # first sample per shard: the big one
+    assert rc == 1
+    assert "big.png has more pixels than max_pixels=89478485 (image_too_large)" in out
+    rc, out = _doctor(shards, capsys, "--full", "--json")
+    report = json.loads(out)
+    assert rc == 1 and report["skipped"] == {"image_too_large": 1, "image_too_small": 1}
+    (problem,) = [p for p in report["problems"] if p["check"] == "decode"]
+    assert "image_too_small: 1" in problem["message"] and "small.jpg" in problem["message"]
+
+    # Training counts the same samples under the same reasons.
+    from clipline.data.stream import StreamConfig
+    from tests.helpers import micro_loader
+
+    loader = micro_loader(StreamConfig(shards=str(shards), batch_size=4, workers=0))
+    counted: Counter = Counter()
+    for batch in loader.epoch(0):
+        counted.update(batch["skipped"])
+    assert dict(counted) == report["skipped"]
+
+    # The same settings as data.decode: relaxed, the icon is usable; tightened, all skip.
+    rc, out = _doctor(shards, capsys, "--full", "--json", "--min-image-size", "4")
+    assert json.loads(out)["skipped"] == {"image_too_large": 1}
+    rc, out = _doctor(shards, capsys, "--full", "--json", "--max-pixels", "1000")
+    # Every 32 x 32 image (1024 pixels), 36 + 1 in the rewritten shard, and the big one.
+    assert json.loads(out)["skipped"] == {"image_too_large": 38, "image_too_small": 1}
+    assert main(["data", "doctor", str(shards), "--max-pixels", "10", "--seconds", "0"]) == 2
+    assert "data.decode.max_pixels=10" in capsys.readouterr().err
