@@ -6,7 +6,6 @@ import threading
 
 import pytest
 
-import clipline.data.stream as stream
 from clipline.data.stream import StreamConfig, epoch_shape
 from tests.helpers import make_shards, micro_loader
 
