@@ -439,7 +439,8 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
     if remote:
         raise ValueError(
             f"the doctor reads local shards; {remote[0]!r} is remote. Copy a few shards "
-            "locally to check them."
+            "locally to check them (a local folder whose name starts with pipe: is read as "
+            "a folder when written ./pipe:... or as an absolute path)."
         )
     report.shards = len(urls)
 

@@ -1115,7 +1115,8 @@ def index_shards(
     if remote:
         raise ValueError(
             f"cannot index remote shards ({remote[0]!r}); copy them locally or write "
-            "sizes.json yourself."
+            "sizes.json yourself (a local folder whose name starts with pipe: is read as a "
+            "folder when written ./pipe:... or as an absolute path)."
         )
     paths = [Path(local_path(u)).resolve() for u in urls]
     if output_dir is None:
