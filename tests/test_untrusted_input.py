@@ -166,12 +166,15 @@ def test_pipe_urls_run_only_with_allow_pipe(ws, tmp_path, monkeypatch, capsys) -
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "data.allow_pipe=true" in err
     _no_sentinel(ws, tmp_path)
-    # Allowed, the same command runs (what data.allow_pipe is for).
+    # Allowed, such a command runs (what data.allow_pipe is for); here in its own folder.
+    (tmp_path / "allowed").mkdir()
+    monkeypatch.chdir(tmp_path / "allowed")
+    cmd = f"pipe:touch {SENTINEL}; cat '{ws / PIPE_DIR}/000000.tar'"
     manifest = str(ws / PIPE_DIR / "sizes.json")
     cfg = StreamConfig(shards=cmd, manifest=manifest, batch_size=4, workers=0, allow_pipe=True)
     assert len([k for b in micro_loader(cfg).epoch(0) for k in b["key"]]) == 8
-    assert (ws / SENTINEL).exists()
-    (ws / SENTINEL).unlink()
+    assert (tmp_path / "allowed" / SENTINEL).exists()
+    _no_sentinel(ws)
 
 
 # ------------------------------------------------------------------------------- pickles
