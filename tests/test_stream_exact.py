@@ -260,3 +260,35 @@ def test_the_same_run_from_two_folders_gives_the_same_losses(tmp_path, monkeypat
     assert {s: resumed[s]["train/loss"] for s in resumed} == {
         s: want[s]["train/loss"] for s in (3, 4)
     }
+
+
+def test_two_ranks_resume_on_damaged_shards_with_the_same_counts(tmp_path):
+    """torchrun, 2 gloo processes: the resumed run's losses and skip counts (summed over
+    ranks, in the metrics and in state.json) are the uninterrupted run's."""
+    from tests.helpers import torchrun
+
+    shards = _damaged(tmp_path / "s")
+    script = Path(__file__).parent / "dist" / "train_damaged.py"
+    torchrun(script, str(shards), str(tmp_path / "full"), "1", timeout=600)
+    at4, at8 = list_checkpoints(tmp_path / "full")
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    torchrun(script, str(shards), str(resumed), "1", str(at4), timeout=600)
+    full, again = _rows(tmp_path / "full"), _rows(resumed)
+    assert sorted(again) == [5, 6, 7, 8]
+    for step in again:
+        assert again[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6)
+        data = {k: v for k, v in full[step].items() if k.startswith("data/")}
+        assert {k: again[step][k] for k in data} == data, step
+    # One epoch (52 rows, 2 ranks x 6 batches of 4) holds the 20 corrupt and 6 lost samples
+    # once, less the 4 it leaves out; steps 7-8 read on into the next.
+    assert (
+        20 + 6 - 4
+        <= full[6]["data/skipped/corrupt_image"] + full[6]["data/skipped/truncated_tar"]
+        <= 26
+    )
+    state = json.loads((list_checkpoints(resumed)[-1] / "state.json").read_text())
+    assert state["skipped"] == json.loads((at8 / "state.json").read_text())["skipped"]
+    assert sum(state["skipped"].values()) == sum(
+        full[8][f"data/skipped/{r}"] for r in state["skipped"]
+    )
