@@ -12,9 +12,11 @@ starts reading where the workers stopped: no sample is read twice to get there.
 
 * ``exact``: each sample of every source at most once per epoch. The shards of all sources
   are shuffled together (per epoch), laid end to end, and the sequence is cut into equal
-  contiguous ranges per rank (whole batches; the last ``< ranks x batch`` samples of the
-  order wait for a later epoch) and per worker. Shards need not be equal: cuts fall inside
-  shards where they must.
+  contiguous ranges per rank (whole batches) and per worker. Shards need not be equal: cuts
+  fall inside shards where they must. The samples left over (fewer than ranks x batch, or
+  more with a smaller ``num_samples``) are left out of the epoch before it is cut: a window
+  over the shards in a fixed seeded order that moves on by its own length every epoch, so
+  a sample left out of one epoch is read in the next ones (none is left out for good).
 * ``resampled``: infinite; each worker draws shards with replacement (probability
   proportional to their sample count, so every sample of a source is equally likely),
   seeded by (seed, epoch, rank, worker). An epoch is then just a *checkpoint unit* of
@@ -27,27 +29,34 @@ from a window of ``shuffle_buffer`` consecutive samples, like webdataset's shuff
 and about ``shuffle_buffer`` read samples wait in memory. Unlike a buffer, the order is
 known without reading, which is what makes an O(1) resume possible.
 
+**Augmentation** is seeded per sample by (seed, epoch, sample); in exact mode a sample is
+its shard's name *within its source* (the path below the folder its shards share) and its
+key, never the shard's path: the same shards moved to another folder, or given by a
+relative path, give the same run, and a checkpoint's stream state still fits them.
+
 **No hangs.** Every rank yields exactly ``batches_per_epoch`` batches in both modes, whatever
 the shard sizes: ranks receive equal sample counts, and a worker whose samples fail to
-decode fills its last batches with its own earlier samples (deterministically). No rank
+decode fills its last batches by repeating its own good samples (deterministically). No rank
 can reach the end of its data while the others wait in a collective (the classic DDP
 epoch-end hang). The stream is deliberately *not* passed to ``accelerator.prepare``: for an
 iterable dataset Accelerate would read everything on rank 0 and broadcast it.
 
 **Exact resume** (see :class:`TrainLoader`): the state saved with a checkpoint is, per rank,
-the epoch and each worker's position in its planned list. Positions in a plan are a
-complete description of what was consumed, so resuming with the same workers continues
-every list where it stopped (identical batches, identical losses); resuming with a
-different number of workers re-plans only the *remaining* samples among the new workers
-(none repeated, none skipped).
+the epoch and each worker's position in its planned list, in its repeats of good samples
+(the fill), and the rows it found unusable (rare). These are a complete description of
+what was consumed and what the repeats leave out, so resuming with the same workers
+continues every list where it stopped (identical batches, losses and skip counts, on
+damaged data too); resuming with a different number of workers re-plans only the
+*remaining* samples among the new workers (none repeated, none skipped).
 
 Shards can be local paths, ``file://``, any fsspec URL (``s3://`` with s3fs, ``gs://`` with
 gcsfs, ``http(s)://`` with aiohttp) or, only with ``allow_pipe = true``, ``pipe:`` shell
 commands that write a tar to stdout.
 
 Bad samples never stop training: each is dropped and counted by reason (colour conversions
-too; see :mod:`clipline.data.decode`), and every batch carries the counts its worker made
-since its previous batch, so the training loop can report ``data/skipped/<reason>`` and
+too; see :mod:`clipline.data.decode`), samples lost with a truncated or unreadable shard
+one by one, when their turn comes. Every batch carries the counts its worker made since
+its previous batch, so the training loop can report ``data/skipped/<reason>`` and
 ``data/converted/<kind>`` without any side channel between processes.
 """
 
@@ -920,7 +929,10 @@ class TrainLoader:
     batches do not count). So the consumed samples are exactly the list prefixes, and the
     remaining ones exactly the suffixes. With the same worker count, each worker resumes
     its suffix and the DataLoader's round-robin is rotated to the worker whose turn it
-    was: the batches are identical to an uninterrupted run's. With a different count, the
+    was: the batches are identical to an uninterrupted run's. A worker past its list (it
+    repeats good rows to fill batches short of failed samples) also records how far into
+    the repeats it got, and each worker the rows that failed (they are left out of the
+    repeats and not counted again), so a resume inside the repeats is exact too. With a different count, the
     suffixes are concatenated and cut into whole batches for the new workers (a new link
     in the state's ``chain``, which a later resume replays as arithmetic), so every
     remaining sample is still emitted exactly once and the rank still yields its fixed
