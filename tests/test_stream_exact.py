@@ -292,3 +292,25 @@ def test_two_ranks_resume_on_damaged_shards_with_the_same_counts(tmp_path):
     assert sum(state["skipped"].values()) == sum(
         full[8][f"data/skipped/{r}"] for r in state["skipped"]
     )
+
+
+def test_a_resume_inside_the_repeats_with_other_workers_finishes_the_epoch(tmp_path):
+    """Both workers past their lists (repeating) at the stop: the 3 new workers have no rows
+    left of their own and repeat the rank's good ones; none of the known failures again."""
+    shards = _damaged(tmp_path / "s")
+    cfg = StreamConfig(shards=str(shards), batch_size=4, workers=2, shuffle_buffer=8)
+    full = micro_loader(cfg)
+    want = _epoch_counts(full, 0)
+    first = micro_loader(cfg)
+    it = first.epoch(0)
+    taken = [next(it) for _ in range(10)]
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["chain"][0]["positions"] == [28, 24] and all(state["chain"][0]["fill"])
+    other = micro_loader(StreamConfig(**{**cfg.__dict__, "workers": 3}))
+    other.load_state_dict([state])
+    rest = list(other.epoch(0, start=10))
+    assert len(taken) + len(rest) == first.batches_per_epoch == 13
+    counts = Counter()
+    for batch in taken + rest:
+        counts.update(batch["skipped"])
+    assert counts == want == {"corrupt_image": 20, "truncated_tar": 6}
