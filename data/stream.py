@@ -831,7 +831,7 @@ class ContrastiveStream(IterableDataset):
 
         After the planned rows, if dropped samples left the last batches short, the
         worker's good rows are repeated, in plan order, to fill them: ``where.fill`` counts
-        the rows of that cycle passed, ``failed`` (rows known to be unusable, left out of
+        the repeated rows passed (all cycles), ``failed`` (rows known to be unusable, left out of
         the repeats) grows by each row that fails, and ``where.failed`` lists them until the
         next batch reports them. Both are saved with the stream state, so a resume inside
         the repeats continues them exactly.
