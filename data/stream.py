@@ -12,9 +12,11 @@ starts reading where the workers stopped: no sample is read twice to get there.
 
 * ``exact``: each sample of every source at most once per epoch. The shards of all sources
   are shuffled together (per epoch), laid end to end, and the sequence is cut into equal
-  contiguous ranges per rank (whole batches; the last ``< ranks x batch`` samples of the
-  order wait for a later epoch) and per worker. Shards need not be equal: cuts fall inside
-  shards where they must.
+  contiguous ranges per rank (whole batches) and per worker. Shards need not be equal: cuts
+  fall inside shards where they must. The samples left over (fewer than ranks x batch, or
+  more with a smaller ``num_samples``) are left out of the epoch before it is cut: a window
+  over the shards in a fixed seeded order that moves on by its own length every epoch, so
+  a sample left out of one epoch is read in the next ones (none is left out for good).
 * ``resampled``: infinite; each worker draws shards with replacement (probability
   proportional to their sample count, so every sample of a source is equally likely),
   seeded by (seed, epoch, rank, worker). An epoch is then just a *checkpoint unit* of
@@ -27,27 +29,34 @@ from a window of ``shuffle_buffer`` consecutive samples, like webdataset's shuff
 and about ``shuffle_buffer`` read samples wait in memory. Unlike a buffer, the order is
 known without reading, which is what makes an O(1) resume possible.
 
+**Augmentation** is seeded per sample by (seed, epoch, sample); in exact mode a sample is
+its shard's name *within its source* (the path below the folder its shards share) and its
+key, never the shard's path: the same shards moved to another folder, or given by a
+relative path, give the same run, and a checkpoint's stream state still fits them.
+
 **No hangs.** Every rank yields exactly ``batches_per_epoch`` batches in both modes, whatever
 the shard sizes: ranks receive equal sample counts, and a worker whose samples fail to
-decode fills its last batches with its own earlier samples (deterministically). No rank
+decode fills its last batches by repeating its own good samples (deterministically). No rank
 can reach the end of its data while the others wait in a collective (the classic DDP
 epoch-end hang). The stream is deliberately *not* passed to ``accelerator.prepare``: for an
 iterable dataset Accelerate would read everything on rank 0 and broadcast it.
 
 **Exact resume** (see :class:`TrainLoader`): the state saved with a checkpoint is, per rank,
-the epoch and each worker's position in its planned list. Positions in a plan are a
-complete description of what was consumed, so resuming with the same workers continues
-every list where it stopped (identical batches, identical losses); resuming with a
-different number of workers re-plans only the *remaining* samples among the new workers
-(none repeated, none skipped).
+the epoch and each worker's position in its planned list, in its repeats of good samples
+(the fill), and the rows it found unusable (rare). These are a complete description of
+what was consumed and what the repeats leave out, so resuming with the same workers
+continues every list where it stopped (identical batches, losses and skip counts, on
+damaged data too); resuming with a different number of workers re-plans only the
+*remaining* samples among the new workers (none repeated, none skipped).
 
 Shards can be local paths, ``file://``, any fsspec URL (``s3://`` with s3fs, ``gs://`` with
 gcsfs, ``http(s)://`` with aiohttp) or, only with ``allow_pipe = true``, ``pipe:`` shell
 commands that write a tar to stdout.
 
 Bad samples never stop training: each is dropped and counted by reason (colour conversions
-too; see :mod:`clipline.data.decode`), and every batch carries the counts its worker made
-since its previous batch, so the training loop can report ``data/skipped/<reason>`` and
+too; see :mod:`clipline.data.decode`), samples lost with a truncated or unreadable shard
+one by one, when their turn comes. Every batch carries the counts its worker made since
+its previous batch, so the training loop can report ``data/skipped/<reason>`` and
 ``data/converted/<kind>`` without any side channel between processes.
 """
 
@@ -59,6 +68,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import random
 import re
 import tarfile
@@ -66,7 +76,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -86,7 +96,8 @@ from clipline.data.shard_io import read_bytes as _read_bytes
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+# 2: links record each worker's place in its repeats (fill) and its unusable rows (failed).
+STATE_VERSION = 2
 OPEN_ATTEMPTS = 3  # tries to open a shard before it is given up (resampled) or lost
 RETRY_SECONDS = 0.5  # first wait between tries; doubled each time
 
@@ -301,6 +312,13 @@ class _RankPlan:
     lanes: list[_Lane]
     items: list[np.ndarray]  # per worker: int64[n, 2] rows (lane, index in lane), emit order
     batches: list[int]  # per worker: batches it yields (len(items[w]) <= batches[w] * B)
+    # The rank's whole epoch, all workers' rows as first planned: what a worker left with
+    # no rows of its own (after a change of worker count) repeats to fill its batches.
+    rows: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        if not len(self.rows) and self.items:
+            self.rows = np.concatenate(self.items)
 
 
 def _rng(*key: object) -> np.random.Generator:
@@ -326,17 +344,45 @@ def _window_shuffle(n: int, window: int, rng: np.random.Generator) -> np.ndarray
     return np.argsort(np.arange(n) + rng.random(n) * window, kind="stable").astype(np.int64)
 
 
-def _cut(order: list[tuple[str, int]], lo: int, hi: int) -> list[tuple[str, int, int]]:
-    """The pieces of shards covering positions lo..hi-1 of the shards laid end to end."""
+def _cut(pieces: list[tuple[str, int, int]], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """The parts of shard pieces ``(url, first, stop)`` covering positions lo..hi-1 of the
+    pieces laid end to end."""
     segments, start = [], 0
-    for url, n in order:
+    for url, first, stop in pieces:
+        n = stop - first
         a, b = max(lo, start), min(hi, start + n)
         if a < b:
-            segments.append((url, a - start, b - start))
+            segments.append((url, first + a - start, first + b - start))
         start += n
         if start >= hi:
             break
     return segments
+
+
+def _without(n: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of 0..n-1 left after removing the sorted, disjoint ``holes``."""
+    kept, cur = [], 0
+    for a, b in holes:
+        if cur < a:
+            kept.append((cur, a))
+        cur = max(cur, b)
+    if cur < n:
+        kept.append((cur, n))
+    return kept
+
+
+def _source_names(urls: list[str]) -> list[str]:
+    """Each shard's name relative to its source: the path after the folder all of the
+    source's shards share (a pipe: shard: its ``*.tar`` word). It identifies a shard
+    wherever the source is moved, and however its path is written (relative or absolute)."""
+    paths = [u.split("?", 1)[0] for u in urls]  # a query (signed URLs) is not a name
+    local = [p for u, p in zip(urls, paths, strict=True) if _protocol(u) != "pipe"]
+    common = os.path.commonprefix(local)
+    root = common[: common.rfind("/") + 1]
+    return [
+        _shard_name(u) if _protocol(u) == "pipe" else p[len(root) :]
+        for u, p in zip(urls, paths, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -351,25 +397,66 @@ class _Layout:
     shuffle_buffer: int
     seed: int
     rank_batches: int  # batches per rank per epoch
+    # url -> "<source index>/<name in source>": a sample's identity (with its key) that does
+    # not change when the shards move; it seeds augmentation and the fingerprint.
+    ids: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self, world_size: int) -> str:
-        """Identifies everything a plan depends on except the worker count."""
-        return hashlib.sha256(json.dumps([repr(self), world_size]).encode()).hexdigest()[:16]
+        """Identifies everything a plan depends on except the worker count and where the
+        shards are (moving them between a checkpoint and its resume keeps the resume exact)."""
+        described = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ids"}
+        described["sources"] = [[(self.ids[u], n) for u, n in src] for src in self.sources]
+        return hashlib.sha256(json.dumps([repr(described), world_size]).encode()).hexdigest()[:16]
+
+    def left_out(self, world_size: int) -> int:
+        """Samples an exact epoch does not read: the rest of whole batches on every rank."""
+        total = sum(n for src in self.sources for _, n in src)
+        return total - world_size * self.rank_batches * self.batch_size
 
     def plan(self, epoch: int, rank: int, world_size: int, workers: int) -> _RankPlan:
         if self.mode == "exact":
-            return self._exact(epoch, rank, workers)
+            return self._exact(epoch, rank, world_size, workers)
         return self._resampled(epoch, rank, workers)
 
-    def _exact(self, epoch: int, rank: int, workers: int) -> _RankPlan:
-        order = [shard for src in self.sources for shard in src]
+    def _kept(self, epoch: int, world_size: int) -> list[list[tuple[int, int]]]:
+        """Per shard, the (first, stop) ranges epoch ``epoch`` reads.
+
+        The samples an epoch leaves out (fewer than ranks x batch, or more with a smaller
+        ``num_samples``) are a window of the shards laid end to end in a fixed seeded order,
+        and the window moves on by its own length every epoch: every sample is read in the
+        epochs around the one that left it out, none is left out for good.
+        """
+        sizes = [n for src in self.sources for _, n in src]
+        total, left = sum(sizes), self.left_out(world_size)
+        if left == 0:
+            return [[(0, n)] for n in sizes]
+        start = epoch * left % total
+        window = [(start, min(start + left, total)), (0, max(0, start + left - total))]
+        canon = list(range(len(sizes)))
+        random.Random(f"{self.seed}/left-out").shuffle(canon)
+        kept: list[list[tuple[int, int]]] = [[] for _ in sizes]
+        pos = 0
+        for i in canon:
+            lo, hi = pos, pos + sizes[i]
+            holes = sorted(
+                (max(a, lo) - lo, min(b, hi) - lo) for a, b in window if a < hi and b > lo
+            )
+            kept[i] = _without(sizes[i], holes)
+            pos = hi
+        return kept
+
+    def _exact(self, epoch: int, rank: int, world_size: int, workers: int) -> _RankPlan:
+        shards = [shard for src in self.sources for shard in src]
+        kept = self._kept(epoch, world_size)
+        order = list(range(len(shards)))
         random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        pieces = [(shards[i][0], a, b) for i in order for a, b in kept[i]]
         B = self.batch_size
         quotas = _split(self.rank_batches, workers)
         lanes, items, start = [], [], rank * self.rank_batches * B
         for w, nb in enumerate(quotas):
             n = nb * B
-            lanes.append(_Lane.of(_cut(order, start, start + n)))
+            lanes.append(_Lane.of(_cut(pieces, start, start + n)))
             perm = _window_shuffle(n, self.shuffle_buffer, _rng(self.seed, epoch, rank, w))
             items.append(np.stack([np.full(n, w, dtype=np.int64), perm], axis=1))
             start += n
@@ -423,7 +510,30 @@ def _follow_chain(plan: _RankPlan, chain: list[dict[str, Any]], B: int) -> _Rank
         bounds = np.cumsum([0, *quotas]) * B
         items = [rest[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         batches = quotas
-    return _RankPlan(lanes, items, batches)
+    return _RankPlan(lanes, items, batches, plan.rows)
+
+
+def _fresh_link(workers: int) -> dict[str, Any]:
+    """A chain link (see :func:`_follow_chain`) for ``workers`` workers at their start.
+
+    Besides the list ``positions``, per worker: ``fill``, how far into its repeats of good
+    rows (after its list) it got, and ``failed``, the [lane, index] rows it found unusable
+    (rare; they are what the repeats leave out, so a resumed worker must know them).
+    """
+    return {
+        "workers": workers,
+        "positions": [0] * workers,
+        "fill": [0] * workers,
+        "failed": [[] for _ in range(workers)],
+        "batches": 0,
+    }
+
+
+def _known_failed(chain: list[dict[str, Any]], worker: int) -> set[tuple[int, int]]:
+    """The rows worker ``worker`` of the chain's last link knows to be unusable: its own,
+    and all of the earlier links' workers' (whose rows it took over)."""
+    links = [(link, range(link["workers"])) for link in chain[:-1]] + [(chain[-1], [worker])]
+    return {(int(a), int(b)) for link, ws in links for w in ws for a, b in link["failed"][w]}
 
 
 # -------------------------------------------------------------------------------- reading
@@ -443,20 +553,21 @@ class _LaneReader:
         self,
         lane: _Lane,
         wanted: np.ndarray,
-        on_error: Callable[[Exception], None],
+        on_error: Callable[[Exception], str],
         exact: bool,
     ):
         self.lane, self.on_error, self.exact = lane, on_error, exact
         self.wanted = np.unique(wanted)  # sorted lane indices this pass will ask for
         self.wanted_set = set(self.wanted.tolist())
-        self.cache: dict[int, dict[str, Any] | None] = {}  # None: known unreadable
+        self.cache: dict[int, dict[str, Any] | str | None] = {}  # str: why unreadable
         self.frontier = 0  # everything wanted below this was read (or found unreadable)
         self.it: Iterator[tuple[int, dict[str, Any] | None]] | None = None
         self.close: Callable[[], None] | None = None
         self.seg = -1
 
-    def get(self, idx: int) -> dict[str, Any] | None:
-        """Sample ``idx`` of the lane (with ``__url__``), or None if it could not be read."""
+    def get(self, idx: int) -> dict[str, Any] | str:
+        """Sample ``idx`` of the lane (with ``__url__``), or the :data:`SKIP_REASONS` entry
+        saying why it could not be read."""
         while idx not in self.cache:
             assert idx >= self.frontier, "each wanted sample is asked for once"
             if self.it is None:
@@ -522,11 +633,16 @@ class _LaneReader:
         self._lose(EOFError(f"{url} holds fewer samples than its sizes.json entry"))
 
     def _lose(self, e: Exception) -> None:
-        """Marks the wanted samples left in the open segment unreadable, and moves past it."""
-        self.on_error(e)
+        """Marks the wanted samples left in the open segment unreadable, and moves past it.
+
+        Each lost sample is counted (by the stream) when its turn comes, as a sample that
+        fails to decode is: counts then belong to the batch that missed the sample, which
+        keeps them exact across a resume, and say how many samples were lost.
+        """
+        reason = self.on_error(e)
         seg_end = int(self.lane.offsets[self.seg + 1])
         lo, hi = np.searchsorted(self.wanted, [self.frontier, seg_end])
-        self.cache.update(dict.fromkeys(self.wanted[lo:hi].tolist()))
+        self.cache.update(dict.fromkeys(self.wanted[lo:hi].tolist(), reason))
         self.frontier = seg_end
         self.shut()
 
@@ -586,7 +702,7 @@ class ContrastiveStream(IterableDataset):
         if self.resume is not None and self.resume[0] == epoch:
             chain = self.resume[1]
         else:
-            chain = [{"workers": num_workers, "positions": [0] * num_workers, "batches": 0}]
+            chain = [_fresh_link(num_workers)]
         link = chain[-1]
         assert link["workers"] == num_workers, (link, num_workers)
         plan = self.plan(epoch, chain)
@@ -594,14 +710,22 @@ class ContrastiveStream(IterableDataset):
         # go on with the worker whose turn it was, so logical workers are rotated.
         worker = (dl_worker + link["batches"]) % num_workers
         todo = plan.batches[worker] - _taken(link["batches"], worker, num_workers)
-        yield from self._batches(plan, worker, link["positions"][worker], todo, epoch)
+        where = _Where(link["positions"][worker], link["fill"][worker], [])
+        failed = _known_failed(chain, worker)
+        yield from self._batches(plan, worker, where, failed, todo, epoch)
 
     def _batches(
-        self, plan: _RankPlan, worker: int, position: int, todo: int, epoch: int
+        self,
+        plan: _RankPlan,
+        worker: int,
+        where: _Where,
+        failed: set[tuple[int, int]],
+        todo: int,
+        epoch: int,
     ) -> Iterator[dict[str, Any]]:
         counts: Counter = Counter()
         converted: Counter = Counter()
-        samples = self._samples(plan, worker, position, epoch, counts, converted)
+        samples = self._samples(plan, worker, where, failed, epoch, counts, converted)
         # closing: a worker stops mid-shard after its last batch; its reads end with it.
         with contextlib.closing(samples):
             reported: Counter = Counter()
@@ -609,14 +733,14 @@ class ContrastiveStream(IterableDataset):
             for _ in range(todo):
                 batch = []
                 while len(batch) < self.cfg.batch_size:
-                    advance, item = next(samples)
-                    position += advance
+                    item = next(samples)
                     if item is not None:
                         batch.append(item)
                 urls, keys, images, captions = zip(*batch, strict=True)
                 skipped, reported = counts - reported, counts.copy()
                 new_converted = converted - reported_converted
                 reported_converted = converted.copy()
+                newly_failed, where.failed = where.failed, []
                 yield {
                     # u8[B,3,H,W] (decode.uint8_images: the loop normalises it on the device
                     # with decoder.model_input), else normalised f32[B,3,H,W]
@@ -626,31 +750,36 @@ class ContrastiveStream(IterableDataset):
                     "url": list(urls),
                     "skipped": dict(skipped),
                     "converted": dict(new_converted),
-                    "_stream": (worker, position),  # read by TrainLoader, popped before the loop
+                    # read by TrainLoader, popped before the loop
+                    "_stream": (worker, where.position, where.fill, newly_failed),
                 }
 
     def _samples(
         self,
         plan: _RankPlan,
         worker: int,
-        position: int,
+        where: _Where,
+        failed: set[tuple[int, int]],
         epoch: int,
         counts: Counter,
         converted: Counter,
-    ) -> Iterator[tuple[int, tuple[str, str, torch.Tensor, str] | None]]:
-        """(plan rows consumed, (url, key, image, caption) or None if dropped).
+    ) -> Iterator[tuple[str, str, torch.Tensor, str] | None]:
+        """(url, key, image, caption), or None for a row that gave no sample; ``where``
+        follows each row taken.
 
         After the planned rows, if dropped samples left the last batches short, the
-        worker's own good rows are cycled (deterministically) to fill them.
+        worker's good rows are repeated, in plan order, to fill them: ``where.fill`` counts
+        the repeated rows passed (all cycles), ``failed`` (rows known to be unusable, left out of
+        the repeats) grows by each row that fails, and ``where.failed`` lists them until the
+        next batch reports them. Both are saved with the stream state, so a resume inside
+        the repeats continues them exactly.
         """
 
-        def on_error(e: Exception) -> None:
+        def on_error(e: Exception) -> str:
             # A tar that ends early (cut download, short write) vs. one that cannot be read.
             truncated = isinstance(e, EOFError | tarfile.TarError)
-            counts["truncated_tar" if truncated else "shard_read_error"] += 1
             log.warning("skipping unreadable shard data: %r", e)
-
-        bad: set[tuple[int, int]] = set()
+            return "truncated_tar" if truncated else "shard_read_error"
 
         def decoded(rows: np.ndarray) -> Iterator[tuple[str, str, torch.Tensor, str] | None]:
             readers = {
@@ -666,9 +795,13 @@ class ContrastiveStream(IterableDataset):
                 for lane, idx in rows.tolist():
                     raw = readers[lane].get(idx)
                     item = None
-                    if raw is not None:
-                        if self.layout.mode == "exact":  # a sample's identity: shard and index
-                            tag = f"{raw['__url__']}#{raw['__index__']}"
+                    if isinstance(raw, str):  # lost with its shard: counted per sample
+                        counts[raw] += 1
+                    else:
+                        if self.layout.mode == "exact":  # a sample's identity: shard and key
+                            # (the shard's name in its source, not its path: moved shards and
+                            # a relative path give the same run)
+                            tag = f"{self.layout.ids[raw['__url__']]}#{raw['__key__']}"
                         else:  # a sample may be drawn twice; its draw is the identity
                             tag = f"{self.rank}/{lane}/{idx}"
                         # Each crop is a pure function of (seed, epoch, sample): resumed runs,
@@ -676,7 +809,8 @@ class ContrastiveStream(IterableDataset):
                         seed = zlib.crc32(f"{self.cfg.seed}/augment/{epoch}/{tag}".encode())
                         item = self.decoder(raw, seed=seed, skipped=counts, converted=converted)
                     if item is None:
-                        bad.add((lane, idx))
+                        failed.add((lane, idx))
+                        where.failed.append([lane, idx])
                         yield None
                         continue
                     yield (raw["__url__"], *item)
@@ -685,22 +819,37 @@ class ContrastiveStream(IterableDataset):
                     reader.shut()
 
         items = plan.items[worker]
-        for item in decoded(items[position:]):
-            yield 1, item
+        with contextlib.closing(decoded(items[where.position :])) as planned:
+            for item in planned:
+                where.position += 1
+                yield item
+        pool = items if len(items) else plan.rows
         while True:
-            pool = items if len(items) else np.concatenate(plan.items)
-            rows = np.array(
-                [r for r in pool.tolist() if tuple(r) not in bad], dtype=np.int64
-            ).reshape(-1, 2)
-            if not len(rows):
+            start = where.fill % len(pool) if len(pool) else 0
+            rest = pool[start:]
+            usable = np.array([(a, b) not in failed for a, b in rest.tolist()], dtype=bool)
+            if start == 0 and not usable.any():
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: none of its {len(pool)} planned "
                     f"samples could be read and decoded (skipped: {dict(counts)}); check the "
                     "shards with `clipline data doctor`"
                 )
             log.warning("filling a batch short of dropped samples with repeated samples")
-            for item in decoded(rows):
-                yield 0, item
+            with contextlib.closing(decoded(rest[usable])) as repeats:
+                for ok in usable.tolist():
+                    item = next(repeats) if ok else None
+                    where.fill += 1
+                    yield item
+
+
+@dataclass
+class _Where:
+    """How far a worker got in its epoch: rows of its list, rows of its repeats (the fill),
+    and the rows that failed since its last batch."""
+
+    position: int
+    fill: int
+    failed: list[list[int]]
 
 
 @dataclass
@@ -718,7 +867,10 @@ class TrainLoader:
     batches do not count). So the consumed samples are exactly the list prefixes, and the
     remaining ones exactly the suffixes. With the same worker count, each worker resumes
     its suffix and the DataLoader's round-robin is rotated to the worker whose turn it
-    was: the batches are identical to an uninterrupted run's. With a different count, the
+    was: the batches are identical to an uninterrupted run's. A worker past its list (it
+    repeats good rows to fill batches short of failed samples) also records how far into
+    the repeats it got, and each worker the rows that failed (they are left out of the
+    repeats and not counted again), so a resume inside the repeats is exact too. With a different count, the
     suffixes are concatenated and cut into whole batches for the new workers (a new link
     in the state's ``chain``, which a later resume replays as arithmetic), so every
     remaining sample is still emitted exactly once and the rank still yields its fixed
@@ -747,7 +899,7 @@ class TrainLoader:
         The previous epoch's iterator must be exhausted: workers persist across epochs.
         """
         readers = max(self.workers, 1)
-        fresh = {"workers": readers, "positions": [0] * readers, "batches": 0}
+        fresh = _fresh_link(readers)
         saved, self._saved = self._saved, None
         replay = start
         chain = [fresh]
@@ -793,8 +945,10 @@ class TrainLoader:
     def _track(it: Iterator[dict[str, Any]], state: dict[str, Any]) -> Iterator[dict[str, Any]]:
         link = state["chain"][-1]
         for batch in it:
-            worker, position = batch.pop("_stream")
+            worker, position, fill, failed = batch.pop("_stream")
             link["positions"][worker] = position
+            link["fill"][worker] = fill
+            link["failed"][worker] += failed
             link["batches"] += 1
             state["batches"] += 1
             yield batch
@@ -820,8 +974,22 @@ class TrainLoader:
         if not states:
             return
         state = states[rank] if len(states) == world else None
-        if state is None or state.get("version") != STATE_VERSION:
-            log.warning("the checkpoint's stream state is for another world size or version")
+        if state is None:
+            log.warning(
+                "the checkpoint's stream state is for %d ranks, this run has %d: the stream "
+                "position is recomputed by replay",
+                len(states),
+                world,
+            )
+            return
+        if state.get("version") != STATE_VERSION:
+            log.warning(
+                "the checkpoint's stream state has version %s, this clipline reads %d: the "
+                "stream position is recomputed by replay (exact, but it reads the epoch's "
+                "consumed samples again)",
+                state.get("version"),
+                STATE_VERSION,
+            )
             return
         if state["fingerprint"] != self.stream.fingerprint:
             log.warning(
@@ -841,6 +1009,10 @@ class EpochShape:
     readers_per_rank: int  # dataloader workers, or 1 reading in-process
     batches_per_epoch: int  # batches each rank yields per epoch
     mode: Literal["exact", "resampled"]
+    samples_read: int  # samples an epoch really yields, all ranks: whole batches
+    # exact mode: samples of the shards an epoch does not read (a window that moves every
+    # epoch, so each is read in other epochs); resampled mode: 0 (draws, not samples)
+    samples_left_out: int
 
 
 def _layout(cfg: StreamConfig, world_size: int) -> tuple[EpochShape, _Layout]:
@@ -880,6 +1052,10 @@ def _layout(cfg: StreamConfig, world_size: int) -> tuple[EpochShape, _Layout]:
             f"{num_samples} samples cannot give one batch of {cfg.batch_size} to each of "
             f"{world_size} ranks; lower data.batch_size"
         )
+    ids = {}
+    for s, src in reversed(list(enumerate(shards))):  # a url listed twice: its first source
+        urls_s = [url for url, _ in src]
+        ids |= {url: f"{s}/{name}" for url, name in zip(urls_s, _source_names(urls_s), strict=True)}
     layout = _Layout(
         mode=mode,
         mix=cfg.mix,
@@ -889,13 +1065,17 @@ def _layout(cfg: StreamConfig, world_size: int) -> tuple[EpochShape, _Layout]:
         shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed,
         rank_batches=rank_batches,
+        ids=ids,
     )
+    read = world_size * rank_batches * cfg.batch_size
     shape = EpochShape(
         urls=urls,
         num_samples=num_samples,
         readers_per_rank=readers,
         batches_per_epoch=rank_batches,
         mode=mode,
+        samples_read=read,
+        samples_left_out=layout.left_out(world_size) if mode == "exact" else 0,
     )
     return shape, layout
 
@@ -931,5 +1111,5 @@ def build_train_loader(
         stream=stream,
         workers=cfg.workers,
         batches_per_epoch=shape.batches_per_epoch,
-        num_samples=shape.num_samples,
+        num_samples=shape.samples_read,
     )

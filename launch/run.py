@@ -59,7 +59,10 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "world_size": world_size,
         "global_batch": global_batch,
         "shards": len(shape.urls),
-        "samples_per_epoch": shape.num_samples,
+        # What an epoch really reads (whole batches on every rank); in exact mode the rest
+        # of the shards is left out of that epoch and read in others (the window moves).
+        "samples_per_epoch": shape.samples_read,
+        "samples_dropped_per_epoch": shape.samples_left_out,
         "steps_per_epoch": per_epoch // cfg.loop.accum_steps,
         "total_steps": total,
         "total_samples": total * global_batch,

@@ -290,8 +290,10 @@ def train(
         state = load_checkpoint(ckpt, model=model)
         loader.load_state_dict(state.get("stream"))  # per-rank stream positions: O(1) resume
     step = int(state.get("step", 0))
-    skipped = Counter(state["skipped"])
-    converted = Counter(state.get("converted", {}))  # absent in older checkpoints
+    # A checkpoint holds the counts summed over ranks; the main rank carries them on, so the
+    # sum the metrics report stays the run's total after a resume.
+    skipped = Counter(state["skipped"] if main else {})
+    converted = Counter(state.get("converted", {}) if main else {})  # absent in older ones
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     _check_sharding(accelerator, model)
     if ckpt is not None:  # optimizer state after wrapping: FSDP re-creates the parameters
@@ -426,6 +428,7 @@ def train(
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
                 model_state, optimizer_state = full_state_dicts(ddp_model, optimizer)  # all ranks
                 stream_states = gather_object([loader.state_dict()])  # one small dict per rank
+                totals = gather_object([(dict(skipped), dict(converted))])
                 if main:
                     save_checkpoint(
                         run_dir,
@@ -435,8 +438,8 @@ def train(
                         state={
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
-                            "skipped": dict(skipped),
-                            "converted": dict(converted),
+                            "skipped": dict(sum((Counter(s) for s, _ in totals), Counter())),
+                            "converted": dict(sum((Counter(c) for _, c in totals), Counter())),
                             "stream": stream_states,
                         },
                         config=run_config,

@@ -84,6 +84,7 @@ def test_dry_run_prints_resolved_config_and_plan(tmp_path, capsys, monkeypatch):
         "global_batch": 32,
         "shards": 6,
         "samples_per_epoch": 96,
+        "samples_dropped_per_epoch": 0,
         "steps_per_epoch": 3,
         "total_steps": 50,
         "total_samples": 1600,
