@@ -21,6 +21,21 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse ``type`` that rejects ints outside ``[low, high]``; argparse's message then
+    names the flag as the user typed it (``argument --workers: ...``)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for non-numbers
+    return parse
+
+
 def _cmd_shards(args: argparse.Namespace) -> int:
     from clipline.data.shards import ShardsConfig, index_shards, write_shards
 
@@ -269,15 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-column", default="filepath")
     p.add_argument("--caption-column", default="caption")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=_int_in(1), default=1000)
     p.add_argument(
-        "--workers", type=int, default=1, help="image encoding processes (same output for any N)"
+        "--workers",
+        type=_int_in(1),
+        default=1,
+        help="image encoding processes (same output for any N)",
     )
     p.add_argument(
-        "--max-side", type=int, default=None, help="shrink images to this longer side (pixels)"
+        "--max-side",
+        type=_int_in(1),
+        default=None,
+        help="shrink images to this longer side (pixels)",
     )
     p.add_argument(
-        "--jpeg-quality", type=int, default=None, help="re-encode every image at this quality"
+        "--jpeg-quality",
+        type=_int_in(1, 100),
+        default=None,
+        help="re-encode every image at this quality",
     )
     p.add_argument("--dedup", action="store_true", help="skip exact duplicate image bytes")
     p.add_argument(
@@ -299,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check shards for anything that would break or hang a run; measure loader speed",
     )
     p.add_argument("shards", help="a shard folder, glob, {a..b} pattern or '::' list")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers per rank")
-    p.add_argument("--world-size", type=int, default=1, help="ranks of the planned run")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    p.add_argument("--workers", type=_int_in(0), default=2, help="dataloader workers per rank")
+    p.add_argument("--world-size", type=_int_in(1), default=1, help="ranks of the planned run")
+    p.add_argument("--batch-size", type=_int_in(1), default=64, help="samples per batch per rank")
     p.add_argument("--full", action="store_true", help="decode every sample, not one per shard")
     p.add_argument("--seconds", type=float, default=5.0, help="loader measurement time; 0 skips it")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=_int_in(1), default=224)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_data_doctor)
 
@@ -374,8 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", metavar="FOLDER", help="embed every image file under FOLDER")
     source.add_argument("--texts", metavar="FILE", help="embed each non-blank line of FILE")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the index directory")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--batch-size", type=_int_in(1), default=64)
+    p.add_argument(
+        "--workers", type=_int_in(0), default=2, help="image-decoding processes (0: none)"
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_embed)
 
@@ -384,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR", help="written by clipline embed")
     p.add_argument("query", nargs="?", help="a text query, e.g. 'a black cat on a keyboard'")
     p.add_argument("--image", metavar="PATH", help="an image query instead of a text")
-    p.add_argument("-k", type=int, default=5, help="number of hits (5)")
+    p.add_argument("-k", type=_int_in(1), default=5, help="number of hits (5)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_search)
@@ -396,9 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed anywhere after the command.
+
+    argparse gives a ``nargs="*"`` positional only the words before the first option, so
+    ``--recipe r run_dir=x --resume latest loop.steps=10`` would leave ``loop.steps=10``
+    unrecognised; overrides found among the leftovers join the others, in command-line order.
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        stray = [e for e in extras if e.startswith("-") or "=" not in e]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipline`` console script and ``python -m clipline``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _setup_logging()
     from clipline.pretrain.loop import Preempted
 
