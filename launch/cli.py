@@ -187,15 +187,25 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from clipline.launch.run import load_encoders, resolve_checkpoint
+    from clipline.launch.run import find_export, load_encoders, load_exported, resolve_checkpoint
     from clipline.pretrain.checkpoint import read_config
-    from clipline.pretrain.export import META_FILE, export, read_export_meta
+    from clipline.pretrain.export import export, read_export_meta
 
-    if (Path(args.checkpoint) / META_FILE).is_file():  # re-export a clipline export
-        source = Path(args.checkpoint)
+    found = find_export(args.checkpoint)
+    if found is not None and found[0] == "onnx":
+        raise ValueError(
+            f"{found[1]} is an ONNX export, which cannot be converted to other formats; export "
+            "from the clipline, open_clip or hf export, a checkpoint or the run directory"
+        )
+    if found is not None and found[0] == "clipline":  # re-export a clipline export
+        source = found[1]
         meta = read_export_meta(source)
-        model = load_encoders(source)
+        model = load_exported(*found)
         run_config, step = meta["run_config"], meta["step"]
+    elif found is not None:  # open_clip and hf exports carry no run config or step
+        source = found[1]
+        model = load_exported(*found)
+        run_config, step = {"converted_from": {"format": found[0], "path": str(source)}}, None
     else:
         source = resolve_checkpoint(args.checkpoint)
         model = load_encoders(source)
@@ -371,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "checkpoint",
-        help="a checkpoint directory, a run directory (its latest) or a clipline export",
+        help="a checkpoint directory, a run directory (its latest) or an export (clipline, "
+        "open_clip or hf format, or the root --format all wrote)",
     )
     p.add_argument("output")
     p.add_argument(
@@ -393,7 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "embed", help="a folder of images or a file of texts -> embeddings + a faiss index"
     )
-    p.add_argument("model", metavar="EXPORT_DIR", help="the export that embeds")
+    p.add_argument(
+        "model",
+        metavar="EXPORT_DIR",
+        help="the export that embeds (any format, or a checkpoint or run directory)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="FOLDER", help="embed every image file under FOLDER")
     source.add_argument("--texts", metavar="FILE", help="embed each non-blank line of FILE")

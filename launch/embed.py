@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipline.eval.encoders import embed_images, embed_texts
-from clipline.launch.run import load_encoders, resolve_checkpoint
+from clipline.launch.run import find_export, load_encoders, resolve_checkpoint
 from clipline.pretrain import export
 
 log = logging.getLogger(__name__)
@@ -309,11 +309,21 @@ def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
 
 
+# The files each export format's weights, configuration and preprocessing are read from.
+_EXPORT_FILES = {
+    "clipline": [export.META_FILE, export.IMAGE_FILE, export.TEXT_FILE],
+    "open_clip": ["open_clip_config.json", "open_clip_model.safetensors"],
+    "hf": ["config.json", "preprocessor_config.json", "model.safetensors"],
+    "onnx": ["onnx_export.json", "image.onnx", "text.onnx"],
+}
+
+
 def _model_files(path: str | Path) -> tuple[Path, list[Path]]:
     """The model directory and the files its weights and configuration are read from."""
-    path = Path(path)
-    if (path / export.META_FILE).is_file():
-        return path, [path / export.META_FILE, path / export.IMAGE_FILE, path / export.TEXT_FILE]
+    found = find_export(path)
+    if found is not None:
+        fmt, folder = found
+        return folder, [folder / name for name in _EXPORT_FILES[fmt]]
     ckpt = resolve_checkpoint(path)
     return ckpt, [ckpt / "model.safetensors", ckpt / "config.json"]
 
