@@ -237,6 +237,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device or _default_device(),
+            overwrite=args.overwrite,
         )
     )
     print(
@@ -249,17 +250,29 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipline.launch.embed import format_hits, search
+    from clipline.launch.embed import format_hits, search_many
 
-    hits = search(
+    texts = list(args.query)
+    if args.queries_file is not None:
+        path = Path(args.queries_file)
+        if not path.is_file():
+            raise ValueError(f"--queries-file {path}: not a file (one text query a line)")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    answers = search_many(
         args.model,
         args.index,
-        text=args.query,
-        image=args.image,
+        texts=texts,
+        images=args.image,
         k=args.k,
         device=args.device or _default_device(),
     )
-    print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+    if len(answers) == 1 and args.queries_file is None:  # one query: just its hits
+        hits = answers[0]["hits"]
+        print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+    elif args.json:
+        print(json.dumps(answers, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(f"{a['kind']}: {a['query']}\n{format_hits(a['hits'])}" for a in answers))
     return 0
 
 
@@ -418,13 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=_int_in(0), default=2, help="image-decoding processes (0: none)"
     )
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("search", help="top-k items of an index for a text or image query")
+    p = sub.add_parser(
+        "search", help="top-k items of an index for text or image queries (one model load)"
+    )
     p.add_argument("model", metavar="EXPORT_DIR", help="the export the index was built with")
     p.add_argument("index", metavar="INDEX_DIR", help="written by clipline embed")
-    p.add_argument("query", nargs="?", help="a text query, e.g. 'a black cat on a keyboard'")
-    p.add_argument("--image", metavar="PATH", help="an image query instead of a text")
+    p.add_argument(
+        "query", nargs="*", help="text queries, e.g. 'a black cat on a keyboard' 'a red car'"
+    )
+    p.add_argument(
+        "--queries-file", metavar="FILE", help="more text queries, one a line (blank lines skipped)"
+    )
+    p.add_argument(
+        "--image", metavar="PATH", action="append", default=[], help="an image query (repeatable)"
+    )
     p.add_argument("-k", type=_int_in(1), default=5, help="number of hits (5)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.add_argument("--device", default=None)
