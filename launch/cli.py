@@ -92,7 +92,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.recipe, args.overrides)
     if args.dry_run:
-        shape = plan(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        shape = plan(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=args.resume)
         print(json.dumps({"config": cfg.to_dict(), "plan": shape}, indent=2))
         return 0
 
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, world size, global batch, steps and samples; exit",
+        help="run every check a start runs (shards, eval sets, resume point), print the resolved "
+        "config, world size, global batch, steps and samples; exit",
     )
     p.set_defaults(func=_cmd_pretrain)
 

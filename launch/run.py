@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,10 +13,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
-from clipline.data.stream import build_train_loader, epoch_shape
+from clipline.data.stream import EpochShape, build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
-from clipline.pretrain.checkpoint import list_checkpoints, load_weights, read_config
+from clipline.pretrain.checkpoint import (
+    list_checkpoints,
+    load_weights,
+    read_config,
+    resolve_resume,
+)
 from clipline.pretrain.export import FORMATS as EXPORT_FORMATS
 from clipline.pretrain.export import META_FILE as EXPORT_META_FILE
 from clipline.pretrain.export import load_export
@@ -49,12 +55,48 @@ def build_evaluators(
     }
 
 
-def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def _not_in_a_check(*_: Any) -> Any:
+    raise AssertionError("check_start builds evaluators only to check their data; never runs them")
+
+
+def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -> EpochShape:
+    """Every check a start makes before it builds the model: the one validation path of
+    ``clipline pretrain --dry-run`` and of :func:`run_pretrain` (which calls it first).
+
+    Checks the config's cross-field rules and model and tower names, the shards against the
+    run shape (manifests only), every evaluation's data (each evaluator is built, which
+    opens its set and reads its class names and templates, but never run), the run
+    directory, the checkpoint to resume from and the optional packages the config asks for.
+    Creates nothing.
+
+    Returns:
+        The epoch's shape (from the shard manifests).
+
+    Raises:
+        ValueError: naming the offending value and the fix, exactly as the start would.
+    """
+    cfg.validate()
+    shape = epoch_shape(cfg.data, world_size)
+    for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]:
+        build_evaluator(task, preprocess=_not_in_a_check, tokenize=_not_in_a_check)
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={cfg.run_dir!r} is a file; give a directory")
+    resolve_resume(run_dir, resume)
+    if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install "
+            "wandb (or unset loop.wandb_project)"
+        )
+    return shape
+
+
+def plan(cfg: RunConfig, world_size: int, *, resume: str | None = None) -> dict[str, Any]:
     """The run's shape as it would start: what ``clipline pretrain --dry-run`` prints.
 
-    Reads only the shard manifest, and fails (ValueError) exactly where a real start would.
+    Runs :func:`check_start`, so it fails (ValueError) exactly where a real start would.
     """
-    shape = epoch_shape(cfg.data, world_size)
+    shape = check_start(cfg, world_size=world_size, resume=resume)
     per_epoch = shape.batches_per_epoch
     total = cfg.loop.total_steps(per_epoch)
     global_batch = cfg.data.batch_size * cfg.loop.accum_steps * world_size
@@ -72,6 +114,7 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
+    check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
     # otherwise every torchrun rank would silently train alone and overwrite the others' files.
     accelerator = Accelerator(
