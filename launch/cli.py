@@ -1,4 +1,5 @@
-"""``clipline`` command line: shards, data doctor, pretrain, eval, export, embed, search, demo."""
+"""``clipline`` command line: shards, data doctor, pretrain, eval, evalset, export, embed,
+search, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -102,19 +104,65 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_tasks(items: list[str], kind: str) -> list:
-    from clipline.eval.evaluators import RetrievalTask, ZeroShotTask
+# Task kind (a RunConfig field, and the flag's name) -> its config class in eval.evaluators.
+_TASK_FLAGS = {
+    "zeroshot": "ZeroShotTask",
+    "retrieval": "RetrievalTask",
+    "linear_probe": "LinearProbeTask",
+}
+# Options after NAME=ROOT are split at commas that start another key=: values may hold
+# commas of their own (ks=[1,5,10], a list of templates).
+_OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)")
 
-    cls = ZeroShotTask if kind == "zeroshot" else RetrievalTask
+
+def _parse_tasks(items: list[str], kind: str) -> list:
+    """``NAME=ROOT[,key=value...]`` flags -> task configs; keys are the task's fields."""
+    from clipline.eval import evaluators
+    from clipline.launch.config import _parse_value, build
+
+    cls = getattr(evaluators, _TASK_FLAGS[kind])
+    flag = f"--{kind.replace('_', '-')}"
     tasks = []
     for item in items:
-        name, sep, root = item.partition("=")
-        if not sep:
+        head, *options = _OPTION_SPLIT.split(item)
+        name, sep, root = head.partition("=")
+        if not sep or not name or not root:
             raise ValueError(
-                f"--{kind} {item!r}: expected NAME=ROOT, e.g. --{kind} emoji=/data/emoji_eval"
+                f"{flag} {item!r}: expected NAME=ROOT[,key=value...], e.g. {flag} "
+                f"pets=/data/pets or {flag} pets=/data/pets,format=folder,split=val"
             )
-        tasks.append(cls(name=name, root=root))
+        data: dict = {"name": name, "root": root}
+        for option in options:
+            key, _, text = option.partition("=")
+            data[key.strip()] = _parse_value(text)
+        if {"name", "root"} & {o.partition("=")[0].strip() for o in options}:
+            raise ValueError(f"{flag} {item!r}: give the name and root once, as NAME=ROOT")
+        try:
+            tasks.append(build(cls, data))
+        except ValueError as exc:
+            raise ValueError(f"{flag} {item!r}: {exc}") from None
     return tasks
+
+
+def _cli_tasks(args: argparse.Namespace) -> list:
+    return [task for kind in _TASK_FLAGS for task in _parse_tasks(getattr(args, kind), kind)]
+
+
+def _run_tasks(run_dir: str) -> list:
+    """The evaluations of the run's own recipe (its ``config.json``)."""
+    from clipline.eval import evaluators
+    from clipline.launch.config import build
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    cls = {kind: getattr(evaluators, name) for kind, name in _TASK_FLAGS.items()}
+    return [
+        build(cls[kind], entry, prefix=f"{path} {kind}[{i}].")
+        for kind in _TASK_FLAGS
+        for i, entry in enumerate(saved.get(kind) or [])
+    ]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -129,10 +177,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from clipline.eval.evaluators import build_evaluator
     from clipline.launch.run import load_encoders
 
-    tasks = _parse_tasks(args.zeroshot, "zeroshot") + _parse_tasks(args.retrieval, "retrieval")
+    tasks = _cli_tasks(args)
     if not tasks:
         raise ValueError(
-            "nothing to evaluate: give --zeroshot NAME=ROOT and/or --retrieval NAME=ROOT"
+            "nothing to evaluate: give --zeroshot NAME=ROOT, --retrieval NAME=ROOT and/or "
+            "--linear-probe NAME=ROOT"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoders(args.model, device)
@@ -162,11 +211,14 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
     given = [f for f in ("poll_seconds", "until_step", "timeout") if getattr(args, f) is not None]
     if given and not args.watch:
         raise ValueError(f"--{given[0].replace('_', '-')} only applies with --watch; add --watch")
+    tasks = _cli_tasks(args)
+    if not tasks:  # the run's own evaluations
+        tasks = _run_tasks(args.run)
+        log.info("scoring the run's own tasks: %s", ", ".join(t.name for t in tasks) or "none")
     report = score_run(
         ScoreConfig(
             run_dir=args.run,
-            tasks=_parse_tasks(args.zeroshot, "zeroshot")
-            + _parse_tasks(args.retrieval, "retrieval"),
+            tasks=tasks,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             watch=args.watch,
             poll_s=60.0 if args.poll_seconds is None else args.poll_seconds,
@@ -183,6 +235,29 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _cmd_evalset(args: argparse.Namespace) -> int:
+    from clipline.launch.evalset import EvalsetConfig, make_evalset
+
+    summary = make_evalset(
+        EvalsetConfig(
+            kind=args.kind,
+            input=args.input,
+            output_dir=args.output_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            caption_column=args.caption_column,
+            classnames=args.classnames,
+            templates=args.templates,
+            split=args.split,
+            samples_per_shard=args.samples_per_shard,
+            image_format=args.image_format,
+            overwrite=args.overwrite,
+        )
+    )
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -373,14 +448,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", help="an export directory, a checkpoint directory or a run directory"
     )
-    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=ROOT")
-    p.add_argument("--retrieval", action="append", default=[], metavar="NAME=ROOT")
+    task_help = (
+        "an eval set; options after the root set the task's fields, e.g. "
+        "NAME=ROOT,format=folder,split=val (format: wds (default), folder, csv, mnist, "
+        "fashion_mnist; see the README)"
+    )
+    p.add_argument(
+        "--zeroshot", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--retrieval", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--linear-probe",
+        action="append",
+        default=[],
+        metavar="NAME=ROOT[,k=v...]",
+        help="a linear probe on frozen image features (train_split, test_split, format, ...)",
+    )
     p.add_argument("--output", help="write the metrics JSON here too")
     p.add_argument("--device", default=None)
     p.add_argument(
         "--run",
         metavar="RUN_DIR",
-        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots)",
+        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots); "
+        "without task flags, the run's own recipe tasks",
     )
     p.add_argument(
         "--watch", action="store_true", help="with --run: keep scoring until the run is done"
@@ -389,6 +481,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-step", type=int, help="with --watch: stop once this step is scored")
     p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "evalset",
+        help="a CSV or folder of images with labels (zeroshot) or captions (retrieval) -> an "
+        "eval set in CLIP_benchmark's webdataset layout",
+    )
+    p.add_argument("kind", choices=["zeroshot", "retrieval"])
+    p.add_argument(
+        "input",
+        help="zeroshot: a folder of class folders or a CSV/TSV (image, label); retrieval: a "
+        "CSV/TSV (image, caption) or a folder of name.jpg + name.txt (one caption a line)",
+    )
+    p.add_argument("output_dir", help="the set's root, for --zeroshot/--retrieval NAME=OUTPUT_DIR")
+    p.add_argument("--image-column", default="filepath", help="CSV column of image paths")
+    p.add_argument("--label-column", default="label", help="CSV column of labels (zeroshot)")
+    p.add_argument("--caption-column", default="caption", help="CSV column of captions")
+    p.add_argument(
+        "--classnames", metavar="FILE", help="class names, one a line in label order (zeroshot)"
+    )
+    p.add_argument(
+        "--templates",
+        help="zeroshot prompts: 'simple', 'openai_imagenet' or a file of one template a line "
+        "(default: the input's zeroshot_classification_templates.txt)",
+    )
+    p.add_argument("--split", default="test", help="the split folder to write (test)")
+    p.add_argument("--samples-per-shard", type=_int_in(1), default=1000)
+    p.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
+    p.set_defaults(func=_cmd_evalset)
 
     p = sub.add_parser(
         "export", help="checkpoint -> clipline, open_clip, transformers (hf) or ONNX export"
