@@ -53,7 +53,7 @@ from typing import Any
 import braceexpand
 from PIL import Image
 
-from clipline.hints import did_you_mean
+from clipline.data.hints import did_you_mean
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from clipline.data.hints import did_you_mean
 from clipline.data.stream import StreamConfig
 from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask
-from clipline.hints import did_you_mean
 from clipline.pretrain.loop import LoopConfig
 from clipline.pretrain.loss import LossConfig
 from clipline.pretrain.model import ModelConfig
@@ -118,7 +118,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _type_error(key, value, tp)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+            hint = did_you_mean(str(value), [str(a) for a in args])
+            raise ValueError(f"{key}: {value!r} is not one of {list(args)}.{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

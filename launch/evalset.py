@@ -27,8 +27,8 @@ from typing import Any, Literal
 import PIL.Image
 
 from clipline.data import classsets, evalsets
+from clipline.data.hints import did_you_mean
 from clipline.eval.evaluators import BUILTIN_TEMPLATES, resolve_templates
-from clipline.hints import did_you_mean
 
 # What PIL raises on a file that is not a decodable image.
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)

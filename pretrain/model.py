@@ -25,7 +25,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
-from clipline.hints import did_you_mean
+from clipline.data.hints import did_you_mean
 
 log = logging.getLogger(__name__)
 
