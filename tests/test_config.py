@@ -176,3 +176,25 @@ def test_dry_run_checks_what_the_start_checks(tmp_path):
     res = _clipline("pretrain", "--recipe", "r.toml", "--dry-run", "--resume", "runs/nope",
                     cwd=tmp_path)  # fmt: skip
     assert res.returncode == 2 and "resume='runs/nope' is not a checkpoint" in res.stderr
+
+
+def test_cli_errors_name_flags_as_typed(tmp_path, capsys):
+    """`clipline shards` told a CLI user to "set image_column=", a Python field name."""
+    (tmp_path / "pairs.csv").write_text("path,caption\na.jpg,a cat\n")
+    rc = main(["shards", str(tmp_path / "pairs.csv"), str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "pass --image-column" in err and "Did you mean 'path'" in err
+    assert "set image_column=" not in err
+    for argv, flag in (
+        (
+            ["shards", str(tmp_path / "pairs.csv"), str(tmp_path / "o"), "--workers", "0"],
+            "--workers",
+        ),
+        (["data", "doctor", str(tmp_path), "--batch-size", "0"], "--batch-size"),
+        (["search", "m", "i", "q", "-k", "0"], "-k"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
