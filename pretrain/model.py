@@ -131,9 +131,9 @@ class ModelConfig:
         # open_clip alone has ~150 names: list clipline's few, and say where open_clip's are.
         raise ValueError(
             f"unknown model name {self.name!r}: use {_PREFIXES[0]}<name>, {_PREFIXES[1]}<name> "
-            f"or 'custom' with model.config.{hint} clipline's: "
-            f"{', '.join(f'clipline:{n}' for n in _clipline_config_names())}; open_clip's: "
-            "python -c 'import open_clip; print(open_clip.list_models())'"
+            f"or 'custom' with model.config.{hint} Valid names: "
+            f"{', '.join(f'clipline:{n}' for n in _clipline_config_names())} and open_clip:<any "
+            "of python -c 'import open_clip; print(open_clip.list_models())'>"
         )
 
 
