@@ -109,9 +109,9 @@ class ScoreConfig:
                 "clipline pretrain run, or add --watch to wait for its first checkpoint"
             )
         if self.poll_s <= 0:
-            raise ValueError(f"poll seconds {self.poll_s}; it must be positive")
+            raise ValueError(f"--poll-seconds {self.poll_s}: it must be positive")
         if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"timeout {self.timeout_s}; it must be positive (or omitted)")
+            raise ValueError(f"--timeout {self.timeout_s}: it must be positive (or omitted)")
         if not self.watch and self.until_step is not None:
             raise ValueError("--until-step only applies with --watch; add --watch or drop it")
 
