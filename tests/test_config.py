@@ -119,7 +119,7 @@ def _clipline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_overrides_anywhere_on_the_line(tmp_path):
+def test_overrides_anywhere_on_the_line(tmp_path, capsys):
     """`--recipe r run_dir=x --resume latest loop.steps=10` was rejected by argparse."""
     shards = make_shards(tmp_path / "shards", n=32, per_shard=16)
     (tmp_path / "r.toml").write_text(to_toml(micro_recipe(shards, tmp_path / "unused")))
@@ -134,12 +134,12 @@ def test_overrides_anywhere_on_the_line(tmp_path):
     cfg = main_json(["pretrain", "loop.steps=3", "--recipe", str(tmp_path / "r.toml"),
                      "--dry-run", "loop.steps=6"])  # fmt: skip
     assert cfg["loop"]["steps"] == 6
-    res = _clipline("pretrain", "--recipe", "r.toml", "--dry-run", "oops", cwd=tmp_path)
-    assert res.returncode == 2 and "'oops' is not key=value" in res.stderr
-    res = _clipline(
-        "pretrain", "--recipe", "r.toml", "--dry-run", "--bogus", "latest", cwd=tmp_path
-    )
-    assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr
+    rc = main(["pretrain", "--recipe", str(tmp_path / "r.toml"), "--dry-run", "oops"])
+    assert rc == 2 and "'oops' is not key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--recipe", str(tmp_path / "r.toml"), "--dry-run", "--bogus", "latest"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def main_json(argv: list[str]) -> dict:
@@ -152,7 +152,7 @@ def main_json(argv: list[str]) -> dict:
     return json.loads(buf.getvalue())["config"]
 
 
-def test_dry_run_checks_what_the_start_checks(tmp_path):
+def test_dry_run_checks_what_the_start_checks(tmp_path, capsys, monkeypatch):
     """A misspelled eval-set root passed the dry run, and only the real start refused it."""
     make_shards(tmp_path / "shards", n=32, per_shard=16)
     held = generate_shapes(6, seed=1, image_size=32)
@@ -170,12 +170,14 @@ def test_dry_run_checks_what_the_start_checks(tmp_path):
     assert error[0] in real.stderr  # the same check, the same words
     assert not (tmp_path / "runs").exists()  # the dry run creates nothing
 
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "r.toml").write_text(recipe.replace("sets/rett", "sets/ret"))
-    assert _clipline("pretrain", "--recipe", "r.toml", "--dry-run", cwd=tmp_path).returncode == 0
+    assert main(["pretrain", "--recipe", "r.toml", "--dry-run"]) == 0
+    capsys.readouterr()
     # The checkpoint to resume from is checked too.
-    res = _clipline("pretrain", "--recipe", "r.toml", "--dry-run", "--resume", "runs/nope",
-                    cwd=tmp_path)  # fmt: skip
-    assert res.returncode == 2 and "resume='runs/nope' is not a checkpoint" in res.stderr
+    assert main(["pretrain", "--recipe", "r.toml", "--dry-run", "--resume", "runs/nope"]) == 2
+    assert "resume='runs/nope' is not a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_errors_name_flags_as_typed(tmp_path, capsys):

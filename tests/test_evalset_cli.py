@@ -57,10 +57,11 @@ def test_evalset_builds_sets_that_eval_and_clip_benchmark_read(ws, tmp_path, mon
     summary = json.loads(res.stdout)
     classes = sorted(p.name for p in (ws / "imgs").iterdir())
     assert (summary["samples"], summary["classes"]) == (18, len(classes))
-    res = _clipline("evalset", "retrieval", "pairs.csv", str(out / "ret"), "--image-column",
-                    "path", "--caption-column", "text", cwd=ws)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert (json.loads(res.stdout)["samples"], json.loads(res.stdout)["captions"]) == (18, 24)
+    monkeypatch.chdir(ws)
+    argv = ["evalset", "retrieval", "pairs.csv", str(out / "ret"), "--image-column", "path"]
+    assert main([*argv, "--caption-column", "text"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["samples"], summary["captions"]) == (18, 24)
 
     # clip_benchmark's own loader reads both sets.
     zs = build_dataset("wds/zs", root=str(out / "zs"), transform=None, split="test")
@@ -71,7 +72,6 @@ def test_evalset_builds_sets_that_eval_and_clip_benchmark_read(ws, tmp_path, mon
     assert sorted(len(texts) for _, texts in ret) == [1] * 12 + [2] * 6
 
     # The built set scores exactly as its source folder, read with format=folder.
-    monkeypatch.chdir(ws)
     argv = ["eval", "export", "--device", "cpu", "--zeroshot", f"built={out / 'zs'}"]
     argv += ["--zeroshot", "folder=imgs,format=folder,templates=simple"]
     argv += ["--retrieval", f"ret={out / 'ret'},ks=[1,2]"]
@@ -82,9 +82,9 @@ def test_evalset_builds_sets_that_eval_and_clip_benchmark_read(ws, tmp_path, mon
     assert {"ret/image_retrieval_recall@2", "ret/text_retrieval_recall@1"} <= got.keys()
 
     # The built split is not replaced without --overwrite.
-    res = _clipline("evalset", "zeroshot", "imgs", str(out / "zs"), "--templates", "simple",
-                    cwd=ws)  # fmt: skip
-    assert res.returncode == 2 and "--overwrite" in res.stderr
+    argv = ["evalset", "zeroshot", "imgs", str(out / "zs"), "--templates", "simple"]
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
 
 
 def test_evalset_and_task_flags_name_what_to_fix(ws, tmp_path, capsys):
