@@ -29,13 +29,16 @@ def ws(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evalset")
     export_model(micro_model(seed=2), root / "export", run_config={})
     scenes = generate_shapes(18, seed=4, image_size=32)
-    with (root / "pairs.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
+    with (root / "pairs.csv").open("w", newline="") as f, (root / "labels.csv").open("w") as g:
+        writer, labels = csv.writer(f), csv.writer(g)
         writer.writerow(["path", "text"])
-        for i, s in enumerate(scenes):
+        labels.writerow(["path", "label"])
+        # Sorted as an image folder is read, so that the CSV lists the same images in order.
+        for i, s in sorted(enumerate(scenes), key=lambda x: (x[1].shape, f"{x[0]}.png")):
             (root / "imgs" / s.shape).mkdir(parents=True, exist_ok=True)
             s.image.save(root / "imgs" / s.shape / f"{i}.png")
             writer.writerow([f"imgs/{s.shape}/{i}.png", s.caption])
+            labels.writerow([f"imgs/{s.shape}/{i}.png", s.shape])
             if i % 3 == 0:  # a second caption for every third image
                 writer.writerow([f"imgs/{s.shape}/{i}.png", f"picture number {i}"])
     return root
@@ -74,11 +77,12 @@ def test_evalset_builds_sets_that_eval_and_clip_benchmark_read(ws, tmp_path, mon
     # The built set scores exactly as its source folder, read with format=folder.
     argv = ["eval", "export", "--device", "cpu", "--zeroshot", f"built={out / 'zs'}"]
     argv += ["--zeroshot", "folder=imgs,format=folder,templates=simple"]
+    argv += ["--zeroshot", "csv=labels.csv,format=csv,csv_image_column=path,templates=simple"]
     argv += ["--retrieval", f"ret={out / 'ret'},ks=[1,2]"]
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
     for metric in ("acc1", "acc5", "mean_per_class_recall"):
-        assert got[f"built/{metric}"] == got[f"folder/{metric}"], metric
+        assert got[f"built/{metric}"] == got[f"folder/{metric}"] == got[f"csv/{metric}"], metric
     assert {"ret/image_retrieval_recall@2", "ret/text_retrieval_recall@1"} <= got.keys()
 
     # The built split is not replaced without --overwrite.
