@@ -51,6 +51,8 @@ from typing import Any
 
 from PIL import Image
 
+from clipline.data.hints import did_you_mean
+
 # Listing and manifests live in shard_io (one module for every reader and writer); these
 # names stay importable from here.
 from clipline.data.shard_io import (
@@ -756,11 +758,12 @@ def _check_columns(found: list[str], cfg: ShardsConfig, path: Path) -> None:
         return
     fix = []
     if cfg.image_column in missing:
-        fix.append("set image_column=<one of the columns found>")
+        fix.append("pass --image-column <one of the columns found> (image_column= in Python)")
     if cfg.caption_column in missing:
-        fix.append("set caption_column=<one of the columns found>")
+        fix.append("pass --caption-column <one of them> (caption_column= in Python)")
+    hints = "".join(did_you_mean(c, found) for c in missing)
     raise ValueError(
-        f"{str(path)!r} has no column(s) {missing}; columns found: {found}. "
+        f"{str(path)!r} has no column(s) {missing}; columns found: {found}.{hints} "
         f"Fix: {' and '.join(fix)} (e.g. open_clip's CSVs use filepath/title), "
         "or rename the column(s) in the file."
     )

@@ -1,4 +1,5 @@
-"""``clipline`` command line: shards, data doctor, pretrain, eval, export, embed, search, demo."""
+"""``clipline`` command line: shards, data doctor, pretrain, eval, evalset, export, embed,
+search, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +21,21 @@ def _setup_logging() -> None:
     noisy_loggers = ("root", "PIL", "matplotlib", "urllib3", "torch.onnx", "onnx_ir", "onnxscript")
     for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse ``type`` that rejects ints outside ``[low, high]``; argparse's message then
+    names the flag as the user typed it (``argument --workers: ...``)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for non-numbers
+    return parse
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -83,7 +100,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.recipe, args.overrides)
     if args.dry_run:
-        shape = plan(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        shape = plan(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=args.resume)
         print(json.dumps({"config": cfg.to_dict(), "plan": shape}, indent=2))
         return 0
 
@@ -93,19 +110,65 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_tasks(items: list[str], kind: str) -> list:
-    from clipline.eval.evaluators import RetrievalTask, ZeroShotTask
+# Task kind (a RunConfig field, and the flag's name) -> its config class in eval.evaluators.
+_TASK_FLAGS = {
+    "zeroshot": "ZeroShotTask",
+    "retrieval": "RetrievalTask",
+    "linear_probe": "LinearProbeTask",
+}
+# Options after NAME=ROOT are split at commas that start another key=: values may hold
+# commas of their own (ks=[1,5,10], a list of templates).
+_OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)")
 
-    cls = ZeroShotTask if kind == "zeroshot" else RetrievalTask
+
+def _parse_tasks(items: list[str], kind: str) -> list:
+    """``NAME=ROOT[,key=value...]`` flags -> task configs; keys are the task's fields."""
+    from clipline.eval import evaluators
+    from clipline.launch.config import _parse_value, build
+
+    cls = getattr(evaluators, _TASK_FLAGS[kind])
+    flag = f"--{kind.replace('_', '-')}"
     tasks = []
     for item in items:
-        name, sep, root = item.partition("=")
-        if not sep:
+        head, *options = _OPTION_SPLIT.split(item)
+        name, sep, root = head.partition("=")
+        if not sep or not name or not root:
             raise ValueError(
-                f"--{kind} {item!r}: expected NAME=ROOT, e.g. --{kind} emoji=/data/emoji_eval"
+                f"{flag} {item!r}: expected NAME=ROOT[,key=value...], e.g. {flag} "
+                f"pets=/data/pets or {flag} pets=/data/pets,format=folder,split=val"
             )
-        tasks.append(cls(name=name, root=root))
+        data: dict = {"name": name, "root": root}
+        for option in options:
+            key, _, text = option.partition("=")
+            data[key.strip()] = _parse_value(text)
+        if {"name", "root"} & {o.partition("=")[0].strip() for o in options}:
+            raise ValueError(f"{flag} {item!r}: give the name and root once, as NAME=ROOT")
+        try:
+            tasks.append(build(cls, data))
+        except ValueError as exc:
+            raise ValueError(f"{flag} {item!r}: {exc}") from None
     return tasks
+
+
+def _cli_tasks(args: argparse.Namespace) -> list:
+    return [task for kind in _TASK_FLAGS for task in _parse_tasks(getattr(args, kind), kind)]
+
+
+def _run_tasks(run_dir: str) -> list:
+    """The evaluations of the run's own recipe (its ``config.json``)."""
+    from clipline.eval import evaluators
+    from clipline.launch.config import build
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    cls = {kind: getattr(evaluators, name) for kind, name in _TASK_FLAGS.items()}
+    return [
+        build(cls[kind], entry, prefix=f"{path} {kind}[{i}].")
+        for kind in _TASK_FLAGS
+        for i, entry in enumerate(saved.get(kind) or [])
+    ]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -120,10 +183,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from clipline.eval.evaluators import build_evaluator
     from clipline.launch.run import load_encoders
 
-    tasks = _parse_tasks(args.zeroshot, "zeroshot") + _parse_tasks(args.retrieval, "retrieval")
+    tasks = _cli_tasks(args)
     if not tasks:
         raise ValueError(
-            "nothing to evaluate: give --zeroshot NAME=ROOT and/or --retrieval NAME=ROOT"
+            "nothing to evaluate: give --zeroshot NAME=ROOT, --retrieval NAME=ROOT and/or "
+            "--linear-probe NAME=ROOT"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoders(args.model, device)
@@ -153,11 +217,14 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
     given = [f for f in ("poll_seconds", "until_step", "timeout") if getattr(args, f) is not None]
     if given and not args.watch:
         raise ValueError(f"--{given[0].replace('_', '-')} only applies with --watch; add --watch")
+    tasks = _cli_tasks(args)
+    if not tasks:  # the run's own evaluations
+        tasks = _run_tasks(args.run)
+        log.info("scoring the run's own tasks: %s", ", ".join(t.name for t in tasks) or "none")
     report = score_run(
         ScoreConfig(
             run_dir=args.run,
-            tasks=_parse_tasks(args.zeroshot, "zeroshot")
-            + _parse_tasks(args.retrieval, "retrieval"),
+            tasks=tasks,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             watch=args.watch,
             poll_s=60.0 if args.poll_seconds is None else args.poll_seconds,
@@ -177,16 +244,49 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from clipline.launch.run import load_encoders, resolve_checkpoint
-    from clipline.pretrain.checkpoint import read_config
-    from clipline.pretrain.export import META_FILE, export, read_export_meta
+def _cmd_evalset(args: argparse.Namespace) -> int:
+    from clipline.launch.evalset import EvalsetConfig, make_evalset
 
-    if (Path(args.checkpoint) / META_FILE).is_file():  # re-export a clipline export
-        source = Path(args.checkpoint)
+    summary = make_evalset(
+        EvalsetConfig(
+            kind=args.kind,
+            input=args.input,
+            output_dir=args.output_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            caption_column=args.caption_column,
+            classnames=args.classnames,
+            templates=args.templates,
+            split=args.split,
+            samples_per_shard=args.samples_per_shard,
+            image_format=args.image_format,
+            overwrite=args.overwrite,
+        )
+    )
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from clipline.launch.run import find_export, load_encoders, load_exported, resolve_checkpoint
+    from clipline.pretrain.checkpoint import read_config
+    from clipline.pretrain.export import export, read_export_meta
+
+    found = find_export(args.checkpoint)
+    if found is not None and found[0] == "onnx":
+        raise ValueError(
+            f"{found[1]} is an ONNX export, which cannot be converted to other formats; export "
+            "from the clipline, open_clip or hf export, a checkpoint or the run directory"
+        )
+    if found is not None and found[0] == "clipline":  # re-export a clipline export
+        source = found[1]
         meta = read_export_meta(source)
-        model = load_encoders(source)
+        model = load_exported(*found)
         run_config, step = meta["run_config"], meta["step"]
+    elif found is not None:  # open_clip and hf exports carry no run config or step
+        source = found[1]
+        model = load_exported(*found)
+        run_config, step = {"converted_from": {"format": found[0], "path": str(source)}}, None
     else:
         source = resolve_checkpoint(args.checkpoint)
         model = load_encoders(source)
@@ -218,6 +318,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             device=args.device or _default_device(),
+            overwrite=args.overwrite,
         )
     )
     print(
@@ -230,17 +331,29 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipline.launch.embed import format_hits, search
+    from clipline.launch.embed import format_hits, search_many
 
-    hits = search(
+    texts = list(args.query)
+    if args.queries_file is not None:
+        path = Path(args.queries_file)
+        if not path.is_file():
+            raise ValueError(f"--queries-file {path}: not a file (one text query a line)")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    answers = search_many(
         args.model,
         args.index,
-        text=args.query,
-        image=args.image,
+        texts=texts,
+        images=args.image,
         k=args.k,
         device=args.device or _default_device(),
     )
-    print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+    if len(answers) == 1 and args.queries_file is None:  # one query: just its hits
+        hits = answers[0]["hits"]
+        print(json.dumps(hits, indent=2, ensure_ascii=False) if args.json else format_hits(hits))
+    elif args.json:
+        print(json.dumps(answers, indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(f"{a['kind']}: {a['query']}\n{format_hits(a['hits'])}" for a in answers))
     return 0
 
 
@@ -275,15 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image-column", default="filepath")
     p.add_argument("--caption-column", default="caption")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=_int_in(1), default=1000)
     p.add_argument(
-        "--workers", type=int, default=1, help="image encoding processes (same output for any N)"
+        "--workers",
+        type=_int_in(1),
+        default=1,
+        help="image encoding processes (same output for any N)",
     )
     p.add_argument(
-        "--max-side", type=int, default=None, help="shrink images to this longer side (pixels)"
+        "--max-side",
+        type=_int_in(1),
+        default=None,
+        help="shrink images to this longer side (pixels)",
     )
     p.add_argument(
-        "--jpeg-quality", type=int, default=None, help="re-encode every image at this quality"
+        "--jpeg-quality",
+        type=_int_in(1, 100),
+        default=None,
+        help="re-encode every image at this quality",
     )
     p.add_argument("--dedup", action="store_true", help="skip exact duplicate image bytes")
     p.add_argument(
@@ -305,21 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="check shards for anything that would break or hang a run; measure loader speed",
     )
     p.add_argument("shards", help="a shard folder, glob, {a..b} pattern or '::' list")
-    p.add_argument("--workers", type=int, default=2, help="dataloader workers per rank")
-    p.add_argument("--world-size", type=int, default=1, help="ranks of the planned run")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch per rank")
+    p.add_argument("--workers", type=_int_in(0), default=2, help="dataloader workers per rank")
+    p.add_argument("--world-size", type=_int_in(1), default=1, help="ranks of the planned run")
+    p.add_argument("--batch-size", type=_int_in(1), default=64, help="samples per batch per rank")
     p.add_argument("--full", action="store_true", help="decode every sample, not one per shard")
     p.add_argument("--seconds", type=float, default=5.0, help="loader measurement time; 0 skips it")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=_int_in(1), default=224)
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=_int_in(1),
         default=None,
         help="data.decode.max_pixels: skip larger images, as training does (89478485)",
     )
     p.add_argument(
         "--min-image-size",
-        type=int,
+        type=_int_in(1),
         default=None,
         help="data.decode.min_image_size: skip images with a shorter side, as training (16)",
     )
@@ -335,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, world size, global batch, steps and samples; exit",
+        help="run every check a start runs (shards, eval sets, resume point), print the resolved "
+        "config, world size, global batch, steps and samples; exit",
     )
     p.set_defaults(func=_cmd_pretrain)
 
@@ -343,14 +466,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", help="an export directory, a checkpoint directory or a run directory"
     )
-    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=ROOT")
-    p.add_argument("--retrieval", action="append", default=[], metavar="NAME=ROOT")
+    task_help = (
+        "an eval set; options after the root set the task's fields, e.g. "
+        "NAME=ROOT,format=folder,split=val (format: wds (default), folder, csv, mnist, "
+        "fashion_mnist; see the README)"
+    )
+    p.add_argument(
+        "--zeroshot", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--retrieval", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--linear-probe",
+        action="append",
+        default=[],
+        metavar="NAME=ROOT[,k=v...]",
+        help="a linear probe on frozen image features (train_split, test_split, format, ...)",
+    )
     p.add_argument("--output", help="write the metrics JSON here too")
     p.add_argument("--device", default=None)
     p.add_argument(
         "--run",
         metavar="RUN_DIR",
-        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots)",
+        help="score every unscored checkpoint of a run into RUN_DIR/eval/ (results, CSV, plots); "
+        "without task flags, the run's own recipe tasks",
     )
     p.add_argument(
         "--watch", action="store_true", help="with --run: keep scoring until the run is done"
@@ -361,11 +501,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
+        "evalset",
+        help="a CSV or folder of images with labels (zeroshot) or captions (retrieval) -> an "
+        "eval set in CLIP_benchmark's webdataset layout",
+    )
+    p.add_argument("kind", choices=["zeroshot", "retrieval"])
+    p.add_argument(
+        "input",
+        help="zeroshot: a folder of class folders or a CSV/TSV (image, label); retrieval: a "
+        "CSV/TSV (image, caption) or a folder of name.jpg + name.txt (one caption a line)",
+    )
+    p.add_argument("output_dir", help="the set's root, for --zeroshot/--retrieval NAME=OUTPUT_DIR")
+    p.add_argument("--image-column", default="filepath", help="CSV column of image paths")
+    p.add_argument("--label-column", default="label", help="CSV column of labels (zeroshot)")
+    p.add_argument("--caption-column", default="caption", help="CSV column of captions")
+    p.add_argument(
+        "--classnames", metavar="FILE", help="class names, one a line in label order (zeroshot)"
+    )
+    p.add_argument(
+        "--templates",
+        help="zeroshot prompts: 'simple', 'openai_imagenet' or a file of one template a line "
+        "(default: the input's zeroshot_classification_templates.txt)",
+    )
+    p.add_argument("--split", default="test", help="the split folder to write (test)")
+    p.add_argument("--samples-per-shard", type=_int_in(1), default=1000)
+    p.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")
+    p.add_argument("--overwrite", action="store_true", help="replace the split if it exists")
+    p.set_defaults(func=_cmd_evalset)
+
+    p = sub.add_parser(
         "export", help="checkpoint -> clipline, open_clip, transformers (hf) or ONNX export"
     )
     p.add_argument(
         "checkpoint",
-        help="a checkpoint directory, a run directory (its latest) or a clipline export",
+        help="a checkpoint directory, a run directory (its latest) or an export (clipline, "
+        "open_clip or hf format, or the root --format all wrote)",
     )
     p.add_argument("output")
     p.add_argument(
@@ -387,22 +557,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "embed", help="a folder of images or a file of texts -> embeddings + a faiss index"
     )
-    p.add_argument("model", metavar="EXPORT_DIR", help="the export that embeds")
+    p.add_argument(
+        "model",
+        metavar="EXPORT_DIR",
+        help="the export that embeds (any format, or a checkpoint or run directory)",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="FOLDER", help="embed every image file under FOLDER")
     source.add_argument("--texts", metavar="FILE", help="embed each non-blank line of FILE")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="the index directory")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: none)")
+    p.add_argument("--batch-size", type=_int_in(1), default=64)
+    p.add_argument(
+        "--workers", type=_int_in(0), default=2, help="image-decoding processes (0: none)"
+    )
     p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("search", help="top-k items of an index for a text or image query")
+    p = sub.add_parser(
+        "search", help="top-k items of an index for text or image queries (one model load)"
+    )
     p.add_argument("model", metavar="EXPORT_DIR", help="the export the index was built with")
     p.add_argument("index", metavar="INDEX_DIR", help="written by clipline embed")
-    p.add_argument("query", nargs="?", help="a text query, e.g. 'a black cat on a keyboard'")
-    p.add_argument("--image", metavar="PATH", help="an image query instead of a text")
-    p.add_argument("-k", type=int, default=5, help="number of hits (5)")
+    p.add_argument(
+        "query", nargs="*", help="text queries, e.g. 'a black cat on a keyboard' 'a red car'"
+    )
+    p.add_argument(
+        "--queries-file", metavar="FILE", help="more text queries, one a line (blank lines skipped)"
+    )
+    p.add_argument(
+        "--image", metavar="PATH", action="append", default=[], help="an image query (repeatable)"
+    )
+    p.add_argument("-k", type=_int_in(1), default=5, help="number of hits (5)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_search)
@@ -414,9 +600,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed anywhere after the command.
+
+    argparse gives a ``nargs="*"`` positional only the words before the first option, so
+    ``--recipe r run_dir=x --resume latest loop.steps=10`` would leave ``loop.steps=10``
+    unrecognised; overrides found among the leftovers join the others, in command-line order.
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        stray = [e for e in extras if e.startswith("-") or "=" not in e]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipline`` console script and ``python -m clipline``."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _setup_logging()
     from clipline.pretrain.loop import Preempted
 

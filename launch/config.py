@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from clipline.data.hints import did_you_mean
 from clipline.data.stream import StreamConfig
 from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipline.pretrain.loop import LoopConfig
@@ -117,7 +118,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _type_error(key, value, tp)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}: {value!r} is not one of {list(args)}")
+            hint = did_you_mean(str(value), [str(a) for a in args])
+            raise ValueError(f"{key}: {value!r} is not one of {list(args)}.{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -162,8 +164,9 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        hints = "".join(did_you_mean(prefix + k, [prefix + f for f in fields]) for k in unknown)
         raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: "
+            f"unknown config key(s) {[prefix + k for k in unknown]}.{hints} Valid keys here: "
             f"{[prefix + k for k in fields]}"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
@@ -191,8 +194,8 @@ def read_recipe(recipe: str) -> dict[str, Any]:
         shipped = resources.files("clipline.launch") / "recipes" / f"{recipe}.toml"
         if not shipped.is_file():
             raise ValueError(
-                f"recipe {recipe!r} is neither a file nor a shipped recipe; shipped: "
-                f"{recipe_names()}"
+                f"recipe {recipe!r} is neither a file nor a shipped recipe."
+                f"{did_you_mean(recipe, recipe_names())} Shipped: {recipe_names()}"
             )
         return tomllib.loads(shipped.read_text())
     return tomllib.loads(path.read_text())

@@ -16,6 +16,7 @@ in another space, so ``search`` refuses an index built with different weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipline.eval.encoders import embed_images, embed_texts
-from clipline.launch.run import load_encoders, resolve_checkpoint
+from clipline.launch.run import find_export, load_encoders, resolve_checkpoint
 from clipline.pretrain import export
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,15 @@ class EmbedConfig:
     """What ``clipline embed`` embeds, with which model, into which directory.
 
     Attributes:
-        model: An export directory (a checkpoint or run directory works too).
-        output_dir: The index directory to write (files in it are replaced).
+        model: An export directory of any format (a checkpoint or run directory works too).
+        output_dir: The index directory to write; one that already holds an index is
+            refused unless ``overwrite``.
         images: A folder, searched recursively for image files; exclusive with ``texts``.
         texts: A UTF-8 file with one text a line (blank lines are skipped).
         batch_size: Items per forward pass.
         workers: Image-decoding worker processes (0: decode in the main process).
         device: Where the model runs.
+        overwrite: Replace the index already in ``output_dir``.
     """
 
     model: str
@@ -70,6 +73,7 @@ class EmbedConfig:
     batch_size: int = 64
     workers: int = 0
     device: str = "cpu"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.texts is None):
@@ -99,8 +103,10 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
     """Embeds ``cfg.images`` or ``cfg.texts`` and writes an index directory.
 
     Raises:
-        ValueError: Bad options, a path that is not a model, or nothing readable to embed.
+        ValueError: Bad options, an index already in ``output_dir`` (without ``overwrite``),
+            a path that is not a model, or nothing readable to embed.
     """
+    _check_output_dir(Path(cfg.output_dir), cfg.overwrite)
     model_dir, model_id = _model_identity(cfg.model)
     model = load_encoders(cfg.model, cfg.device)
     if cfg.images is not None:
@@ -149,6 +155,23 @@ def embed(cfg: EmbedConfig) -> EmbedReport:
     )
 
 
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuses to replace an index (even a partly written one) unless told to."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out}: exists and is not a folder; give an index folder")
+    found = [n for n in (META_FILE, EMBEDDINGS_FILE, IDS_FILE, INDEX_FILE) if (out / n).exists()]
+    if found and not overwrite:
+        what = "an index" if META_FILE in found else f"part of an index ({', '.join(found)})"
+        count = ""
+        if META_FILE in found:
+            with contextlib.suppress(ValueError, KeyError, json.JSONDecodeError):
+                count = f" of {read_index_meta(out)['count']} items"
+        raise ValueError(
+            f"-o {out} already holds {what}{count}; pass --overwrite to replace it, or "
+            "choose another folder"
+        )
+
+
 def search(
     model_path: str | Path,
     index_dir: str | Path,
@@ -178,40 +201,79 @@ def search(
     """
     if (text is None) == (image is None):
         raise ValueError('give exactly one query: a text ("a black cat") or --image PATH')
+    texts, images = ([text], []) if text is not None else ([], [image])
+    return search_many(model_path, index_dir, texts=texts, images=images, k=k, device=device)[0][
+        "hits"
+    ]
+
+
+def search_many(
+    model_path: str | Path,
+    index_dir: str | Path,
+    *,
+    texts: list[str] = (),
+    images: list[str | Path] = (),
+    k: int = 5,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Answers several queries with one model load: texts first, then images, in order.
+
+    Returns:
+        ``[{"query": text or image path, "kind": "text" | "image", "hits": [...]}]`` with
+        hits as :func:`search` returns them.
+
+    Raises:
+        ValueError: No query, an unreadable image, a bad index directory, or an index built
+            with a different model.
+    """
+    if not texts and not images:
+        raise ValueError('give a query: a text ("a black cat"), --queries-file or --image PATH')
     if k < 1:
         raise ValueError(f"k={k}; it must be at least 1")
     index_dir = Path(index_dir)
     meta = read_index_meta(index_dir)
     _check_same_model(model_path, meta)
     model = load_encoders(model_path, device)
-    if text is not None:
-        query_1D = embed_texts(model, model.tokenize([text]))
-    else:
+    preprocess = model.image_transform(is_train=False)
+    pixels = []
+    for image in images:  # every image is read before the first search: fail early
         try:
             with PIL.Image.open(image) as im:
-                pixels = im.convert("RGB")
+                pixels.append(preprocess(im.convert("RGB")))
         except _UNREADABLE as exc:
             raise ValueError(f"--image {image}: cannot read it as an image ({exc})") from exc
-        preprocess = model.image_transform(is_train=False)
-        query_1D = embed_images(model, preprocess(pixels)[None])
+    chunks = [
+        embed_texts(model, model.tokenize(list(texts[i : i + batch_size])))
+        for i in range(0, len(texts), batch_size)
+    ]
+    chunks += [
+        embed_images(model, torch.stack(pixels[i : i + batch_size]))
+        for i in range(0, len(pixels), batch_size)
+    ]
+    query_QD = torch.cat(chunks)
     # Memory-mapped and read-only: a large index is paged in as the search touches it.
     index = faiss.read_index(
         str(index_dir / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
     )
-    if index.d != query_1D.shape[1]:
+    if index.d != query_QD.shape[1]:
         raise ValueError(
             f"{index_dir} holds {index.d}-d embeddings but the model embeds into "
-            f"{query_1D.shape[1]} dimensions; search with the model the index was built with"
+            f"{query_QD.shape[1]} dimensions; search with the model the index was built with"
         )
-    scores_1K, rows_1K = index.search(query_1D.numpy(), min(k, index.ntotal))
+    scores_QK, rows_QK = index.search(query_QD.numpy(), min(k, index.ntotal))
     ids = json.loads((index_dir / IDS_FILE).read_text())
-    hits = []
-    for rank, (score, row) in enumerate(zip(scores_1K[0], rows_1K[0], strict=True), start=1):
-        hit: dict[str, Any] = {"rank": rank, "score": float(score), "id": ids[row]}
-        if meta["kind"] == "image":
-            hit["path"] = str(Path(meta["source"]) / ids[row])
-        hits.append(hit)
-    return hits
+    queries = [(t, "text") for t in texts] + [(str(p), "image") for p in images]
+    answers = []
+    for (query, kind), scores_K, rows_K in zip(queries, scores_QK, rows_QK, strict=True):
+        hits = []
+        for rank, (score, row) in enumerate(zip(scores_K, rows_K, strict=True), start=1):
+            hit: dict[str, Any] = {"rank": rank, "score": float(score), "id": ids[row]}
+            if meta["kind"] == "image":
+                hit["path"] = str(Path(meta["source"]) / ids[row])
+            hits.append(hit)
+        answers.append({"query": query, "kind": kind, "hits": hits})
+    return answers
 
 
 def format_hits(hits: list[dict[str, Any]]) -> str:
@@ -309,11 +371,21 @@ def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
 
 
+# The files each export format's weights, configuration and preprocessing are read from.
+_EXPORT_FILES = {
+    "clipline": [export.META_FILE, export.IMAGE_FILE, export.TEXT_FILE],
+    "open_clip": ["open_clip_config.json", "open_clip_model.safetensors"],
+    "hf": ["config.json", "preprocessor_config.json", "model.safetensors"],
+    "onnx": ["onnx_export.json", "image.onnx", "text.onnx"],
+}
+
+
 def _model_files(path: str | Path) -> tuple[Path, list[Path]]:
     """The model directory and the files its weights and configuration are read from."""
-    path = Path(path)
-    if (path / export.META_FILE).is_file():
-        return path, [path / export.META_FILE, path / export.IMAGE_FILE, path / export.TEXT_FILE]
+    found = find_export(path)
+    if found is not None:
+        fmt, folder = found
+        return folder, [folder / name for name in _EXPORT_FILES[fmt]]
     ckpt = resolve_checkpoint(path)
     return ckpt, [ckpt / "model.safetensors", ckpt / "config.json"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,11 +13,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
-from clipline.data.stream import build_train_loader, epoch_shape
+from clipline.data.stream import EpochShape, build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
-from clipline.pretrain.checkpoint import list_checkpoints, load_weights, read_config
+from clipline.pretrain.checkpoint import (
+    list_checkpoints,
+    load_weights,
+    read_config,
+    resolve_resume,
+)
+from clipline.pretrain.export import FORMATS as EXPORT_FORMATS
+from clipline.pretrain.export import META_FILE as EXPORT_META_FILE
 from clipline.pretrain.export import load_export
+from clipline.pretrain.export_open_clip import CONFIG_FILE as OPEN_CLIP_CONFIG_FILE
 from clipline.pretrain.loop import train
 from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
@@ -46,12 +55,48 @@ def build_evaluators(
     }
 
 
-def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def _not_in_a_check(*_: Any) -> Any:
+    raise AssertionError("check_start builds evaluators only to check their data; never runs them")
+
+
+def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -> EpochShape:
+    """Every check a start makes before it builds the model: the one validation path of
+    ``clipline pretrain --dry-run`` and of :func:`run_pretrain` (which calls it first).
+
+    Checks the config's cross-field rules and model and tower names, the shards against the
+    run shape (manifests only), every evaluation's data (each evaluator is built, which
+    opens its set and reads its class names and templates, but never run), the run
+    directory, the checkpoint to resume from and the optional packages the config asks for.
+    Creates nothing.
+
+    Returns:
+        The epoch's shape (from the shard manifests).
+
+    Raises:
+        ValueError: naming the offending value and the fix, exactly as the start would.
+    """
+    cfg.validate()
+    shape = epoch_shape(cfg.data, world_size)
+    for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]:
+        build_evaluator(task, preprocess=_not_in_a_check, tokenize=_not_in_a_check)
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={cfg.run_dir!r} is a file; give a directory")
+    resolve_resume(run_dir, resume)
+    if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install "
+            "wandb (or unset loop.wandb_project)"
+        )
+    return shape
+
+
+def plan(cfg: RunConfig, world_size: int, *, resume: str | None = None) -> dict[str, Any]:
     """The run's shape as it would start: what ``clipline pretrain --dry-run`` prints.
 
-    Reads only the shard manifest, and fails (ValueError) exactly where a real start would.
+    Runs :func:`check_start`, so it fails (ValueError) exactly where a real start would.
     """
-    shape = epoch_shape(cfg.data, world_size)
+    shape = check_start(cfg, world_size=world_size, resume=resume)
     per_epoch = shape.batches_per_epoch
     total = cfg.loop.total_steps(per_epoch)
     global_batch = cfg.data.batch_size * cfg.loop.accum_steps * world_size
@@ -72,6 +117,7 @@ def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
+    check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
     # otherwise every torchrun rank would silently train alone and overwrite the others' files.
     accelerator = Accelerator(
@@ -159,22 +205,91 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = found[-1]
     if not (path / "model.safetensors").is_file():
         raise ValueError(
-            f"{path} is neither a clipline export (clipline_export.json), a checkpoint "
-            "(model.safetensors) nor a run directory (checkpoints/)"
+            f"{path} is neither an export (clipline_export.json, open_clip_config.json, a "
+            "transformers CLIP config.json or onnx_export.json, or the folder `clipline export "
+            "--format all` wrote), a checkpoint (model.safetensors) nor a run directory "
+            "(checkpoints/)"
         )
     return path
 
 
-def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
-    """A dual encoder from an export directory, a checkpoint directory or a run directory.
+# The file that marks an export folder of each format (the ONNX module imports onnx, so its
+# name is repeated here rather than imported).
+EXPORT_MARKERS = {
+    "clipline": EXPORT_META_FILE,
+    "open_clip": OPEN_CLIP_CONFIG_FILE,
+    "hf": "config.json",  # with "model_type": "clip"; a checkpoint has a config.json too
+    "onnx": "onnx_export.json",
+}
+
+
+def find_export(path: str | Path) -> tuple[str, Path] | None:
+    """``(format, folder)`` of an export folder of any format clipline writes, or of the root
+    that ``clipline export --format all`` wrote (its first format in ``FORMATS`` order);
+    ``None`` for anything else (a checkpoint or run directory, a missing path)."""
+    path = Path(path)
+    for fmt, marker in EXPORT_MARKERS.items():
+        if (path / marker).is_file() and (fmt != "hf" or _is_hf_clip(path / marker)):
+            return fmt, path
+    for fmt in EXPORT_FORMATS:  # the --format all root
+        if (path / fmt).is_dir() and find_export(path / fmt) == (fmt, path / fmt):
+            return fmt, path / fmt
+    return None
+
+
+def _is_hf_clip(config: Path) -> bool:
+    try:
+        return json.loads(config.read_text()).get("model_type") == "clip"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_exported(fmt: str, folder: Path, device: str | torch.device = "cpu") -> Any:
+    """The encoders of an export folder found by :func:`find_export`.
+
+    clipline, open_clip and hf exports load as the :class:`DualEncoder` that was exported
+    (identical embeddings); an ONNX export as :class:`~clipline.pretrain.export_onnx.OnnxEncoders`
+    (onnxruntime, CPU unless ``device`` is a CUDA device), which embeds but does not train.
+
+    Raises:
+        ValueError: The format's library is not installed (naming the pip extra).
+    """
+    if fmt == "clipline":
+        return load_export(folder, device)
+    if fmt == "open_clip":
+        from clipline.pretrain.export_open_clip import load_open_clip_encoders
+
+        return load_open_clip_encoders(folder, device)
+    try:
+        if fmt == "hf":
+            from clipline.pretrain.export_hf import load_hf_encoders
+
+            return load_hf_encoders(folder, device)
+        assert fmt == "onnx", fmt
+        import onnxruntime
+
+        from clipline.pretrain.export_onnx import load_onnx
+
+        gpu = str(device).startswith("cuda")
+        cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return load_onnx(folder, ["CUDAExecutionProvider"] if gpu and cuda else None)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"{folder} is a {fmt} export, whose reader needs {exc.name!r}, which is not "
+            "installed; pip install 'clipline[export]', or use the export's clipline format"
+        ) from exc
+
+
+def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """A dual encoder from an export (any format, or a ``--format all`` root), a checkpoint
+    directory or a run directory (its latest checkpoint); see :func:`load_exported`.
 
     Raises:
         ValueError: the path is none of these.
     """
-    if (Path(path) / "clipline_export.json").is_file():
-        return load_export(path, device)
-    if (Path(path) / "clipline" / "clipline_export.json").is_file():  # export --format all
-        return load_export(Path(path) / "clipline", device)
+    found = find_export(path)
+    if found is not None:
+        return load_exported(*found, device)
     path = resolve_checkpoint(path)
     saved = read_config(path)
     model_cfg = build(ModelConfig, saved["model"], prefix="model.")

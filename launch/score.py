@@ -50,13 +50,13 @@ from typing import Any
 import torch
 
 from clipline.data import evalsets
-from clipline.eval.evaluators import RetrievalTask, ZeroShotTask, build_evaluator
+from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask, build_evaluator
 from clipline.launch.run import DONE_FILE, load_encoders
 from clipline.pretrain.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 
-Task = ZeroShotTask | RetrievalTask
+Task = ZeroShotTask | RetrievalTask | LinearProbeTask
 
 EVAL_DIR = "eval"
 RESULTS_JSONL = "results.jsonl"
@@ -77,7 +77,7 @@ class ScoreConfig:
 
     Attributes:
         run_dir: The run directory (holds ``checkpoints/``).
-        tasks: Zero-shot and retrieval tasks; names must be unique.
+        tasks: Zero-shot, retrieval and linear-probe tasks; names must be unique.
         device: Where the checkpoints are evaluated.
         watch: Keep polling for new checkpoints until the run writes ``RUN_DIR/DONE``,
             a checkpoint reaches ``until_step``, or ``timeout_s`` passes.
@@ -97,7 +97,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError(
-                "nothing to evaluate: give --zeroshot NAME=ROOT and/or --retrieval NAME=ROOT"
+                "nothing to evaluate: the run's config.json has no zeroshot, retrieval or "
+                "linear_probe tasks; give --zeroshot NAME=ROOT and/or --retrieval NAME=ROOT"
             )
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
@@ -108,9 +109,9 @@ class ScoreConfig:
                 "clipline pretrain run, or add --watch to wait for its first checkpoint"
             )
         if self.poll_s <= 0:
-            raise ValueError(f"poll seconds {self.poll_s}; it must be positive")
+            raise ValueError(f"--poll-seconds {self.poll_s}: it must be positive")
         if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"timeout {self.timeout_s}; it must be positive (or omitted)")
+            raise ValueError(f"--timeout {self.timeout_s}: it must be positive (or omitted)")
         if not self.watch and self.until_step is not None:
             raise ValueError("--until-step only applies with --watch; add --watch or drop it")
 
@@ -271,15 +272,19 @@ def task_manifest(task: Task, cache: dict[str, list] | None = None) -> dict[str,
     }
     manifest: dict[str, Any] = {"kind": type(task).__name__, "options": options}
     if isinstance(task, ZeroShotTask):
-        zeroshot_set = evalsets.read_classification_set(task.root)
+        zeroshot_set = task.open(task.split)  # any format the task reads
         manifest["classnames"] = zeroshot_set.classnames
         # The templates actually used: the task's own, or the set's file.
         manifest["options"]["templates"] = (
             zeroshot_set.templates if task.templates is None else task.templates
         )
+    elif isinstance(task, LinearProbeTask):
+        manifest["classnames"] = task.open(task.train_split).classnames
     elif isinstance(task, RetrievalTask):
-        evalsets.read_retrieval_set(task.root)  # fails early on a wrong path
-    manifest["data"] = data_hash(task.root, cache)
+        evalsets.read_retrieval_set(task.root, task.split)  # fails early on a wrong path
+    # A CSV set is a file: its images sit beside it, relative to its folder.
+    root = Path(task.root)
+    manifest["data"] = data_hash(root if root.is_dir() else root.parent, cache)
     manifest["versions"] = {
         "clipline": clipline.__version__,
         "torch": torch.__version__,

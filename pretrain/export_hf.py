@@ -43,6 +43,7 @@ from transformers import (
 
 from clipline.pretrain.export import UnsupportedModel, check_parity
 from clipline.pretrain.model import DualEncoder
+from clipline.pretrain.safe_load import load_safetensors
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # OpenAI's names for open_clip's ids 49406, 49407
 BPE_VOCAB_SIZE = 49408
@@ -298,6 +299,132 @@ def text_features(
     """L2-normalised text embeddings ``[B, D]`` of a CLIPModel."""
     emb_BD = _features(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
     return torch.nn.functional.normalize(emb_BD, dim=-1)
+
+
+def _merge_blocks(
+    src: str, dst: str, n: int, sd: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """CLIPEncoderLayer weights -> open_clip residual blocks (q, k, v joined): :func:`_blocks`
+    backwards."""
+    out = {}
+    for i in range(n):
+        s, d = f"{src}.{i}", f"{dst}.{i}"
+        for p in ("weight", "bias"):
+            out[f"{d}.attn.in_proj_{p}"] = torch.cat(
+                [sd.pop(f"{s}.self_attn.{name}_proj.{p}") for name in ("q", "k", "v")]
+            )
+        for a, b in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            for p in ("weight", "bias"):
+                out[f"{d}.{a}.{p}"] = sd.pop(f"{s}.{b}.{p}")
+    return out
+
+
+def open_clip_state_dict(hf_sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict:
+    """CLIPModel weights under open_clip ``CLIP``'s names: :func:`hf_state_dict` backwards."""
+    sd = dict(hf_sd)
+    for k in [k for k in sd if k.endswith("position_ids")]:  # a buffer in older transformers
+        del sd[k]
+    out = {
+        "logit_scale": sd.pop("logit_scale").reshape(1),  # 1-element in clipline
+        "visual.class_embedding": sd.pop("vision_model.embeddings.class_embedding"),
+        "visual.positional_embedding": sd.pop("vision_model.embeddings.position_embedding.weight"),
+        "visual.conv1.weight": sd.pop("vision_model.embeddings.patch_embedding.weight"),
+        "visual.proj": sd.pop("visual_projection.weight").T.contiguous(),
+        "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+        "text_projection": sd.pop("text_projection.weight").T.contiguous(),
+    }
+    for a, b in (
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm"),
+        ("ln_final", "text_model.final_layer_norm"),
+    ):
+        for p in ("weight", "bias"):
+            out[f"{a}.{p}"] = sd.pop(f"{b}.{p}")
+    n_vision = config["vision_config"]["num_hidden_layers"]
+    n_text = config["text_config"]["num_hidden_layers"]
+    out |= _merge_blocks(
+        "vision_model.encoder.layers", "visual.transformer.resblocks", n_vision, sd
+    )
+    out |= _merge_blocks("text_model.encoder.layers", "transformer.resblocks", n_text, sd)
+    if sd:
+        raise ValueError(
+            f"CLIPModel weights {sorted(sd)[:5]} have no place in open_clip's CLIP; this "
+            "transformers folder is not one clipline can read"
+        )
+    return out
+
+
+def open_clip_configs(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(open_clip model config, preprocessing config)`` of an HF export: :func:`hf_config`
+    and :func:`image_processor` backwards."""
+    config = json.loads((export_dir / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise ValueError(
+            f"{export_dir}: activation(s) {sorted(acts)}; open_clip has gelu or quick_gelu"
+        )
+    model_cfg = {
+        "embed_dim": config["projection_dim"],
+        "quick_gelu": acts == {"quick_gelu"},
+        "vision_cfg": {
+            "image_size": vision["image_size"],
+            "layers": vision["num_hidden_layers"],
+            "width": vision["hidden_size"],
+            "head_width": vision["hidden_size"] // vision["num_attention_heads"],
+            "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"],
+            "patch_size": vision["patch_size"],
+        },
+        "text_cfg": {
+            "context_length": text["max_position_embeddings"],
+            "vocab_size": text["vocab_size"],
+            "width": text["hidden_size"],
+            "heads": text["num_attention_heads"],
+            "layers": text["num_hidden_layers"],
+            "mlp_ratio": text["intermediate_size"] / text["hidden_size"],
+        },
+    }
+    proc = json.loads((export_dir / "preprocessor_config.json").read_text())
+    crop = proc.get("crop_size") or proc["size"]
+    height, width = crop["height"], crop["width"]
+    names = {v: k for k, v in _INTERPOLATION.items()}
+    preprocess = {
+        "size": height if height == width else [height, width],
+        "mean": list(proc["image_mean"]),
+        "std": list(proc["image_std"]),
+        "interpolation": names[proc.get("resample", 3)],
+        "resize_mode": "shortest" if "shortest_edge" in proc["size"] else "squash",
+    }
+    return model_cfg, preprocess
+
+
+def load_hf_encoders(export_dir: str | Path, device: Any = "cpu") -> DualEncoder:
+    """An HF export as clipline's dual encoder (open_clip modules, the export's weights):
+    it embeds exactly as the model that was exported. Nothing is unpickled.
+
+    Raises:
+        ValueError: The folder is not a transformers CLIP model folder.
+    """
+    export_dir = Path(export_dir)
+    if not (export_dir / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"{export_dir} is not a transformers CLIP export: preprocessor_config.json is missing"
+        )
+    model_cfg, preprocess = open_clip_configs(export_dir)
+    model = DualEncoder(model_cfg, preprocess, load_hf_weights=False)
+    config = json.loads((export_dir / "config.json").read_text())
+    weights = open_clip_state_dict(
+        load_safetensors(export_dir / "model.safetensors", "hf export weights"), config
+    )
+    model.clip.load_state_dict(weights, strict=True)
+    return model.to(device).eval()
 
 
 def load_hf(export_dir: str | Path) -> tuple[CLIPModel, CLIPProcessor]:

@@ -21,10 +21,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from clipline.pretrain.export import check_parity, parity_inputs, tokenizer_info
-from clipline.pretrain.model import DualEncoder
+from clipline.pretrain.model import DualEncoder, Tokenize
 
 FORMAT = "clipline-onnx"
 VERSION = 1
@@ -150,6 +152,27 @@ class OnnxEncoders:
         providers = providers or ["CPUExecutionProvider"]
         self.image = ort.InferenceSession(export_dir / IMAGE_FILE, providers=providers)
         self.text = ort.InferenceSession(export_dir / TEXT_FILE, providers=providers)
+        self.embed_dim = int(self.meta["embed_dim"])
+        self.tokenize = self._tokenize()
+
+    def _tokenize(self) -> Tokenize:
+        """open_clip's tokenizer as the graph expects it (cut after the longest caption only
+        when the text graph's length is dynamic, which is when cutting is exact)."""
+        info = self.meta["tokenizer"]
+        if info["type"] != "open_clip_bpe":
+            raise ValueError(
+                f"this ONNX export's tokenizer is {info['type']!r} ({info['name']}), which the "
+                "export does not bundle; evaluate or embed with the clipline export instead"
+            )
+        tokenizer = SimpleTokenizer(context_length=info["context_length"])
+        trim = self.meta["text"]["input"]["shape"][1] == "L"
+        return Tokenize(tokenizer=tokenizer, pad_id=info["pad_id"], trim=trim)
+
+    def image_transform(self, is_train: bool = False):
+        """open_clip's eval transform with the export's preprocessing (training: none)."""
+        if is_train:
+            raise ValueError("an ONNX export only embeds; train from a checkpoint")
+        return image_transform_v2(PreprocessCfg(**self.meta["preprocess"]), is_train=False)
 
     def encode_image(self, image_BCHW: torch.Tensor | np.ndarray) -> torch.Tensor:
         image = np.asarray(torch.as_tensor(image_BCHW).cpu(), dtype=np.float32)

@@ -27,6 +27,7 @@ from torch import nn
 
 from clipline.pretrain.export import check_parity, tokenizer_info
 from clipline.pretrain.model import DualEncoder
+from clipline.pretrain.safe_load import load_safetensors
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -121,3 +122,16 @@ def register_open_clip_config(export_dir: str | Path) -> str:
         )
     open_clip.add_model_config(configs[0])
     return configs[0].stem
+
+
+def load_open_clip_encoders(export_dir: str | Path, device: Any = "cpu") -> DualEncoder:
+    """An open_clip export as clipline's dual encoder: the same modules and weights, so it
+    embeds exactly as the model that was exported (what ``clipline eval``/``embed`` load)."""
+    config = read_open_clip_config(export_dir)
+    model = DualEncoder(config["model_cfg"], config["preprocess_cfg"], load_hf_weights=False)
+    weights = load_safetensors(Path(export_dir) / WEIGHTS_FILE, "open_clip export weights")
+    for k in ("logit_scale", "logit_bias"):  # 0-d in open_clip; 1-element in clipline
+        if k in weights:
+            weights[k] = weights[k].reshape(1)
+    model.clip.load_state_dict(weights, strict=True)
+    return model.to(device).eval()

@@ -9,7 +9,6 @@ itself loads.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
+from clipline.data.hints import did_you_mean
 from clipline.pretrain.safe_load import check_safetensors, load_safetensors
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,13 @@ class ModelConfig:
         if prefix == "clipline" and base in _clipline_config_names():
             path = resources.files("clipline.pretrain") / "model_configs" / f"{base}.json"
             return json.loads(path.read_text())
-        valid = valid_model_names()
-        close = difflib.get_close_matches(self.name, valid, n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(self.name, valid_model_names())
+        # open_clip alone has ~150 names: list clipline's few, and say where open_clip's are.
         raise ValueError(
             f"unknown model name {self.name!r}: use {_PREFIXES[0]}<name>, {_PREFIXES[1]}<name> "
-            f"or 'custom' with model.config.{hint} Valid names: {', '.join(valid)}"
+            f"or 'custom' with model.config.{hint} Valid names: "
+            f"{', '.join(f'clipline:{n}' for n in _clipline_config_names())} and open_clip:<any "
+            "of python -c 'import open_clip; print(open_clip.list_models())'>"
         )
 
 
@@ -146,8 +147,7 @@ def _timm_vision_cfg(spec: str, base: dict[str, Any]) -> dict[str, Any]:
 
     prefix, _, name = spec.partition(":")
     if prefix != "timm" or not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(repr(f'timm:{c}') for c in close)}?" if close else ""
+        hint = did_you_mean(spec, [f"timm:{n}" for n in timm.list_models()])
         raise ValueError(
             f"model.image_tower {spec!r}: expected 'timm:<name>' with a name from "
             f"timm.list_models().{hint}"

@@ -6,6 +6,9 @@ skipped and reported rather than failing the run.
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import faiss
@@ -127,5 +130,61 @@ def test_workers_and_mismatched_model(ws, tmp_path, capsys):
     assert main(["search", str(ws / "export"), str(tmp_path), "x"]) == 2  # not an index
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"nope")
-    rc = main(["embed", str(ws / "export"), "--images", str(tmp_path / "bad"), "-o", str(out)])
+    bad_out = str(tmp_path / "bad-index")
+    rc = main(["embed", str(ws / "export"), "--images", str(tmp_path / "bad"), "-o", bad_out])
     assert rc == 2 and "nothing to embed" in capsys.readouterr().err
+
+
+def test_embed_refuses_to_replace_an_index_without_overwrite(ws, tmp_path, capsys):
+    """`embed -o DIR` onto an existing index used to replace its 6 entries silently."""
+    out = tmp_path / "index"
+    args = ["embed", str(ws / "export"), "--workers", "0", "-o", str(out)]
+    assert main([*args, "--images", str(ws / "img")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--texts", str(ws / "texts.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds an index of 6 items" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1
+    assert json.loads((out / "meta.json").read_text())["kind"] == "image"
+    (out / "meta.json").unlink()  # a half-written index is protected too
+    assert main([*args, "--texts", str(ws / "texts.txt")]) == 2
+    assert "part of an index" in capsys.readouterr().err
+    assert main([*args, "--texts", str(ws / "texts.txt"), "--overwrite"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["kind"], meta["count"]) == ("text", 6)
+
+
+def test_search_answers_several_queries_in_one_process(ws, tmp_path, capsys):
+    """Several text arguments, a --queries-file and images: one model load, one process."""
+    out = tmp_path / "texts"
+    assert (
+        main(["embed", str(ws / "export"), "--texts", str(ws / "texts.txt"), "-o", str(out)]) == 0
+    )
+    capsys.readouterr()
+    lines = [x for x in (ws / "texts.txt").read_text().splitlines() if x]
+    (tmp_path / "queries.txt").write_text(f"{lines[2]}\n\n{lines[5]}\n")
+    image = os.path.relpath(ws / "img" / "2.png", tmp_path)
+    cmd = [sys.executable, "-m", "clipline", "search", str(ws / "export"), "texts"]
+    cmd += [lines[0], lines[1], "--queries-file", "queries.txt", "--image", image, "--json"]
+    cmd += ["-k", "3", "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    answers = json.loads(res.stdout)
+    assert [(a["kind"], a["query"]) for a in answers] == [
+        ("text", lines[0]), ("text", lines[1]), ("text", lines[2]), ("text", lines[5]),
+        ("image", image),
+    ]  # fmt: skip
+    for a in answers[:4]:
+        assert a["hits"][0]["id"] == a["query"] and len(a["hits"]) == 3
+    # Each answer is what a search for that query alone gives.
+    for a in answers:
+        alone = ["--image", str(tmp_path / a["query"])] if a["kind"] == "image" else [a["query"]]
+        assert main(["search", str(ws / "export"), str(out), *alone, "-k", "3", "--json"]) == 0
+        hits = json.loads(capsys.readouterr().out)
+        assert [h["id"] for h in hits] == [h["id"] for h in a["hits"]]
+        for got, want in zip(a["hits"], hits, strict=True):
+            assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    # The plain-text output names each query above its table.
+    assert main(["search", str(ws / "export"), str(out), lines[0], lines[1]]) == 0
+    printed = capsys.readouterr().out
+    assert f"text: {lines[0]}" in printed and f"text: {lines[1]}" in printed

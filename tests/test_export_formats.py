@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -17,6 +19,7 @@ import PIL.Image
 import pytest
 import torch
 
+from clipline.data import evalsets
 from clipline.launch.cli import main
 from clipline.launch.run import load_encoders
 from clipline.pretrain.export import FORMATS, UnsupportedModel, export, export_model
@@ -330,3 +333,53 @@ def test_onnx_text_length_is_fixed_when_padding_matters(tmp_path):
     encoders = load_onnx(tmp_path)
     assert encoders.meta["text"]["input"]["shape"] == ["B", model.context_length]
     assert encoders.text.get_inputs()[0].shape[1] == model.context_length
+
+
+def test_eval_embed_and_export_read_every_format(exported, tmp_path, monkeypatch, capsys):
+    """The CLI reads each folder `export --format all` wrote, and the root, as the same model
+    (an HF folder used to fail with KeyError: 'model'); ONNX is read by eval and embed."""
+    model, out = exported
+    evalsets.write_retrieval_set(
+        tmp_path / "ret", [(im, [c]) for im, c in zip(_images(), CAPTIONS, strict=True)]
+    )
+    (tmp_path / "texts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    monkeypatch.chdir(tmp_path)
+    sources = {fmt: out / fmt for fmt in FORMATS} | {"root": out}
+    sources["hf"] = Path(os.path.relpath(sources["hf"]))  # a relative path too
+    metrics, embeddings = {}, {}
+    for name, path in sources.items():
+        assert main(["eval", str(path), "--retrieval", "ret=ret", "--device", "cpu"]) == 0, name
+        metrics[name] = json.loads(capsys.readouterr().out)
+        cmd = ["embed", str(path), "--texts", "texts.txt", "-o", f"idx-{name}", "--device", "cpu"]
+        assert main(cmd) == 0, name
+        embeddings[name] = np.load(tmp_path / f"idx-{name}" / "embeddings.npy")
+        capsys.readouterr()
+        assert main(["search", str(path), f"idx-{name}", CAPTIONS[1], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["id"] == CAPTIONS[1]
+    with torch.no_grad():
+        want = torch.cat([model.encode_text(model.tokenize([c])) for c in CAPTIONS]).numpy()
+    for name in ("clipline", "open_clip", "hf", "root"):  # the same modules and weights
+        np.testing.assert_allclose(embeddings[name], want, atol=1e-6, err_msg=name)
+        assert metrics[name] == metrics["clipline"], name
+    np.testing.assert_allclose(embeddings["onnx"], want, atol=1e-5)
+    assert metrics["onnx"].keys() == metrics["clipline"].keys()
+
+    # export converts open_clip and hf folders back; an ONNX folder is refused in one line.
+    for fmt in ("open_clip", "hf"):
+        assert main(["export", str(sources[fmt]), f"back-{fmt}", "--format", "clipline"]) == 0
+        back = load_encoders(tmp_path / f"back-{fmt}")
+        for got, ref in zip(back.state_dict().values(), model.state_dict().values(), strict=True):
+            assert torch.equal(got, ref), fmt
+    capsys.readouterr()
+    assert main(["export", str(sources["onnx"]), "x", "--format", "clipline"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ONNX export, which cannot be converted" in err and len(err.splitlines()) == 1
+
+
+def test_reading_an_hf_export_without_transformers_names_the_extra(exported, monkeypatch, capsys):
+    _, out = exported
+    monkeypatch.delitem(sys.modules, "clipline.pretrain.export_hf", raising=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    assert main(["eval", str(out / "hf"), "--retrieval", "r=nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a hf export" in err and "clipline[export]" in err and len(err.splitlines()) == 1

@@ -187,3 +187,22 @@ def test_checkpoint_pruned_before_loading_is_skipped(sets, tmp_path, monkeypatch
     report = score_run(ScoreConfig(run_dir=str(run), tasks=_tasks(sets)))
     assert report.scored == [] and _rows(run) == []
     assert "deleted before it could be scored" in caplog.text
+
+
+def test_run_without_task_flags_scores_the_recipes_own_tasks(sets, tmp_path, capsys):
+    """`clipline eval --run RUN` said "nothing to evaluate" though the recipe had tasks."""
+    run = tmp_path / "run"
+    recipe = micro_recipe(sets / "shards", run, steps=2, keep_last=10)
+    recipe["zeroshot"] = [{"name": "shapes", "root": str(sets / "zs")}]
+    recipe["retrieval"] = [{"name": "heldout", "root": str(sets / "ret")}]
+    recipe["linear_probe"] = [
+        {"name": "probe", "root": str(sets / "zs"), "train_split": "test", "max_iter": 50}
+    ]
+    run_pretrain(load_run_config(recipe))
+    assert main(["eval", "--run", str(run)]) == 0
+    new = json.loads(capsys.readouterr().out)["new"]
+    assert {k.split("/")[0] for k in new["2"]} == {"shapes", "heldout", "probe"}
+    # The same tasks given as flags are the same manifests: nothing is scored again.
+    probe = f"probe={sets / 'zs'},train_split=test,max_iter=50"
+    assert main(["eval", "--run", str(run), *_task_args(sets), "--linear-probe", probe]) == 0
+    assert json.loads(capsys.readouterr().out)["new"] == {}
