@@ -212,7 +212,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     log.info(
-        "%s: dropped %d rows past step %d (the resumed run logs them again)",
+        "%s: dropped %d rows past step %d (this run logs those steps again)",
         path,
         len(lines) - len(kept),
         step,
@@ -383,7 +383,7 @@ def train(
 
     last: dict[str, float] = {}
     batches = batches_from(step)
-    bar = progress(total=total_steps, initial=step, disable=not main, unit="step")
+    bar = progress(total=total_steps, initial=step, disable=not main, unit="step", desc="train")
     window_start, data_wait, window_steps, consecutive_bad = time.perf_counter(), 0.0, 0, 0
     window_flops = 0.0
     last_save = window_start

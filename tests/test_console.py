@@ -85,7 +85,7 @@ def test_banner_eval_lines_summary_and_finished_resume(sets, tmp_path):
     ):
         assert line in err, (line, err)
     assert "INFO clipline.pretrain.checkpoint: saved checkpoint" in err
-    assert "100% 4/4 [" in err  # the progress bar's last line
+    assert "train: 100% 4/4 [" in err  # the progress bar's last line
 
     rows = _rows(run)
     assert all(list(r)[:2] == ["step", "time"] for r in rows)
