@@ -15,7 +15,14 @@ log = logging.getLogger("clipline")
 class _BarAwareHandler(logging.StreamHandler):
     """Writes records through tqdm, which lifts a terminal's progress bar above each line."""
 
+    def __init__(self, stream: object) -> None:
+        super().__init__(stream)
+        self._pid = os.getpid()
+
     def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: no bar of its own to lift
+            super().emit(record)
+            return
         from tqdm import tqdm
 
         try:

@@ -84,13 +84,33 @@ def log_start(
     log.info("clipline pretrain\n  %s", "\n  ".join(lines))
 
 
+def _num(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def _compact(metrics: dict[str, float]) -> str:
+    """``acc1 0.250, image_retrieval_recall@1/5/10 0.083/0.333/0.917, ...``: @k series joined."""
+    series: dict[str, list[tuple[str, float]]] = {}
+    for name, value in metrics.items():
+        base, at, k = name.partition("@")
+        series.setdefault(base + at, []).append((k, value))
+    parts = []
+    for base, points in series.items():
+        if base.endswith("@"):
+            ks = "/".join(k for k, _ in points)
+            parts.append(f"{base}{ks} {'/'.join(_num(v) for _, v in points)}")
+        else:
+            parts.append(f"{base} {_num(points[0][1])}")
+    return ", ".join(parts)
+
+
 def eval_lines(step: int, results: dict[str, float]) -> list[str]:
     """One line per task, e.g. ``eval step 10 shapes: acc1 0.250, acc5 1.000``."""
-    tasks: dict[str, list[str]] = {}
+    tasks: dict[str, dict[str, float]] = {}
     for key, value in results.items():
         _, task, metric = key.split("/", 2)  # eval/<task>/<metric>
-        tasks.setdefault(task, []).append(f"{metric} {value:.3f}")
-    return [f"eval step {step} {task}: {', '.join(parts)}" for task, parts in tasks.items()]
+        tasks.setdefault(task, {})[metric] = value
+    return [f"eval step {step} {task}: {_compact(m)}" for task, m in tasks.items()]
 
 
 def log_eval(step: int, results: dict[str, float]) -> None:
@@ -115,7 +135,13 @@ def summary(run_dir: str | Path) -> str:
         lines.append(f"  train/loss   {final['train/loss']:.4f} (last logged)")
     evals = {k: v for k, v in final.items() if k.startswith("eval/")}
     for line in eval_lines(step, evals):
-        lines.append("  " + line.removeprefix(f"eval step {step} "))
+        lines.append("  eval         " + line.removeprefix(f"eval step {step} "))
+    skipped = {k.removeprefix("data/skipped/"): v for k, v in final.items() if "skipped/" in k}
+    if any(skipped.values()):
+        counts = ", ".join(f"{k} {v:g}" for k, v in skipped.items() if v)
+        lines.append(f"  data         skipped {sum(skipped.values()):g} samples ({counts})")
+    if final.get("train/nonfinite_steps"):
+        lines.append(f"  non-finite   {final['train/nonfinite_steps']:g} steps skipped")
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:
         lines.append(f"  checkpoint   {checkpoints[-1]} (kept: {len(checkpoints)})")

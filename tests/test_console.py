@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -47,9 +48,9 @@ def _recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "clipline", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**ENV, **env})
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -68,7 +69,8 @@ def test_banner_eval_lines_summary_and_finished_resume(sets, tmp_path):
     path = _recipe(tmp_path / "r.toml", recipe)
 
     t0 = time.time()
-    res = _cli("pretrain", "--recipe", str(path))
+    # TQDM_MININTERVAL=0: a progress line at every step instead of every 30 s.
+    res = _cli("pretrain", "--recipe", str(path), TQDM_MININTERVAL="0")
     t1 = time.time()
     assert res.returncode == 0, res.stderr
     err = res.stderr
@@ -85,7 +87,9 @@ def test_banner_eval_lines_summary_and_finished_resume(sets, tmp_path):
     ):
         assert line in err, (line, err)
     assert "INFO clipline.pretrain.checkpoint: saved checkpoint" in err
-    assert "train: 100% 4/4 [" in err  # the progress bar's last line
+    for done in range(5):  # a progress line per step (and the postfix from the last log)
+        assert f"train: {done * 25:3d}% {done}/4 [" in err
+    assert re.search(r"train: 100% 4/4 \[.*loss=\d\.\d{3}, samples_s=", err)
 
     rows = _rows(run)
     assert all(list(r)[:2] == ["step", "time"] for r in rows)
@@ -94,11 +98,15 @@ def test_banner_eval_lines_summary_and_finished_resume(sets, tmp_path):
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:  # each evaluation was printed when it arrived, with the logged numbers
-        for key, value in r.items():
-            if key.startswith("eval/"):
-                _, task, metric = key.split("/", 2)
-                assert f"eval step {r['step']} {task}: " in err
-                assert f"{metric} {value:.3f}" in err
+        zs = {k.removeprefix("eval/shapes/"): v for k, v in r.items() if "/shapes/" in k}
+        assert (
+            f"eval step {r['step']} shapes: acc1 {zs['acc1']:.3f}, acc5 {zs['acc5']:.3f}, "
+            f"mean_per_class_recall {zs['mean_per_class_recall']:.3f}\n"
+        ) in err
+        line = next(x for x in err.splitlines() if f"eval step {r['step']} heldout: " in x)
+        for way in ("image", "text"):
+            recalls = [r[f"eval/heldout/{way}_retrieval_recall@{k}"] for k in (1, 5, 10)]
+            assert f"{way}_retrieval_recall@1/5/10 {'/'.join(f'{v:.3f}' for v in recalls)}" in line
 
     # stdout: a short summary; the full metrics are in final_metrics.json.
     final = json.loads((run / "final_metrics.json").read_text())
@@ -110,7 +118,7 @@ def test_banner_eval_lines_summary_and_finished_resume(sets, tmp_path):
     out = res.stdout
     assert out.startswith("clipline pretrain: finished at step 4 in ")
     assert f"train/loss   {final['train/loss']:.4f}" in out
-    assert f"shapes: acc1 {final['eval/shapes/acc1']:.3f}" in out
+    assert f"eval         shapes: acc1 {final['eval/shapes/acc1']:.3f}" in out
     assert str(list_checkpoints(run)[-1]) in out and str(run / "final_metrics.json") in out
     assert f"clipline export {run} " in out and f"clipline eval --run {run}" in out
     assert len(out.splitlines()) < 15
