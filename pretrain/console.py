@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from clipline.pretrain.checkpoint import list_checkpoints
+
 log = logging.getLogger(__name__)
 
 # Written into the run directory at a normal end: the final metrics in full (the console
@@ -40,6 +42,17 @@ def duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes} min {secs:02d} s"
     return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def model_description(model_config: dict[str, Any]) -> str:
+    """``clipline:tiny``, or ``custom, image tower timm:resnet18, text tower hf:/m``."""
+    parts = [str(model_config.get("name", "model"))]
+    for tower in ("image", "text"):
+        if model_config.get(f"{tower}_tower"):
+            parts.append(f"{tower} tower {model_config[f'{tower}_tower']}")
+    if model_config.get("lock_image"):
+        parts.append("image tower locked")
+    return ", ".join(parts)
 
 
 def log_start(
@@ -125,8 +138,6 @@ def summary(run_dir: str | Path) -> str:
     Reads ``final_metrics.json`` and the checkpoint list; says where everything is and how
     to export and evaluate.
     """
-    from clipline.pretrain.checkpoint import list_checkpoints
-
     run_dir = Path(run_dir)
     final = json.loads((run_dir / FINAL_METRICS_FILE).read_text())
     step = final["step"]
@@ -136,7 +147,11 @@ def summary(run_dir: str | Path) -> str:
     evals = {k: v for k, v in final.items() if k.startswith("eval/")}
     for line in eval_lines(step, evals):
         lines.append("  eval         " + line.removeprefix(f"eval step {step} "))
-    skipped = {k.removeprefix("data/skipped/"): v for k, v in final.items() if "skipped/" in k}
+    skipped = {
+        k.removeprefix("data/skipped/"): v
+        for k, v in final.items()
+        if k.startswith("data/skipped/")
+    }
     if any(skipped.values()):
         counts = ", ".join(f"{k} {v:g}" for k, v in skipped.items() if v)
         lines.append(f"  data         skipped {sum(skipped.values()):g} samples ({counts})")

@@ -339,7 +339,7 @@ def train(
     if main:
         console.log_start(
             model=model,
-            model_name=run_config.get("model", {}).get("name", type(model).__name__),
+            model_name=console.model_description(run_config.get("model", {})),
             world_size=accelerator.num_processes,
             device=accelerator.device.type,
             precision=loop_cfg.mixed_precision,
