@@ -84,7 +84,10 @@ def progress(
             return tqdm_auto(file=stream, dynamic_ncols=True, **common)
         # A terminal without a size (docker -t, script): tqdm would trim the bar to nothing.
         return tqdm_auto(file=stream, ncols=80, nrows=24, **common)
-    interval = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
+    try:
+        interval = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
+    except ValueError:
+        interval = LOG_INTERVAL_S
     return tqdm(
         file=_Lines(stream),
         ncols=0,  # tqdm's stats-only format: "desc: 40% 4/10 [00:02<00:03, 1.9step/s, ...]"
