@@ -52,6 +52,7 @@ from typing import Any
 from PIL import Image
 
 from clipline.data.hints import did_you_mean
+from clipline.data.progress import progress
 
 # Listing and manifests live in shard_io (one module for every reader and writer); these
 # names stay importable from here.
@@ -549,6 +550,8 @@ def write_samples(
     jpeg_quality: int | None = None,
     dedup: bool = False,
     token_stats: bool = False,
+    show_progress: bool = False,
+    expected: int | None = None,
 ) -> ShardReport:
     """Write samples into ``output_dir/{000000..}.tar`` plus ``sizes.json`` and ``report.json``.
 
@@ -565,6 +568,9 @@ def write_samples(
         jpeg_quality: See :class:`ShardsConfig`.
         dedup: See :class:`ShardsConfig`.
         token_stats: See :class:`ShardsConfig`.
+        show_progress: Show a progress bar on stderr (samples done, written, skipped, rate).
+        expected: The number of samples expected (e.g. input rows), for the bar's
+            percentage and ETA; an upper bound is fine.
 
     Returns:
         The report (also written to ``output_dir/report.json``).
@@ -603,6 +609,7 @@ def write_samples(
     written = 0
 
     results = _ordered_map(partial(_encode_chunk, opts=opts), _chunks(samples, _CHUNK), workers)
+    bar = progress(total=expected, unit="img", desc="shards", disable=not show_progress)
     try:
         for chunk in results:
             for item in chunk:
@@ -646,12 +653,17 @@ def write_samples(
                         written,
                         skips.counts.total(),
                     )
+            bar.set_postfix({"written": written, "skipped": skips.counts.total()}, refresh=False)
+            bar.update(len(chunk))
+        if bar.total is not None and bar.n < bar.total:
+            bar.total = bar.n  # rows that shared an image, or a row count that over-estimated
     except BaseException:
         if writer is not None:
             writer.close()  # the .tmp stays behind: it is incomplete and not a shard
         raise
     finally:
         results.close()  # stops the worker processes early on an error
+        bar.close()
     if writer is not None:
         writer.close()
         os.replace(out / (shard_name + ".tmp"), out / shard_name)
@@ -947,6 +959,8 @@ def write_shards(cfg: ShardsConfig) -> ShardReport:
         jpeg_quality=cfg.jpeg_quality,
         dedup=cfg.dedup,
         token_stats=cfg.token_stats,
+        show_progress=True,
+        expected=count_input_rows(cfg),
     )
     if report.written == 0:
         raise ValueError(_nothing_written(cfg, report))
@@ -979,6 +993,34 @@ def _nothing_written(cfg: ShardsConfig, report: ShardReport) -> str:
         f"no samples written from {cfg.input!r}: every one was skipped ({reasons})"
         f"{'; ' + fix if fix else ''}; see {where}"
     )
+
+
+def count_input_rows(cfg: ShardsConfig) -> int | None:
+    """Rows of the input, cheaply (for a progress bar): an upper bound on its samples.
+
+    Lines for CSV/TSV/JSONL (a caption with a line break counts twice), the row count in a
+    Parquet footer, image files in a folder; None where the input cannot be read.
+    """
+    path = Path(cfg.input)
+    try:
+        if path.is_dir():
+            return sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        lines, last = 0, b""
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                lines += block.count(b"\n")
+                last = block
+        if last and not last.endswith(b"\n"):
+            lines += 1  # a last line without a line break
+        header = 1 if suffix in (".csv", ".tsv", ".tab") else 0
+        return max(0, lines - header)
+    except Exception:  # a count for a progress bar is never worth failing a run
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

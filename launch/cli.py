@@ -14,13 +14,35 @@ from pathlib import Path
 log = logging.getLogger("clipline")
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes records through tqdm, which lifts a terminal's progress bar above each line."""
+
+    def __init__(self, stream: object) -> None:
+        super().__init__(stream)
+        self._pid = os.getpid()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: no bar of its own to lift
+            super().emit(record)
+            return
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: never raise from emit
+            self.handleError(record)
+
+
 def _setup_logging() -> None:
     # Rank 0 speaks; other ranks only warn (RANK is set by torchrun and accelerate launch).
-    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    noisy_loggers = ("root", "PIL", "matplotlib", "urllib3", "torch.onnx", "onnx_ir", "onnxscript")
-    for noisy in noisy_loggers:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # clipline's loggers ("clipline.pretrain.loop", ...) get INFO; libraries stay at WARNING.
+    # (Setting logging.getLogger("root") to WARNING, as this once did, silences everything:
+    # since Python 3.9 that name is the root logger itself.)
+    handler = _BarAwareHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.getLogger("clipline").setLevel(logging.INFO if rank0 else logging.WARNING)
 
 
 def _int_in(low: int, high: int | None = None):
@@ -96,7 +118,8 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from clipline.launch.config import load_run_config
-    from clipline.launch.run import plan, run_pretrain
+    from clipline.launch.run import finished_run, plan, run_pretrain
+    from clipline.pretrain.console import summary
 
     cfg = load_run_config(args.recipe, args.overrides)
     if args.dry_run:
@@ -104,9 +127,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(json.dumps({"config": cfg.to_dict(), "plan": shape}, indent=2))
         return 0
 
-    metrics = run_pretrain(cfg, resume=args.resume)
+    finished = finished_run(cfg, args.resume, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if finished is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"clipline pretrain: {finished}")
+        return 0
+    run_pretrain(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics, indent=2))
+        print(summary(cfg.run_dir))  # the metrics in full: run_dir/final_metrics.json
     return 0
 
 

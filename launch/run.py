@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from clipline.pretrain.checkpoint import (
     read_config,
     resolve_resume,
 )
+from clipline.pretrain.console import write_final_metrics
 from clipline.pretrain.export import FORMATS as EXPORT_FORMATS
 from clipline.pretrain.export import META_FILE as EXPORT_META_FILE
 from clipline.pretrain.export import load_export
@@ -155,18 +157,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DONE_FILE).unlink(missing_ok=True)  # a resumed run is not done until it ends
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        total = cfg.loop.total_steps(loader.batches_per_epoch)
-        log.info(
-            "training %s: %d processes x batch %d = global batch %d, %d steps (%.2f epochs of "
-            "%d samples)",
-            cfg.model.name,
-            accelerator.num_processes,
-            cfg.data.batch_size,
-            cfg.data.batch_size * accelerator.num_processes,
-            total,
-            total / loader.batches_per_epoch,
-            loader.num_samples,
-        )
+    # The start banner (model, batch, steps, resume point) is logged by the loop.
+    t_start = time.monotonic()
     try:
         metrics = train(
             accelerator=accelerator,
@@ -183,12 +175,42 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         if accelerator.is_main_process:
             final_step = cfg.loop.total_steps(loader.batches_per_epoch)
             (run_dir / DONE_FILE).write_text(json.dumps({"step": final_step}) + "\n")
+            write_final_metrics(
+                run_dir, step=final_step, wall_time_s=time.monotonic() - t_start, metrics=metrics
+            )
         return metrics
     finally:
         # Release the DDP wrapper (Accelerate keeps a reference) *before* the process group
         # is destroyed: a reducer outliving its group aborts the process at exit.
         accelerator.free_memory()
         accelerator.end_training()
+
+
+def finished_run(cfg: RunConfig, resume: str | None, *, world_size: int) -> str | None:
+    """Whether ``resume`` points at a checkpoint at (or past) the run's last step.
+
+    Then there is nothing to train: returns one line saying so (and writes ``DONE`` where a
+    run was killed after its last checkpoint but before writing it). Returns None where
+    training should go on, e.g. after ``loop.steps`` was raised. Reads only files, so every
+    rank of a launch answers the same without forming a process group.
+    """
+    ckpt = resolve_resume(cfg.run_dir, resume)
+    if ckpt is None:
+        return None
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    if cfg.loop.steps is not None:
+        total = cfg.loop.steps
+    else:
+        total = cfg.loop.total_steps(epoch_shape(cfg.data, world_size).batches_per_epoch)
+    if step < total:
+        return None
+    done = Path(cfg.run_dir) / DONE_FILE
+    if not done.is_file() and int(os.environ.get("RANK", "0")) == 0:
+        done.write_text(json.dumps({"step": step}) + "\n")
+    return (
+        f"run {cfg.run_dir} is already finished: checkpoint {ckpt} is at step {step} and the "
+        f"run has {total} steps; nothing to train (raise loop.steps or loop.epochs to continue)"
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -25,9 +26,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
+from clipline.data.progress import progress
 from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
+from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
     full_state_dicts,
     load_checkpoint,
@@ -155,10 +157,16 @@ class _MetricSink:
         *,
         wandb_project: str | None = None,
         run_config: dict[str, Any] | None = None,
+        start_step: int = 0,
     ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(run_dir / "tb")) if enabled else None
+        self.tb = None
+        if enabled:
+            # A run killed after its last checkpoint logged steps that the resumed run logs
+            # again: drop them here, and let TensorBoard hide its events from then on.
+            _drop_rows_after(self.path, start_step)
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
         self.wandb = None
         if enabled and wandb_project:
             self.wandb = _start_wandb(run_dir, wandb_project, run_config or {})
@@ -167,7 +175,7 @@ class _MetricSink:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)  # its writer thread flushes (and on close)
         if self.wandb is not None:
@@ -178,6 +186,37 @@ class _MetricSink:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrites ``path`` (metrics.jsonl) without its rows past ``step``, atomically.
+
+    A line cut by a kill mid-write is dropped too.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info(
+        "%s: dropped %d rows past step %d (this run logs those steps again)",
+        path,
+        len(lines) - len(kept),
+        step,
+    )
 
 
 def _start_wandb(run_dir: Path, project: str, run_config: dict[str, Any]) -> Any:
@@ -299,8 +338,30 @@ def train(
     if ckpt is not None:  # optimizer state after wrapping: FSDP re-creates the parameters
         load_optimizer_state(ckpt, ddp_model, optimizer)
         log.info("resumed from %s at step %d", ckpt, step)
+    if main:
+        console.log_start(
+            model=model,
+            model_name=console.model_description(run_config.get("model", {})),
+            world_size=accelerator.num_processes,
+            device=accelerator.device.type,
+            precision=loop_cfg.mixed_precision,
+            per_rank_batch=loader.stream.cfg.batch_size,
+            accum_steps=accum,
+            step=step,
+            total_steps=total_steps,
+            steps_per_epoch=loader.batches_per_epoch / accum,
+            samples_per_epoch=loader.num_samples,
+            run_dir=run_dir,
+            checkpoint=ckpt,
+        )
     loss_fn = build_loss(loss_cfg)
-    sink = _MetricSink(run_dir, main, wandb_project=loop_cfg.wandb_project, run_config=run_config)
+    sink = _MetricSink(
+        run_dir,
+        main,
+        wandb_project=loop_cfg.wandb_project,
+        run_config=run_config,
+        start_step=step,
+    )
 
     def batches_from(step: int) -> Iterator[dict[str, Any]]:
         epoch, offset = divmod(step * accum, loader.batches_per_epoch)
@@ -324,7 +385,7 @@ def train(
 
     last: dict[str, float] = {}
     batches = batches_from(step)
-    bar = tqdm(total=total_steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=step, disable=not main, unit="step", desc="train")
     window_start, data_wait, window_steps, consecutive_bad = time.perf_counter(), 0.0, 0, 0
     window_flops = 0.0
     last_save = window_start
@@ -408,13 +469,17 @@ def train(
                 }
                 sink.write(step, last)
                 bar.set_postfix(
-                    loss=f"{loss_mean:.3f}", samples_s=f"{last['train/samples_per_s']:.1f}"
+                    loss=f"{loss_mean:.3f}",
+                    samples_s=f"{last['train/samples_per_s']:.1f}",
+                    refresh=False,  # in a log file, a refresh prints a line
                 )
                 window_start, data_wait, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0
 
             if is_due(step, loop_cfg.eval_every) or (step == total_steps and evaluators):
                 results = evaluate()
                 sink.write(step, results)
+                if main:
+                    console.log_eval(step, results)
                 last.update(results)
                 window_start = time.perf_counter()  # eval time is not training throughput
 
