@@ -171,6 +171,7 @@ class FiniteStepGuard:
             [_local(state[p]["exp_avg_sq"]) for p in params if "exp_avg_sq" in state.get(p, {})],
         ]
         device = params[0].device if params else torch.device("cpu")
+        parts = [[t for t in ts if t.numel()] for ts in parts]  # FSDP2 shards can be empty
         maxima = torch.stack(
             [
                 torch.stack(torch._foreach_norm(ts, math.inf)).float().max().to(device)
@@ -179,7 +180,7 @@ class FiniteStepGuard:
                 for ts in parts
             ]
         )
-        maxima = torch.nan_to_num(maxima, nan=math.inf)
+        maxima = torch.nan_to_num(maxima, nan=math.inf, posinf=math.inf)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         p_max, m_max, v_max = maxima.tolist()

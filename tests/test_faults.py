@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from clipline.pretrain.checkpoint import list_checkpoints
 from clipline.pretrain.loss import InfoNCELoss, LossConfig
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import FiniteStepGuard, OptimConfig, build_optimizer
-from tests.helpers import global_batch, make_shards, micro_model, micro_recipe, to_toml
+from tests.helpers import global_batch, make_shards, micro_model, micro_recipe, to_toml, torchrun
+
+DIST = Path(__file__).parent / "dist"
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +117,7 @@ def test_huge_lr_never_writes_nonfinite_weights_and_fails_the_cli(shards, tmp_pa
 def _adamw_state(model, optimizer):
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = {p: n for n, p in model.named_parameters()}
-    moments = {
-        names[p]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()
-    }
+    moments = {names[p]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
     return weights, moments
 
 
@@ -147,16 +148,39 @@ def test_skipped_update_leaves_weights_and_adamw_state_untouched(first_step):
         for _ in range(3):  # sane settings: the bounds prove each step finite, no copy taken
             assert guard.step(backward(), 1.0)
         assert guard.snapshot_steps == 0 and optimizer.state
+    with torch.no_grad():
+        model.clip.text_projection[0, 0] = 100.0
     before = _adamw_state(model, optimizer)
     grad_norm = backward()
-    for lr in (1e39, 3e38):  # inf in fp32; finite in fp32, but lr / (1 - beta1^t) is not
+    decayed = optimizer.param_groups[0]
+    # lr=1e39 is inf in fp32; 3e38 is finite, but lr / (1 - beta1^t) is not; with
+    # lr * weight_decay = 1e37 only the one weight of 100 overflows.
+    for lr, weight_decay in ((1e39, 0.1), (3e38, 0.1), (1e25, 1e12)):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        assert not guard.step(grad_norm, 1.0)
+        decayed["weight_decay"] = weight_decay
+        assert not guard.step(grad_norm, 1.0), (lr, weight_decay)
         _assert_same(before, _adamw_state(model, optimizer))
-    assert guard.snapshot_steps == 2
+    assert guard.snapshot_steps == 3
     # A step the bounds cannot clear but that is finite is taken (and measured).
     for group in optimizer.param_groups:
         group["lr"] = 1e27
-    assert guard.step(grad_norm, 1.0) and guard.snapshot_steps == 3
+    decayed["weight_decay"] = 0.1
+    assert guard.step(grad_norm, 1.0) and guard.snapshot_steps == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fsdp_ranks_agree_when_one_shard_overflows(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun(DIST / "nonfinite_fsdp.py", str(shards), str(run_dir))
+    stopped = [(run_dir / f"stopped_{r}.txt").read_text() for r in (0, 1)]
+    assert stopped[0] == stopped[1] and "3 consecutive non-finite steps at step 2" in stopped[0]
+    initial = load_file(run_dir / "initial.safetensors")
+    saved = list_checkpoints(run_dir)
+    assert [c.name for c in saved] == ["step_000000001", "step_000000002"]
+    for ckpt in saved:  # every step skipped: the gathered weights are the initial ones
+        _all_finite(ckpt)
+        weights = load_file(ckpt / "model.safetensors")
+        assert weights.keys() == initial.keys()
+        for name, tensor in initial.items():
+            assert torch.equal(weights[name], tensor), (ckpt.name, name)
