@@ -256,7 +256,7 @@ def retrieval_from_embeddings(
         txt_emb_TD: Unit text embeddings ``[T, D]``.
         text_image_T: Index of each text's image.
         ks: The k values of recall@k.
-        batch_size: Queries per search call.
+        batch_size: Queries per approximate-index search call (exact search bounds memory itself).
         index: Search index settings (``None``: exact); applies to both galleries.
         ranks: Whether to report mean and median rank (exact search only).
 
@@ -300,7 +300,7 @@ def retrieval(
             ``b`` (at least one each).
         tokenize: Maps a list of strings to token ids ``[B, L]``.
         ks: The k values (capped at the gallery size; see :func:`search_metrics`).
-        batch_size: Captions per ``encode_text`` call, and queries per search call.
+        batch_size: Captions per ``encode_text`` call, and queries per approximate-index search call.
         index: Search index settings (``None``: exact).
         ranks: Whether to report mean and median rank.
 
