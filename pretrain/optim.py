@@ -224,6 +224,12 @@ class FiniteStepGuard:
             self.bounds = bounds
             return True
         self.snapshot_steps += 1
+        if self.snapshot_steps == 1:
+            log.warning(
+                "AdamW's update cannot be proven finite (lr=%g): such steps are taken on a copy "
+                "of the weights and moments (3x the parameters' memory) and undone if not finite",
+                self.optimizer.param_groups[0]["lr"],
+            )
         params = self._params()
         with torch.no_grad():
             saved_params = [p.detach().clone() for p in params]
