@@ -8,6 +8,16 @@ captions; a text's positive is its image, an image's positives are all its capti
   in the top k (CLIP-paper recall, not the share of captions found).
 - ``*_mean_rank``, ``*_median_rank`` (ours; clip_benchmark has none): the 1-based rank of the
   first positive in the query's ranking of the whole gallery, averaged / median over queries.
+
+Ties (several images sharing a caption such as "A frog." give image -> text scores that are
+exactly equal) are resolved as clip_benchmark resolves them: its recall@k is "a positive is
+among ``torch.topk(scores, k)``" with one ``topk`` call per k on the CPU, and ``topk`` orders
+equal scores by its own selection algorithm (neither lower index first nor stable, and not
+the same for k=1 and k=10). Exact search here scores with torch too and takes the same
+``torch.topk(row, k)`` for each k wherever the k-th and (k+1)-th best scores of a row are
+equal, so that the tied items that make the top k are the ones clip_benchmark's make. A rank
+counts only strictly higher scores (``1 +`` the number of gallery items scoring above the best
+positive): ties are in the query's favour, whatever the order.
 """
 
 from __future__ import annotations
@@ -31,9 +41,9 @@ from clipline.eval.search import (
 
 log = logging.getLogger(__name__)
 
-# Score-matrix elements computed at once when ranking queries whose positive is not in the
-# top k (256 MiB of float32; 64 queries at a time on a 1M gallery, enough for BLAS to run
-# near full speed), so memory stays bounded on large galleries.
+# Score-matrix elements computed at once by exact search (256 MiB of float32; 64 queries at a
+# time on a 1M gallery, enough for BLAS to run near full speed), so memory stays bounded on
+# large galleries, and a CLIP_benchmark-sized set is scored in one block, as it scores it.
 _RANK_CHUNK_ELEMENTS = 1 << 26
 _MISS = np.iinfo(np.int64).max  # "first positive" position of a query whose top k has none
 
@@ -53,15 +63,15 @@ def search_metrics(
     With images labelled ``0..N-1`` and each caption labelled with its image's index, this
     covers both directions with several captions per image.
 
-    Exact search (the default) uses faiss on inner products, i.e. cosine similarity for unit
-    vectors, ``batch_size`` queries at a time. Unlike clip_benchmark, whose ``torch.topk``
+    Exact search (the default) scores inner products (cosine similarity for unit vectors)
+    with torch in blocks of queries of bounded memory, and resolves tied scores as
+    clip_benchmark does (module docstring). Unlike clip_benchmark, whose ``torch.topk``
     fails when k exceeds the gallery size, k is capped at the gallery size.
 
-    Ranks: the rank of the first positive is its position in the top k when it is there;
-    otherwise ``1 +`` the number of gallery items scoring above the best positive, from a
-    bounded-memory pass over the gallery for those queries only. A query with no positive in
-    the gallery has no rank and is left out of the mean and median. Ranks need the exact
-    scores, so they are reported for exact search only.
+    Ranks: ``1 +`` the number of gallery items scoring above the best positive (ties in the
+    query's favour). A query with no positive in the gallery has no rank and is left out of
+    the mean and median. Ranks need the exact scores, so they are reported for exact search
+    only.
 
     With an approximate index (``index.kind`` ``"ivf"``/``"hnsw"`` on a gallery of at least
     ``index.min_gallery``), recall comes from the index, and a sample of
@@ -75,7 +85,7 @@ def search_metrics(
         query_labels_Q: Integer label of each query.
         gallery_labels_G: Integer label of each gallery item.
         ks: The k values, each at least 1.
-        batch_size: Queries per search call.
+        batch_size: Queries per approximate-index search call.
         index: The search index settings; ``None`` is exact search.
         ranks: Whether to compute ``mean_rank`` and ``median_rank`` (exact search only).
 
@@ -110,26 +120,25 @@ def search_metrics(
     faiss_index = build_index(gallery_GD, index)
     start = time.perf_counter()
     if faiss_index is None:
-        _, ids_QK = exact_search(query_QD, gallery_GD, max_k, batch_size)
+        hit_KQ, rank_Q = _exact_hits_and_ranks(
+            query_QD, gallery_GD, query_labels_Q, gallery_labels_G, ks
+        )
+        metrics = {f"recall@{k}": float(hit_KQ[k].mean()) for k in ks}
+        if ranks:
+            found = rank_Q[~np.isnan(rank_Q)]
+            metrics["mean_rank"] = float(found.mean()) if len(found) else float("nan")
+            metrics["median_rank"] = float(np.median(found)) if len(found) else float("nan")
     else:
         _, ids_QK = index_search(faiss_index, query_QD, max_k, batch_size)
+        first_hit_Q = _first_hit(ids_QK, query_labels_Q, gallery_labels_G)
+        metrics = {f"recall@{k}": float((first_hit_Q < k).mean()) for k in ks}
     log.debug(
         "%s search: %d queries x %d gallery in %.1f s",
         "exact" if faiss_index is None else index.kind, num_queries, num_gallery,
         time.perf_counter() - start,
     )  # fmt: skip
-    first_hit_Q = _first_hit(ids_QK, query_labels_Q, gallery_labels_G)
-    metrics = {f"recall@{k}": float((first_hit_Q < k).mean()) for k in ks}
 
-    if faiss_index is None:
-        if ranks:
-            rank_Q = _ranks(
-                query_QD, gallery_GD, query_labels_Q, gallery_labels_G, first_hit_Q, max_k
-            )
-            found = rank_Q[~np.isnan(rank_Q)]
-            metrics["mean_rank"] = float(found.mean()) if len(found) else float("nan")
-            metrics["median_rank"] = float(np.median(found)) if len(found) else float("nan")
-    elif index.recall_sample > 0:
+    if faiss_index is not None and index.recall_sample > 0:
         start = time.perf_counter()
         rng = np.random.default_rng(index.seed)
         sample = np.sort(rng.choice(num_queries, min(index.recall_sample, num_queries), False))
@@ -172,27 +181,48 @@ def _first_hit(
     return np.where(match_QK.any(axis=1), match_QK.argmax(axis=1), _MISS)
 
 
-def _ranks(
+def _exact_hits_and_ranks(
     query_QD: np.ndarray,
     gallery_GD: np.ndarray,
     query_labels_Q: np.ndarray,
     gallery_labels_G: np.ndarray,
-    first_hit_Q: np.ndarray,
-    k: int,
-) -> np.ndarray:
-    """1-based rank of each query's first positive; NaN when it has no positive at all."""
-    rank_Q = first_hit_Q.astype(np.float64) + 1
-    # Queries whose positive is not in their top k: rank them against the whole gallery.
-    missed_M = np.flatnonzero(first_hit_Q >= k)
-    rows = max(1, _RANK_CHUNK_ELEMENTS // len(gallery_GD))
-    for start in range(0, len(missed_M), rows):
-        chunk = missed_M[start : start + rows]
-        scores_MG = query_QD[chunk] @ gallery_GD.T
-        positive_MG = gallery_labels_G[None, :] == query_labels_Q[chunk, None]
-        best_M = np.where(positive_MG, scores_MG, -np.inf).max(axis=1)
-        rank_M = 1 + (scores_MG > best_M[:, None]).sum(axis=1)
-        rank_Q[chunk] = np.where(positive_MG.any(axis=1), rank_M, np.nan)
-    return rank_Q
+    ks: Sequence[int],
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """``{k: positive in the top k}`` per query, as clip_benchmark decides it, and ranks.
+
+    Scores are torch's fp32 matmul, as clip_benchmark's are, in blocks of queries. One
+    ``topk`` of K+1 items per row answers every k whose top-k set is unique (the k-th and
+    (k+1)-th scores differ); rows with a tie across that boundary take ``torch.topk(row, k)``
+    itself, whose choice among equal scores is clip_benchmark's (module docstring). Ranks:
+    ``1 +`` the number of scores above the best positive; NaN without a positive.
+    """
+    num_gallery = len(gallery_GD)
+    gallery_DG = torch.from_numpy(gallery_GD).T
+    labels_G = torch.from_numpy(gallery_labels_G)
+    top = min(max(ks) + 1, num_gallery)
+    hit_KQ = {k: np.zeros(len(query_QD), dtype=bool) for k in ks}
+    rank_Q = np.full(len(query_QD), np.nan)
+    rows = max(1, _RANK_CHUNK_ELEMENTS // num_gallery)
+    for start in range(0, len(query_QD), rows):
+        stop = min(start + rows, len(query_QD))
+        scores_MG = torch.from_numpy(query_QD[start:stop]) @ gallery_DG
+        positive_MG = labels_G[None, :] == torch.from_numpy(query_labels_Q[start:stop])[:, None]
+        values_MT, ids_MT = torch.topk(scores_MG, top, dim=1)
+        found_MT = positive_MG.gather(1, ids_MT)
+        for k in ks:
+            if k >= num_gallery:  # the whole gallery is the top k
+                hit_KQ[k][start:stop] = positive_MG.any(dim=1).numpy()
+                continue
+            hit_M = found_MT[:, :k].any(dim=1)
+            tied_R = torch.nonzero(values_MT[:, k - 1] == values_MT[:, k]).flatten()
+            if len(tied_R):
+                ids_RK = torch.topk(scores_MG[tied_R], k, dim=1)[1]
+                hit_M[tied_R] = positive_MG[tied_R].gather(1, ids_RK).any(dim=1)
+            hit_KQ[k][start:stop] = hit_M.numpy()
+        best_M = torch.where(positive_MG, scores_MG, -torch.inf).max(dim=1).values
+        rank_M = 1 + (scores_MG > best_M[:, None]).sum(dim=1)
+        rank_Q[start:stop] = torch.where(positive_MG.any(dim=1), rank_M, torch.nan).numpy()
+    return hit_KQ, rank_Q
 
 
 def recall_at_k_faiss(
@@ -226,7 +256,7 @@ def retrieval_from_embeddings(
         txt_emb_TD: Unit text embeddings ``[T, D]``.
         text_image_T: Index of each text's image.
         ks: The k values of recall@k.
-        batch_size: Queries per search call.
+        batch_size: Queries per approximate-index search call (exact search bounds memory itself).
         index: Search index settings (``None``: exact); applies to both galleries.
         ranks: Whether to report mean and median rank (exact search only).
 
@@ -270,7 +300,7 @@ def retrieval(
             ``b`` (at least one each).
         tokenize: Maps a list of strings to token ids ``[B, L]``.
         ks: The k values (capped at the gallery size; see :func:`search_metrics`).
-        batch_size: Captions per ``encode_text`` call, and queries per search call.
+        batch_size: Captions per ``encode_text`` call, and queries per approximate-index search call.
         index: Search index settings (``None``: exact).
         ranks: Whether to report mean and median rank.
 

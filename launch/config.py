@@ -11,6 +11,7 @@ with the valid choices before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -102,8 +103,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _reject_nonfinite(value: Any, key: str) -> None:
+    """TOML reads ``nan`` and ``inf`` as floats; no setting means them (``optim.lr=nan``
+    would otherwise fail inside AdamW, or train on NaN, without naming the key)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value}: must be a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nonfinite(v, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _reject_nonfinite(v, f"{key}[{i}]")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp``; returns it in the field's type."""
+    _reject_nonfinite(value, key)
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any:
         return value

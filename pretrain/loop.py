@@ -41,7 +41,7 @@ from clipline.pretrain.flops import count_model_flops, peak_tflops
 from clipline.pretrain.host_memory import keep_freed_memory
 from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
-from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at
+from clipline.pretrain.optim import FiniteStepGuard, OptimConfig, build_optimizer, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ def train(
     if ckpt is not None:  # optimizer state after wrapping: FSDP re-creates the parameters
         load_optimizer_state(ckpt, ddp_model, optimizer)
         log.info("resumed from %s at step %d", ckpt, step)
+    step_guard = FiniteStepGuard(optimizer)  # on every rank: it measures the (resumed) state
     if main:
         console.log_start(
             model=model,
@@ -416,14 +417,14 @@ def train(
             window_flops += flops.train_step([tuple(text.shape) for _, text in inputs])
             max_norm = optim_cfg.grad_clip_norm if optim_cfg.grad_clip_norm > 0 else math.inf
             grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
-            # The norm is all-reduced with the gradients, so every rank takes the same branch.
-            if torch.isfinite(grad_norm):
-                optimizer.step()
+            # The norm is all-reduced with the gradients and the guard reduces what it measures,
+            # so every rank takes the same branch.
+            if step_guard.step(_full(grad_norm).item(), max_norm):
                 consecutive_bad = 0
             else:
                 state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
                 consecutive_bad += 1
-                log.warning("step %d: non-finite loss/gradients, step skipped", step)
+                log.warning("step %d: non-finite loss, gradients or update; step skipped", step)
                 if consecutive_bad >= loop_cfg.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{consecutive_bad} consecutive non-finite steps at step {step}; weights "

@@ -1,4 +1,5 @@
-"""AdamW with CLIP's weight-decay exemptions, and the learning-rate schedule.
+"""AdamW with CLIP's weight-decay exemptions, a guard against non-finite updates, and the
+learning-rate schedule.
 
 The schedule is a pure function of the global step: resuming at step N gives the same
 learning rate as never having stopped, with no scheduler state to save.
@@ -6,12 +7,16 @@ learning rate as never having stopped, with no scheduler state to save.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -21,7 +26,12 @@ class OptimConfig:
     Attributes:
         lr: Peak learning rate, reached after ``warmup_steps``.
         min_lr: Floor of the cosine decay.
-        weight_decay: Decoupled weight decay on tensors with ndim >= 2 only.
+        weight_decay: Decoupled weight decay (on which tensors: ``weight_decay_rule``).
+        weight_decay_rule: ``clipline`` decays tensors with ndim >= 2 except those the
+            model declares in ``no_weight_decay()`` (timm's convention: positional and class
+            embeddings); ``open_clip`` is open_clip's trainer's rule: every tensor with
+            ndim >= 2 whose name contains none of ``bn``, ``ln``, ``bias``,
+            ``logit_scale`` (so positional and class embeddings are decayed).
         betas: Adam betas; (0.9, 0.98) is CLIP's choice for ViTs.
         eps: Adam epsilon.
         warmup_steps: Linear warmup from 0 to ``lr``.
@@ -36,6 +46,7 @@ class OptimConfig:
     lr: float = 5e-4
     min_lr: float = 0.0
     weight_decay: float = 0.2
+    weight_decay_rule: Literal["clipline", "open_clip"] = "clipline"
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
@@ -44,19 +55,45 @@ class OptimConfig:
     grad_clip_norm: float = 1.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def _open_clip_exempt(name: str, p: nn.Parameter) -> bool:
+    # open_clip_train/main.py's `exclude` lambda, verbatim (tests/test_model.py compares the
+    # groups with the lambda read from the installed open_clip_train). The names here carry
+    # DualEncoder's "clip." prefix, which contains none of the substrings.
+    return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    rule: Literal["clipline", "open_clip"] = "clipline",
+) -> list[dict]:
     """Splits trainable parameters into decayed and non-decayed groups.
 
-    Decided per tensor, never by name substrings: biases, norms and the logit scale
-    (ndim < 2) and whatever the model's ``no_weight_decay()`` declares (e.g. positional
-    embeddings) get no decay.
+    Args:
+        model: The model whose trainable parameters are split.
+        weight_decay: The decayed group's weight decay.
+        rule: ``clipline`` decides per tensor, never by name substrings: biases, norms and
+            the logit scale (ndim < 2) and whatever the model's ``no_weight_decay()``
+            declares (e.g. positional embeddings) get no decay. ``open_clip`` reproduces
+            open_clip's trainer, which decays every tensor with ndim >= 2 whose name has no
+            ``bn``, ``ln``, ``bias`` or ``logit_scale`` in it (positional embeddings too).
+
+    Returns:
+        ``[decayed group, non-decayed group]`` as AdamW param groups.
     """
-    declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if rule == "open_clip":
+        exempt = _open_clip_exempt
+    else:
+        declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+        def exempt(name: str, p: nn.Parameter) -> bool:
+            return p.ndim < 2 or name in declared
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name in declared else decay).append(p)
+        (no_decay if exempt(name, p) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -71,12 +108,147 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     The device is only known at step time (``accelerator.prepare`` moves the model later).
     """
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, cfg.weight_decay_rule),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         fused=True,
     )
+
+
+# Every intermediate of AdamW's arithmetic below this bound stays finite in fp32 (max 3.4e38).
+_SAFE = 1e30
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor; plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FiniteStepGuard:
+    """Takes an AdamW step only where it leaves every weight and moment finite.
+
+    A finite gradient norm is not enough: ``lr=1e39`` (inf in fp32), or ``lr * weight_decay``
+    past fp32's range, turns finite gradients into inf/NaN weights. Checking the weights
+    after every step would read the whole model each step, and undoing a bad step needs a
+    copy of the weights and both moments (3x the parameters) taken before it. Instead the
+    guard keeps three scalars, upper bounds P on |weight|, M on |exp_avg| and V on
+    exp_avg_sq, and bounds AdamW's update from them. With ``|g| <= G`` (the clipped
+    gradient norm), ``bc1 = 1 - beta1^t >= 1 - beta1``, ``bc2 >= 1 - beta2``:
+
+        m' = lerp(m, g, 1 - beta1)                 |m'| <= M' = max(M, G)
+        v' = beta2 v + (1 - beta2) g^2              v'  <= V' = max(V, G^2)
+        p' = p (1 - lr wd) - lr/bc1 * m' / (sqrt(v'/bc2) + eps)
+        |p'| <= P |1 - lr wd| + lr/(1 - beta1) * M' * max(1, 1/eps)
+
+    When every such term is below 1e30 the step cannot overflow and is taken as it is:
+    a few float operations per step, no tensor work. Otherwise (absurd settings, or bounds
+    grown loose over a very long run) the step is taken on a snapshot: weights and optimizer
+    state are copied, the step is taken, the true maxima are measured (all ranks agree on
+    them: FSDP2 ranks hold different shards) and the snapshot is restored if anything is
+    not finite. Measured maxima then replace the bounds.
+
+    Args:
+        optimizer: AdamW (or Accelerate's wrapper of it) over the model's parameters.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.snapshot_steps = 0  # steps that needed the copy (for tests and the log)
+        maxima = self._measure()  # resumed moments and weights: start from the truth
+        self.bounds = maxima if all(math.isfinite(x) for x in maxima) else (math.inf,) * 3
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _measure(self) -> tuple[float, float, float]:
+        """Max |weight|, |exp_avg|, exp_avg_sq over all ranks (NaN reads as inf)."""
+        state = self.optimizer.state
+        params = self._params()
+        parts = [
+            [_local(p.detach()) for p in params],
+            [_local(state[p]["exp_avg"]) for p in params if "exp_avg" in state.get(p, {})],
+            [_local(state[p]["exp_avg_sq"]) for p in params if "exp_avg_sq" in state.get(p, {})],
+        ]
+        device = params[0].device if params else torch.device("cpu")
+        parts = [[t for t in ts if t.numel()] for ts in parts]  # FSDP2 shards can be empty
+        maxima = torch.stack(
+            [
+                torch.stack(torch._foreach_norm(ts, math.inf)).float().max().to(device)
+                if ts
+                else torch.zeros((), device=device)
+                for ts in parts
+            ]
+        )
+        maxima = torch.nan_to_num(maxima, nan=math.inf, posinf=math.inf)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        p_max, m_max, v_max = maxima.tolist()
+        return p_max, m_max, v_max
+
+    def _bound(self, grad_max: float) -> tuple[float, float, float] | None:
+        """(P', M', V') after the step, or None where the step might overflow."""
+        p_max, m_max, v_max = self.bounds
+        m_max, v_max = max(m_max, grad_max), max(v_max, grad_max**2)
+        p_next = 0.0
+        for group in self.optimizer.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            if not (eps > 0 and beta1 < 1 and beta2 < 1):
+                return None  # the bounds divide by these; the snapshot path decides
+            update = lr / (1 - beta1) * m_max * max(1.0, 1 / eps)
+            terms = (lr * wd, lr / (1 - beta1), update, v_max / (1 - beta2))
+            p_group = p_max * abs(1 - lr * wd) + update
+            if not all(math.isfinite(t) and abs(t) < _SAFE for t in (*terms, p_group)):
+                return None
+            p_next = max(p_next, p_group)
+        return p_next, m_max, v_max
+
+    def step(self, grad_norm: float, max_norm: float) -> bool:
+        """Steps the optimizer unless that would leave a non-finite weight or moment.
+
+        Args:
+            grad_norm: The global gradient norm before clipping (the same on every rank).
+            max_norm: The clipping threshold the gradients were clipped to (inf: none).
+
+        Returns:
+            True if the step was taken; False if it was skipped (non-finite gradient norm,
+            or an update that would not be finite), with the weights and the optimizer
+            state exactly as before.
+        """
+        if not math.isfinite(grad_norm):
+            return False
+        bounds = self._bound(min(grad_norm, max_norm))
+        if bounds is not None:
+            self.optimizer.step()
+            self.bounds = bounds
+            return True
+        self.snapshot_steps += 1
+        if self.snapshot_steps == 1:
+            log.warning(
+                "AdamW's update cannot be proven finite (lr=%g): such steps are taken on a copy "
+                "of the weights and moments (3x the parameters' memory) and undone if not finite",
+                self.optimizer.param_groups[0]["lr"],
+            )
+        params = self._params()
+        with torch.no_grad():
+            saved_params = [p.detach().clone() for p in params]
+        saved_state = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
+        self.optimizer.step()
+        maxima = self._measure()
+        if all(math.isfinite(x) for x in maxima):
+            self.bounds = maxima
+            return True
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params, strict=True):
+                p.copy_(saved)
+        state: Any = self.optimizer.state
+        state.clear()  # a first step creates the moments: they must go again
+        state.update(saved_state)
+        return False
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -3,7 +3,9 @@
 A tiny random model is exported twice from the same weights: clipline's format, which
 ``clipline eval`` reads, and open_clip's, which ``clip_benchmark eval --model_type open_clip``
 reads (once by registered name + ``--pretrained`` file, once by ``local-dir:``). Both score
-the same zero-shot and retrieval sets in CLIP_benchmark's webdataset layout, in fp32.
+the same zero-shot and retrieval sets in CLIP_benchmark's webdataset layout, in fp32; one
+retrieval set repeats captions, so that tied scores occur (before clipline ordered ties as
+clip_benchmark does, its image -> text recall@5 there was 0.125 against clip_benchmark's 0.1).
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ def sets(tmp_path_factory):
         TEMPLATES,
         samples_per_shard=20,
     )
-    # Distinct captions only: two equal captions of different images tie in image -> text
-    # search, and the two tools may break the tie differently.
+    # Distinct captions here; the "repeats" set below has ties.
     seen, pairs = set(), []
     for s in generate_shapes(60, seed=12, image_size=32):
         short = f"a {s.attributes['objects'][0]['color']} {s.shape}"
@@ -44,6 +45,14 @@ def sets(tmp_path_factory):
             seen.add(s.caption)
             pairs.append((s.image, [s.caption, f"{short}, picture {len(pairs)}"]))
     evalsets.write_retrieval_set(root / "captions", pairs, samples_per_shard=12)
+    # Repeated captions, as in real sets (many images of "A frog."): images sharing a
+    # caption tie exactly in image -> text search, and recall@k depends on which of the tied
+    # captions the ranking puts first. Some images also have a caption of their own.
+    repeats = [
+        (s.image, [f"a {s.shape}."] + ([f"a {s.shape}, number {i}."] if i % 3 == 0 else []))
+        for i, s in enumerate(generate_shapes(40, seed=13, image_size=32))
+    ]
+    evalsets.write_retrieval_set(root / "repeats", repeats, samples_per_shard=12)
     return root
 
 
@@ -74,6 +83,7 @@ def test_clipline_eval_equals_clip_benchmark(sets, tmp_path, monkeypatch, capsys
     ours_json = tmp_path / "ours.json"
     argv = ["eval", str(exports / "clipline"), "--output", str(ours_json), "--device", "cpu"]
     argv += ["--zeroshot", f"shapes={sets / 'shapes'}", "--retrieval", f"caps={sets / 'captions'}"]
+    argv += ["--retrieval", f"repeats={sets / 'repeats'}"]
     assert clipline_main(argv) == 0
     ours = json.loads(ours_json.read_text())
 
@@ -97,11 +107,18 @@ def test_clipline_eval_equals_clip_benchmark(sets, tmp_path, monkeypatch, capsys
         *("--task", "zeroshot_retrieval", "--model_type", "open_clip"),
         *("--model", f"local-dir:{exports / 'open_clip'}", "--recall_k", "1", "5", "10"),
     )
+    repeats = _clip_benchmark(
+        monkeypatch,
+        tmp_path,
+        *("--dataset", "wds/repeats", "--dataset_root", str(sets / "repeats")),
+        *("--task", "zeroshot_retrieval", "--model_type", "open_clip"),
+        *("--model", f"local-dir:{exports / 'open_clip'}", "--recall_k", "1", "5", "10"),
+    )
     capsys.readouterr()
 
     assert set(zeroshot) == {"acc1", "acc5", "mean_per_class_recall"}
-    assert len(retrieval) == 6  # image_ and text_retrieval_recall@{1,5,10}
-    for task, theirs in (("shapes", zeroshot), ("caps", retrieval)):
+    assert len(retrieval) == len(repeats) == 6  # image_ and text_retrieval_recall@{1,5,10}
+    for task, theirs in (("shapes", zeroshot), ("caps", retrieval), ("repeats", repeats)):
         for name, value in theirs.items():
             assert ours[f"{task}/{name}"] == pytest.approx(value, abs=1e-6), (task, name)
     # Numbers that could not agree by accident: neither 0 nor 1, and not all the same.

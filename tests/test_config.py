@@ -72,6 +72,20 @@ def test_cross_field_rules():
         load_run_config("cpu-debug", ["data.shards=/d", "loop.epochs=2"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr=nan"),
+        ("loop.checkpoint_minutes=inf", "loop.checkpoint_minutes=inf"),
+        ("optim.betas=[0.9, -inf]", r"optim.betas\[1\]=-inf"),
+        ("model.config={width = nan}", "model.config.width=nan"),  # untyped values too
+    ],
+)
+def test_nonfinite_numbers_are_rejected_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=f"^{message}: must be a finite number$"):
+        load_run_config("cpu-debug", ["data.shards=/d", override])
+
+
 def test_cli_reports_errors_in_one_line_before_training(tmp_path, capsys):
     rc = main(
         [

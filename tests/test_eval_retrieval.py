@@ -130,3 +130,43 @@ def test_bad_index_settings():
         SearchIndexConfig(nprobe=0)
     with pytest.raises(ValueError, match="ivf_storage='pq'"):
         SearchIndexConfig(ivf_storage="pq")
+
+
+def test_tied_scores_are_resolved_as_clip_benchmark_resolves_them():
+    # Few distinct caption vectors shared by many images (the many "A frog." of a real set),
+    # and duplicated images: exact ties in both directions, at every k.
+    from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
+
+    g = torch.Generator().manual_seed(3)
+    distinct_img = F.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    img_emb_ND = distinct_img[torch.randint(0, 12, (150,), generator=g)]
+    distinct_txt = F.normalize(torch.randn(9, 8, generator=g), dim=-1)
+    text_image_T = torch.arange(150).repeat_interleave(2)
+    txt_emb_TD = distinct_txt[torch.randint(0, 9, (300,), generator=g)]
+    ks = (1, 2, 5, 10, 200)
+    ours = retrieval_from_embeddings(img_emb_ND, txt_emb_TD, text_image_T, ks=ks)
+
+    # clip_benchmark's own computation (zeroshot_retrieval.evaluate), on the CPU.
+    scores_TN = txt_emb_TD @ img_emb_ND.T
+    positive_TN = torch.zeros_like(scores_TN, dtype=torch.bool)
+    positive_TN[torch.arange(300), text_image_T] = True
+    for k in ks[:-1]:  # clip_benchmark's topk cannot take k beyond the gallery
+        t2i = (recall_at_k(scores_TN, positive_TN, k) > 0).float().mean().item()
+        i2t = (recall_at_k(scores_TN.T, positive_TN.T, k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(t2i, abs=1e-6), k
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(i2t, abs=1e-6), k
+    # With this many ties, "lower index first" (a stable sort) would not agree (here at k=5).
+    order_NT = torch.sort(scores_TN.T, dim=1, descending=True, stable=True).indices
+    stable_i2t = positive_TN.T.gather(1, order_NT[:, :5]).any(dim=1).float().mean().item()
+    assert stable_i2t != pytest.approx(ours["text_retrieval_recall@5"], abs=1e-6)
+
+    # Ranks count strictly higher scores only: 1 + (scores above the best positive).
+    for prefix, scores, positive in (
+        ("image", scores_TN, positive_TN),
+        ("text", scores_TN.T, positive_TN.T),
+    ):
+        best = torch.where(positive, scores, -torch.inf).max(dim=1, keepdim=True).values
+        rank = (1 + (scores > best).sum(dim=1)).double()
+        assert ours[f"{prefix}_retrieval_mean_rank"] == pytest.approx(rank.mean().item())
+        assert ours[f"{prefix}_retrieval_median_rank"] == pytest.approx(rank.median().item())
+    assert ours["image_retrieval_recall@200"] == 1.0  # k capped at the 150 images

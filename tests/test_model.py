@@ -1,12 +1,16 @@
 """Dual encoder: registry, temperature, normalisation, weight-decay groups, schedule."""
 
+import ast
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from clipline.launch.config import load_run_config
 from clipline.pretrain.model import DualEncoder, ModelConfig, valid_model_names
-from clipline.pretrain.optim import OptimConfig, lr_at, param_groups
+from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at, param_groups
 from tests.helpers import MICRO_CFG, global_batch, micro_model
 
 
@@ -51,6 +55,53 @@ def test_no_weight_decay_on_small_tensors_and_declared_ones():
     assert all(p.ndim >= 2 for p in decay["params"])
     assert "clip.text_projection" in {names[id(p)] for p in decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2
+
+
+def _open_clip_train_exclude():
+    """The ``exclude`` lambda of the installed open_clip_train/main.py, compiled from its source
+    (it lives inside ``main()``, so it cannot be imported)."""
+    path = importlib.util.find_spec("open_clip_train.main").origin
+    tree = ast.parse(Path(path).read_text())
+    found = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["exclude"]
+        and isinstance(node.value, ast.Lambda)
+    ]
+    assert len(found) == 1, f"open_clip_train's exclude lambda not found in {path}"
+    return eval(compile(ast.Expression(found[0]), path, "eval"))
+
+
+@pytest.mark.parametrize("name", ["open_clip:ViT-B-32", "open_clip:RN50"])
+def test_open_clip_weight_decay_rule_matches_open_clip_train(name):
+    model = DualEncoder.from_config(ModelConfig(name=name))
+    # open_clip's trainer on the open_clip model itself (DualEncoder.clip), with its lambda.
+    exclude = _open_clip_train_exclude()
+    named = list(model.clip.named_parameters())
+    want_no_decay = {f"clip.{n}" for n, p in named if exclude(n, p) and p.requires_grad}
+    want_decay = {f"clip.{n}" for n, p in named if not exclude(n, p) and p.requires_grad}
+
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.3, weight_decay_rule="open_clip"))
+    names = {p: n for n, p in model.named_parameters()}
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    assert {names[p] for p in decay["params"]} == want_decay
+    assert {names[p] for p in no_decay["params"]} == want_no_decay
+    # The two rules differ exactly on what the model declares in no_weight_decay() with
+    # ndim >= 2: positional embeddings, which open_clip decays and clipline does not (open_clip's
+    # ViT class embedding is 1-D: decayed by neither).
+    declared = model.no_weight_decay()
+    assert "clip.positional_embedding" in declared & want_decay
+    ours, _ = param_groups(model, 0.3)
+    assert {names[p] for p in ours["params"]} == want_decay - declared
+
+
+def test_weight_decay_rule_is_validated():
+    with pytest.raises(ValueError, match=r"optim.weight_decay_rule: 'timm' is not one of"):
+        load_run_config("cpu-debug", ["data.shards=/d", "optim.weight_decay_rule=timm"])
+    cfg = load_run_config("cpu-debug", ["data.shards=/d", "optim.weight_decay_rule=open_clip"])
+    assert cfg.optim.weight_decay_rule == "open_clip"
 
 
 def test_schedule_is_a_pure_function_of_step():
