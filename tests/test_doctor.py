@@ -176,7 +176,8 @@ def test_decode_applies_the_streams_rules(shards: Path, capsys) -> None:
     from clipline.data.stream import StreamConfig
     from tests.helpers import micro_loader
 
-    loader = micro_loader(StreamConfig(shards=str(shards), batch_size=4, workers=0))
+    # Batch 1: an exact epoch then reads every sample (none waits for a later epoch).
+    loader = micro_loader(StreamConfig(shards=str(shards), batch_size=1, workers=0))
     counted: Counter = Counter()
     for batch in loader.epoch(0):
         counted.update(batch["skipped"])
