@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={cfg.run_dir!r} is a file; give a directory")
     resolve_resume(run_dir, resume)
-    if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:
+    # A module already imported (or stubbed) may have no __spec__; find_spec raises on those.
+    wandb_found = "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None
+    if cfg.loop.wandb_project and not wandb_found:
         raise ValueError(
             f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install "
             "wandb (or unset loop.wandb_project)"
