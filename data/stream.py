@@ -82,6 +82,7 @@ from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for t
 from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
 from clipline.data.shards import list_shards
+from clipline.data.worker_signals import shield_worker, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -844,9 +845,10 @@ class TrainLoader:
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
+                worker_init_fn=shield_worker,  # a stop signal is the trainer's to handle
             )
         self._state = {"epoch": epoch, "batches": start - replay, "chain": chain}
-        batches = self._track(iter(self._loader), self._state)
+        batches = self._track(start_workers(self._loader), self._state)
         for _ in range(replay):
             next(batches)
         return batches
