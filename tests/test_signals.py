@@ -253,3 +253,29 @@ def test_a_second_pretrain_into_a_live_run_dir_fails_naming_the_holder(shards, t
     )
     assert resumed.wait() == 0, resumed.err[-4000:]
     assert saved_steps(tmp_path / "run")[-1] == step + 2
+
+
+def test_ctrl_c_under_torchrun_saves_on_every_rank_and_each_exits_130(shards, tmp_path):
+    recipe = _recipe(tmp_path / "r.toml", shards, "run", steps=10_000)
+    # Each rank is `python -m clipline pretrain` in a shell that records its exit status; the
+    # shell is in the rank's process group, which is where torchrun sends what it forwards.
+    rank = 'python -m clipline pretrain "$@"; echo $? > "rc.$RANK"'
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={free_port()}", "--no-python", "bash", "-c", rank, "rank"]
+    run = Run(
+        [*cmd, "--recipe", str(recipe)],
+        tmp_path,
+        "torchrun",
+        env={"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    run.wait_for(past_step(tmp_path / "run", 2), "reached step 2")
+    run.signal_group(signal.SIGINT)  # Ctrl-C: torchrun is in the terminal's foreground group
+    assert run.wait() == 1, run.err[-4000:]  # torchrun's own status after forwarding a signal
+    assert [(tmp_path / f"rc.{r}").read_text() for r in (0, 1)] == ["130\n", "130\n"]
+    assert "DataLoader worker" not in run.err and "KeyboardInterrupt" not in run.err
+    assert run.err.count("saving a checkpoint") == 1  # rank 0 speaks for all
+    (ckpt,) = list_checkpoints(tmp_path / "run")
+    state = json.loads((ckpt / "state.json").read_text())
+    assert len(state["stream"]) == 2  # both ranks took part in the save
+    assert f"stopped by a signal after step {state['step']}; checkpoint saved" in run.err
+    assert "forcefully" not in run.err  # no rank needed torchrun's SIGKILL
