@@ -4,12 +4,12 @@
 ``RUN_DIR/eval/.lock`` while they write there; a second one fails at once with the holder's
 host and PID instead of overwriting the first one's checkpoints, metrics or results.
 
-The lock is a POSIX record lock (``fcntl.lockf``), not a lock file's existence: the kernel
-drops it when the holder dies, ``kill -9`` included, so a crashed run never blocks its own
-resume. Unlike ``flock``, it is held by the process and not by the open file, so the
-DataLoader workers a trainer forks, which may outlive a killed trainer by seconds, do not
-keep it; and it also works across the nodes of an NFS mount. The holder must not open and
-close the lock file by another descriptor: for POSIX locks, that releases the lock.
+The lock is an OS lock (``flock``), not a lock file's existence: the kernel drops it when
+the holder dies, ``kill -9`` included, so a crashed run never blocks its own resume. A
+forked child would share it, and DataLoader workers can outlive a killed trainer by seconds
+(they poll for their parent), so forked children close their copy at once: the lock lives
+exactly as long as its holder. A second holder is refused whether it is another process or
+the same one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -28,10 +29,18 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 
-# Locks this process holds, by resolved path. A caller that failed between taking a lock and
-# the code that releases it leaves its descriptor open; closing that one later would drop a
-# lock taken again since (POSIX locks belong to the process), so the next taker closes it now.
-_held: dict[Path, IO[str]] = {}
+_open_locks: weakref.WeakSet[DirLock] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    # Closing (never unlocking) the child's copy leaves the parent's lock in place.
+    for lock in list(_open_locks):
+        if lock._file is not None:
+            lock._file.close()
+            lock._file = None
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 class DirLock:
@@ -54,18 +63,14 @@ class DirLock:
         """Takes the lock, or raises naming the process that has it.
 
         Raises:
-            ValueError: Another process holds the lock.
+            ValueError: Another holder has it: another process, or another DirLock of this one.
         """
-        key = self.path.resolve()
-        stale = _held.pop(key, None)
-        if stale is not None:
-            stale.close()
         f = open(self.path, "a+")  # noqa: SIM115 - held open until release()
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             f.close()
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            if exc.errno != errno.EWOULDBLOCK:
                 # Some cluster filesystems (Lustre without -o flock) refuse locks outright.
                 log.warning(
                     "cannot lock %s (%s); a second writer into %s would go unnoticed",
@@ -87,14 +92,15 @@ class DirLock:
         f.truncate()
         f.write(json.dumps(holder) + "\n")
         f.flush()
-        self._file = _held[key] = f
+        self._file = f
+        _open_locks.add(self)
 
     def release(self) -> None:
         """Gives the lock up (a no-op when it is not held)."""
         if self._file is None:
             return
-        _held.pop(self.path.resolve(), None)
-        self._file.close()  # closing the descriptor releases the POSIX lock
+        _open_locks.discard(self)
+        self._file.close()  # the last descriptor closed releases the lock
         self._file = None
 
     def __enter__(self) -> DirLock:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clipline.launch.lock import LOCK_FILE, DirLock
 from clipline.pretrain.checkpoint import list_checkpoints
 from tests.helpers import free_port, make_shards, micro_recipe, to_toml
 
@@ -246,6 +247,9 @@ def test_a_second_pretrain_into_a_live_run_dir_fails_naming_the_holder(shards, t
     finally:
         os.kill(holder.proc.pid, signal.SIGKILL)  # a crash: its lock goes with it
     holder.wait()
+    # At once, although the killed holder's DataLoader worker lives on for a few seconds.
+    with DirLock(tmp_path / "run" / LOCK_FILE, busy="the killed holder still has it"):
+        pass
 
     step = saved_steps(tmp_path / "run")[-1]
     resumed = pretrain(
