@@ -9,9 +9,10 @@ killed by signal" before it can write the checkpoint the signal asked for.
 
 So a worker blocks these signals and leaves them to one thread that waits for them. A
 SIGTERM from the worker's parent is torch ending a worker that did not stop in time
-(``Process.terminate``), and ends it as before; so does any SIGTERM once the parent is
-gone. Every other one is dropped: the rank got it too, and it stops its workers itself once
-its checkpoint is written.
+(``Process.terminate``) and ends it, as torch's own handler would; so does any SIGTERM once
+the parent is gone. Every other one is dropped: the rank got it too, and it stops its
+workers itself once its checkpoint is written. Children of a worker (a ``pipe:`` command)
+inherit the blocked signals, so a stop signal does not cut their shard short either.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def _wait_for_signals(parent: int) -> None:
     while True:
         info = signal.sigwaitinfo(TRAINER_SIGNALS)
         if info.si_signo == signal.SIGTERM and (info.si_pid == parent or os.getppid() != parent):
-            os._exit(128 + signal.SIGTERM)
+            # Status 0, as torch's own worker handler exits: the parent's SIGCHLD handler
+            # would report a nonzero status as a failed worker.
+            os._exit(0)
 
 
 @contextlib.contextmanager
