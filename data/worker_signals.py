@@ -11,8 +11,8 @@ So a worker blocks these signals and leaves them to one thread that waits for th
 SIGTERM from the worker's parent is torch ending a worker that did not stop in time
 (``Process.terminate``) and ends it, as torch's own handler would; so does any SIGTERM once
 the parent is gone. Every other one is dropped: the rank got it too, and it stops its
-workers itself once its checkpoint is written. Children of a worker (a ``pipe:`` command)
-inherit the blocked signals, so a stop signal does not cut their shard short either.
+workers itself once its checkpoint is written. A worker's children (a ``pipe:`` command)
+inherit the blocked signals; they end when the worker closes their pipe.
 """
 
 from __future__ import annotations
