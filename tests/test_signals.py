@@ -106,6 +106,19 @@ def no_crash(err: str) -> None:
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err[-4000:]
 
 
+def _same_run(run_a: Path, run_b: Path, steps: int) -> None:
+    """Equal losses at every step and equal final weights."""
+    want = {r["step"]: r["train/loss"] for r in rows(run_a) if "train/loss" in r}
+    got = {r["step"]: r["train/loss"] for r in rows(run_b) if "train/loss" in r}
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    w_a = load_file(list_checkpoints(run_a)[-1] / "model.safetensors")
+    w_b = load_file(list_checkpoints(run_b)[-1] / "model.safetensors")
+    for k in w_a:
+        torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_process_group_sigterm_saves_and_the_resume_equals_the_uninterrupted_run(shards, tmp_path):
     steps = 24
     full = pretrain(
@@ -124,15 +137,7 @@ def test_process_group_sigterm_saves_and_the_resume_equals_the_uninterrupted_run
     resumed = pretrain(recipe, "--resume", "latest", cwd=tmp_path, name="resumed")
     assert resumed.wait() == 0, resumed.err[-4000:]
     assert full.wait() == 0, full.err[-4000:]
-    want = {r["step"]: r["train/loss"] for r in rows(tmp_path / "full") if "train/loss" in r}
-    got = {r["step"]: r["train/loss"] for r in rows(tmp_path / "killed") if "train/loss" in r}
-    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
-    w_full = load_file(list_checkpoints(tmp_path / "full")[-1] / "model.safetensors")
-    w_resumed = load_file(list_checkpoints(tmp_path / "killed")[-1] / "model.safetensors")
-    for k in w_full:
-        torch.testing.assert_close(w_resumed[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)
+    _same_run(tmp_path / "full", tmp_path / "killed", steps)
 
 
 def test_ctrl_c_says_it_is_saving_saves_and_exits_130(shards, tmp_path):
@@ -260,8 +265,14 @@ def test_a_second_pretrain_into_a_live_run_dir_fails_naming_the_holder(shards, t
     assert saved_steps(tmp_path / "run")[-1] == step + 2
 
 
-def test_ctrl_c_under_torchrun_saves_on_every_rank_and_each_exits_130(shards, tmp_path):
-    recipe = _recipe(tmp_path / "r.toml", shards, "run", steps=10_000)
+def test_ctrl_c_under_torchrun_saves_on_every_rank_each_exits_130_and_resumes_exactly(
+    shards, tmp_path
+):
+    steps = 16
+    full = torchrun_pretrain(
+        _recipe(tmp_path / "full.toml", shards, "full", steps=steps), cwd=tmp_path, name="full"
+    )
+    recipe = _recipe(tmp_path / "r.toml", shards, "run", steps=steps)
     # Each rank is `python -m clipline pretrain` in a shell that records its exit status; the
     # shell is in the rank's process group, which is where torchrun sends what it forwards.
     rank = 'python -m clipline pretrain "$@"; echo $? > "rc.$RANK"'
@@ -281,6 +292,12 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_and_each_exits_130(shards, tm
     assert run.err.count("saving a checkpoint") == 1  # rank 0 speaks for all
     (ckpt,) = list_checkpoints(tmp_path / "run")
     state = json.loads((ckpt / "state.json").read_text())
+    assert 2 <= state["step"] < steps
     assert len(state["stream"]) == 2  # both ranks took part in the save
     assert f"stopped by a signal after step {state['step']}; checkpoint saved" in run.err
     assert "forcefully" not in run.err  # no rank needed torchrun's SIGKILL
+
+    resumed = torchrun_pretrain(recipe, "--resume", "latest", cwd=tmp_path, name="resumed")
+    assert resumed.wait() == 0, resumed.err[-4000:]
+    assert full.wait() == 0, full.err[-4000:]
+    _same_run(tmp_path / "full", tmp_path / "run", steps)
