@@ -72,7 +72,8 @@ class Run:
         deadline = time.monotonic() + timeout
         while not ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.poll() is None and os.killpg(self.proc.pid, signal.SIGKILL)
+                if self.proc.poll() is None:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 raise AssertionError(f"never {what} (rc {self.proc.poll()}):\n{self.err[-4000:]}")
             time.sleep(0.05)
 
