@@ -266,17 +266,24 @@ def test_a_second_pretrain_into_a_live_run_dir_fails_naming_the_holder(shards, t
     assert saved_steps(tmp_path / "run")[-1] == step + 2
 
 
-def test_ctrl_c_under_torchrun_saves_on_every_rank_each_exits_130_and_resumes_exactly(
-    shards, tmp_path
+@pytest.mark.parametrize(
+    ("sig", "code", "check_resume"),
+    [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],  # Ctrl-C; `kill -- -PGID`
+    ids=["ctrl-c", "sigterm"],
+)
+def test_torchrun_signalled_saves_on_every_rank_and_each_exits_128_plus_signal(
+    shards, tmp_path, sig, code, check_resume
 ):
     steps = 16
-    full = torchrun_pretrain(
-        _recipe(tmp_path / "full.toml", shards, "full", steps=steps), cwd=tmp_path, name="full"
-    )
+    if check_resume:
+        full = torchrun_pretrain(
+            _recipe(tmp_path / "full.toml", shards, "full", steps=steps), cwd=tmp_path, name="full"
+        )
     recipe = _recipe(tmp_path / "r.toml", shards, "run", steps=steps)
     # Each rank is `python -m clipline pretrain` in a shell that records its exit status; the
-    # shell is in the rank's process group, which is where torchrun sends what it forwards.
-    rank = 'python -m clipline pretrain "$@"; echo $? > "rc.$RANK"'
+    # shell is in the rank's process group, where torchrun sends what it forwards, so it
+    # traps the signals (`:`; its child starts with the default handlers all the same).
+    rank = 'trap : INT TERM; python -m clipline pretrain "$@"; echo $? > "rc.$RANK"'
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     cmd += [f"--master_port={free_port()}", "--no-python", "bash", "-c", rank, "rank"]
     run = Run(
@@ -286,9 +293,9 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_each_exits_130_and_resumes_ex
         env={"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )
     run.wait_for(past_step(tmp_path / "run", 2), "reached step 2")
-    run.signal_group(signal.SIGINT)  # Ctrl-C: torchrun is in the terminal's foreground group
+    run.signal_group(sig)  # torchrun's group: a terminal's foreground job, or kill -- -PGID
     assert run.wait() == 1, run.err[-4000:]  # torchrun's own status after forwarding a signal
-    assert [(tmp_path / f"rc.{r}").read_text() for r in (0, 1)] == ["130\n", "130\n"]
+    assert [(tmp_path / f"rc.{r}").read_text() for r in (0, 1)] == [f"{code}\n"] * 2
     assert "DataLoader worker" not in run.err and "KeyboardInterrupt" not in run.err
     assert run.err.count("saving a checkpoint") == 1  # rank 0 speaks for all
     (ckpt,) = list_checkpoints(tmp_path / "run")
@@ -298,7 +305,8 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_each_exits_130_and_resumes_ex
     assert f"stopped by a signal after step {state['step']}; checkpoint saved" in run.err
     assert "forcefully" not in run.err  # no rank needed torchrun's SIGKILL
 
-    resumed = torchrun_pretrain(recipe, "--resume", "latest", cwd=tmp_path, name="resumed")
-    assert resumed.wait() == 0, resumed.err[-4000:]
-    assert full.wait() == 0, full.err[-4000:]
-    _same_run(tmp_path / "full", tmp_path / "run", steps)
+    if check_resume:
+        resumed = torchrun_pretrain(recipe, "--resume", "latest", cwd=tmp_path, name="resumed")
+        assert resumed.wait() == 0, resumed.err[-4000:]
+        assert full.wait() == 0, full.err[-4000:]
+        _same_run(tmp_path / "full", tmp_path / "run", steps)
