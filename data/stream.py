@@ -93,6 +93,7 @@ from clipline.data.shard_io import check_url as _check_url
 from clipline.data.shard_io import list_shards, open_shard
 from clipline.data.shard_io import protocol as _protocol
 from clipline.data.shard_io import read_bytes as _read_bytes
+from clipline.data.worker_signals import shield_worker, start_workers
 
 log = logging.getLogger(__name__)
 
@@ -934,9 +935,10 @@ class TrainLoader:
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=4 if self.workers else None,
                 persistent_workers=self.workers > 0,
+                worker_init_fn=shield_worker,  # a stop signal is the trainer's to handle
             )
         self._state = {"epoch": epoch, "batches": start - replay, "chain": chain}
-        batches = self._track(iter(self._loader), self._state)
+        batches = self._track(start_workers(self._loader), self._state)
         for _ in range(replay):
             next(batches)
         return batches

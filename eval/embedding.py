@@ -21,6 +21,7 @@ from torch import Tensor
 
 from clipline.data.decode import BatchedNormalize, ImageNormalizer, stack_pixels
 from clipline.data.evalsets import ImageLoader
+from clipline.data.worker_signals import shield_worker, start_workers
 from clipline.eval.cache import PixelCache
 from clipline.eval.distributed import gather_objects, gather_rows
 from clipline.eval.encoders import Encoders, embed_images, embed_texts
@@ -156,8 +157,15 @@ def embed_indexed_images(
     else:
         batches = part
         if workers > 0:
-            batches = torch.utils.data.DataLoader(
-                part, batch_size=None, num_workers=workers, persistent_workers=False
+            # The loop may evaluate with a stop signal on its way: workers leave it to the rank.
+            batches = start_workers(
+                torch.utils.data.DataLoader(
+                    part,
+                    batch_size=None,
+                    num_workers=workers,
+                    persistent_workers=False,
+                    worker_init_fn=shield_worker,
+                )
             )
         if pixel_cache is not None and split is not None:
             writer = pixel_cache.writer()

@@ -656,9 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad user input: one clear line, no traceback
         print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Preempted as exc:  # SIGTERM/SIGUSR1: checkpointed; 143 tells SLURM to requeue
-        print(f"clipline {args.command}: {exc}", file=sys.stderr)
-        return Preempted.exit_code
+    except Preempted as exc:  # SIGTERM/SIGUSR1 (143: Slurm requeues) or Ctrl-C (130): saved
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says so
+            print(f"clipline {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # Ctrl-C outside training, or a second one during it
+        why = f" ({exc})" if str(exc) else ""
+        print(f"clipline {args.command}: interrupted{why}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 
 from clipline.data.stream import EpochShape, build_train_loader, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
+from clipline.launch.lock import LOCK_FILE, DirLock
 from clipline.pretrain.checkpoint import (
     list_checkpoints,
     load_weights,
@@ -120,6 +121,32 @@ def plan(cfg: RunConfig, world_size: int, *, resume: str | None = None) -> dict[
     }
 
 
+def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> DirLock:
+    """Rank 0 locks ``run_dir`` for this run; every rank fails at once if another run has it.
+
+    Two runs into one directory would overwrite each other's checkpoints and metrics. Rank 0
+    decides and shares its verdict, so no rank of a refused launch waits in a collective.
+
+    Raises:
+        ValueError: another live process holds ``run_dir`` (named, with its host and PID).
+    """
+    lock = DirLock(
+        run_dir / LOCK_FILE, busy=f"another clipline pretrain is training into {run_dir}"
+    )
+    refusal = None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except ValueError as exc:
+            refusal = str(exc)
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise ValueError(refusal)
+    return lock
+
+
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
     check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
@@ -141,6 +168,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             f"{accelerator.num_processes}; check the launcher flags (accelerate launch "
             "--multi_gpu / torchrun --nproc_per_node)"
         )
+    # Before anything is built or written: a second launch into a live run's directory stops.
+    run_lock = hold_run_dir(Path(cfg.run_dir), accelerator)
     set_seed(cfg.loop.seed)  # same initial weights on every rank
     model = DualEncoder.from_config(cfg.model, **model_overrides(cfg.loss))
     loader = build_train_loader(
@@ -187,6 +216,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         # is destroyed: a reducer outliving its group aborts the process at exit.
         accelerator.free_memory()
         accelerator.end_training()
+        run_lock.release()
 
 
 def finished_run(cfg: RunConfig, resume: str | None, *, world_size: int) -> str | None:

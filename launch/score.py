@@ -28,10 +28,8 @@ renamed into place once its files are fsynced, so one being written is never see
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -51,6 +49,7 @@ import torch
 
 from clipline.data import evalsets
 from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask, build_evaluator
+from clipline.launch.lock import LOCK_FILE, DirLock
 from clipline.launch.run import DONE_FILE, load_encoders
 from clipline.pretrain.checkpoint import list_checkpoints
 
@@ -64,7 +63,6 @@ RESULTS_CSV = "results.csv"
 PLOTS_DIR = "plots"
 MANIFESTS_DIR = "manifests"
 HASH_CACHE = "hash_cache.json"
-LOCK_FILE = ".lock"
 CSV_COLUMNS = ("step", "task", "metric", "value", "manifest_hash", "checkpoint", "scored_at")
 # Task fields that do not change the numbers: they stay out of the manifest, so that renaming
 # a task, moving its set or changing the batch size does not start a new series.
@@ -441,18 +439,10 @@ def _read_json(path: Path, default: Any) -> Any:
         return default
 
 
-@contextlib.contextmanager
-def _exclusive(eval_dir: Path) -> Iterator[None]:
+def _exclusive(eval_dir: Path) -> DirLock:
     # Two scorers appending to one results.jsonl would evaluate and record checkpoints twice.
-    with open(eval_dir / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"another `clipline eval --run` is scoring {eval_dir.parent} (it holds "
-                f"{eval_dir / LOCK_FILE}); wait for it or stop it"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return DirLock(
+        eval_dir / LOCK_FILE,
+        busy=f"another `clipline eval --run` is scoring {eval_dir.parent} (it holds "
+        f"{eval_dir / LOCK_FILE})",
+    )

@@ -112,29 +112,66 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """A stop signal was turned into a checkpoint; the process should exit with 143."""
+    """A stop signal was turned into a checkpoint; the process should exit with ``exit_code``.
 
-    exit_code = 143  # 128 + SIGTERM: what schedulers (SLURM requeue) read as "terminated"
+    143 (128 + SIGTERM) after SIGTERM or SIGUSR1: what schedulers (Slurm requeue) read as
+    "terminated"; 130 (128 + SIGINT) after Ctrl-C, as a shell reports an interrupted command.
+    """
+
+    exit_code = 143
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _StopSignals:
-    """Records SIGTERM / SIGUSR1 (SLURM's pre-emption warning) instead of dying mid-step.
+    """Records SIGTERM, SIGUSR1 (Slurm's pre-emption warning) and Ctrl-C (SIGINT) instead of
+    dying mid-step.
 
-    The handler only sets a flag (it may fire twice: SLURM and the launcher both forward);
-    the loop checks it between steps, all ranks agree, and the run checkpoints and stops.
+    The first one only sets a flag; the loop checks it between steps, all ranks agree, and
+    the run checkpoints and stops. Repeats are ignored (Slurm and a launcher may both
+    forward one signal), except that a second Ctrl-C stops at once, as Ctrl-C does
+    elsewhere: it raises KeyboardInterrupt wherever the process is (a stalled data read
+    included), without a checkpoint. Once the loop has ended, the previous handlers are
+    back: a signal during the exit that follows acts as it would without clipline.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    # One Ctrl-C can arrive twice within milliseconds (Slurm signals every process of a
+    # step and torchrun forwards the same SIGINT); a person's second press comes later.
+    SECOND_PRESS_S = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.received: int | None = None
+        self.announce = announce
+        self._since = 0.0
 
     def __enter__(self) -> _StopSignals:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
+        first = self.received
+        if first is None:
+            self.received, self._since = signum, time.monotonic()
+            if self.announce:
+                self._say(signum)
+        elif time.monotonic() - self._since < self.SECOND_PRESS_S:
+            pass  # the first signal, delivered again
+        # torchrun passes a second Ctrl-C on to its ranks as SIGTERM.
+        elif signum == signal.SIGINT or (signum == signal.SIGTERM and first == signal.SIGINT):
+            raise KeyboardInterrupt("second Ctrl-C: stopped at once, without a checkpoint")
+
+    @staticmethod
+    def _say(signum: int) -> None:
+        name = signal.Signals(signum).name
+        line = f"clipline: {name}: saving a checkpoint after this step, then stopping"
+        if signum == signal.SIGINT:
+            line += " (Ctrl-C again to stop at once without one)"
+        # os.write, not print/logging: the handler may interrupt a write to stderr (the
+        # progress bar's), and a buffered stream cannot be re-entered.
+        os.write(2, (("\n" if os.isatty(2) else "") + line + "\n").encode())
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -391,7 +428,7 @@ def train(
     window_flops = 0.0
     last_save = window_start
     ddp_model.train()
-    with _StopSignals() as stop_signals:
+    with _StopSignals(announce=main) as stop_signals:
         while step < total_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
@@ -487,10 +524,14 @@ def train(
             # One tiny collective per step so that every rank stops at the same step.
             minutes = (time.perf_counter() - last_save) / 60
             timed = loop_cfg.checkpoint_minutes > 0 and minutes >= loop_cfg.checkpoint_minutes
+            got = stop_signals.received
             flags = torch.tensor(
-                [stop_signals.received is not None, timed], device=accelerator.device
+                [got in (signal.SIGTERM, signal.SIGUSR1), got == signal.SIGINT, timed],
+                device=accelerator.device,
             )
-            stop, timed = (accelerator.reduce(flags.float(), reduction="sum") > 0).tolist()
+            flags = accelerator.reduce(flags.float(), reduction="sum") > 0
+            terminated, interrupted, timed = flags.tolist()
+            stop = (terminated or interrupted) and step < total_steps  # the last step: done
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
                 model_state, optimizer_state = full_state_dicts(ddp_model, optimizer)  # all ranks
                 stream_states = gather_object([loader.state_dict()])  # one small dict per rank
@@ -516,7 +557,8 @@ def train(
             if stop:
                 raise Preempted(
                     f"stopped by a signal after step {step}; checkpoint saved in {run_dir}; "
-                    "continue with --resume latest"
+                    "continue with --resume latest",
+                    exit_code=143 if terminated else 130,
                 )
     bar.close()
     sink.close()

@@ -1,9 +1,11 @@
 """Launch files: the Accelerate configs pass through `accelerate launch`'s own code, and the
 Slurm script forwards the pre-emption warning and requeues (run against fake srun/scontrol)."""
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -16,6 +18,9 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, pa
 from accelerate.utils import launch as accelerate_launch
 from accelerate.utils.launch import _filter_args
 from torch.distributed import run as distrib_run
+
+from clipline.pretrain.checkpoint import list_checkpoints
+from tests.helpers import free_port, make_shards, micro_recipe, to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch" / "accelerate"
@@ -126,20 +131,30 @@ def test_sbatch_parses_and_has_the_requeue_plumbing():
     assert "--resume latest" in text and "scontrol requeue" in text
 
 
-# A fake cluster for the sbatch script: srun runs the per-node command once, as node 1, and
-# forwards USR1 to it; scontrol records requeues; the "launcher" records its arguments and,
-# like torchrun's agent, exits 1 after receiving USR1.
+# A fake cluster for the sbatch script. srun runs the per-node command once, as node
+# $FAKE_NODEID (default 1), in its own process group, as slurmstepd runs each task, and passes
+# USR1/TERM on to that whole group, as Slurm does. scancel --signal=SIG signals each task's
+# group (not the batch shell, as Slurm does without --batch/--full). scontrol records requeues.
+# The fake "launcher" records its arguments and, like torchrun's agent, exits 1 after USR1.
 FAKE_SRUN = """#!/bin/bash
 echo "srun $*" >> "$SIM/log"
 while [[ $1 == --* ]]; do shift; done
-trap 'kill -s USR1 $child' USR1
-SLURM_NODEID=1 "$@" &
-child=$!
-while :; do wait $child; rc=$?; kill -0 $child 2>/dev/null || exit $rc; done
+set -m  # job control: the task gets a process group of its own
+SLURM_NODEID=${FAKE_NODEID:-1} "$@" &
+task=$!
+echo "$task" >> "$SIM/task_groups"
+trap 'kill -s USR1 -- -$task' USR1
+trap 'kill -s TERM -- -$task' TERM
+while :; do wait $task; rc=$?; kill -0 $task 2>/dev/null || exit $rc; done
+"""
+FAKE_SCANCEL = """#!/bin/bash
+echo "scancel $*" >> "$SIM/log"
+sig=${1#--signal=}
+while read -r group; do kill -s "$sig" -- "-$group"; done < "$SIM/task_groups"
 """
 FAKE_SCONTROL = """#!/bin/bash
 echo "scontrol $*" >> "$SIM/log"
-if [[ $1 == show ]]; then printf 'gpu-a\\ngpu-b\\n'; fi
+if [[ $1 == show ]]; then printf '%s\\n' ${FAKE_HOSTS:-gpu-a gpu-b}; fi
 """
 FAKE_LAUNCHER = """#!/bin/bash
 printf '%s\\n' "$(basename "$0")" "$@" > "$SIM/argv"
@@ -155,6 +170,7 @@ def cluster(tmp_path):
     for rel, body in [
         ("bin/srun", FAKE_SRUN),
         ("bin/scontrol", FAKE_SCONTROL),
+        ("bin/scancel", FAKE_SCANCEL),
         ("venv/bin/accelerate", FAKE_LAUNCHER),
         ("venv/bin/torchrun", FAKE_LAUNCHER),
     ]:
@@ -192,6 +208,17 @@ def cluster(tmp_path):
         argv = argv.read_text().splitlines() if argv.exists() else []
         return proc.returncode, out, log, argv
 
+    def start(*args: str, **extra: str) -> subprocess.Popen:
+        """The batch shell, started with ``args`` and running on, as Slurm starts it."""
+        return subprocess.Popen(
+            ["bash", str(SBATCH), *args],
+            env=env | extra,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    submit.start, submit.env, submit.sim = start, env, tmp_path
     return submit
 
 
@@ -227,7 +254,8 @@ def test_sbatch_forwards_the_warning_and_requeues(cluster):
 
 @pytest.mark.parametrize(
     ("exit_code", "requeued", "expected_rc"),
-    [("0", False, 0), ("2", False, 2), ("143", True, 0)],
+    # 143 without the USR1 warning: a rank saved after scancel --signal=TERM, stop for good.
+    [("0", False, 0), ("2", False, 2), ("143", False, 143)],
 )
 def test_sbatch_requeues_only_preempted_runs(cluster, exit_code, requeued, expected_rc):
     rc, out, log, _ = cluster(exit_code=exit_code)
@@ -236,8 +264,8 @@ def test_sbatch_requeues_only_preempted_runs(cluster, exit_code, requeued, expec
 
 
 def test_sbatch_stops_requeueing_after_max_requeues(cluster):
-    rc, out, log, _ = cluster(exit_code="143", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
-    assert rc == 143 and "scontrol requeue" not in log, out
+    rc, out, log, _ = cluster(signal_after_start=True, SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert rc == 1 and "scontrol requeue" not in log and "giving up" in out, out
 
 
 def test_sbatch_torchrun_launcher(cluster):
@@ -255,3 +283,78 @@ def test_sbatch_torchrun_launcher(cluster):
         "gpu-a",
     ]
     assert argv[-2:] == ["--resume", "latest"]
+
+
+# The same script with the fake srun running a real torchrun (2 gloo CPU ranks on one node)
+# and a real, tiny `clipline pretrain`, each rank with a DataLoader worker.
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("sbatch") / "shards", n=64, per_shard=16)
+
+
+def _real_job(cluster, shards: Path) -> subprocess.Popen:
+    submit_dir = Path(cluster.sim)
+    recipe = micro_recipe(shards, Path("run"), steps=10_000, checkpoint_every=10_000)
+    recipe["run_dir"] = "run"  # relative: the job runs in the submit directory
+    recipe["data"]["workers"] = 1
+    (submit_dir / "recipe.toml").write_text(to_toml(recipe))
+    return cluster.start(
+        "--recipe",
+        "recipe.toml",
+        LAUNCHER="torchrun",
+        CLIPLINE_VENV=str(Path(sys.executable).parents[1]),
+        GPUS_PER_NODE="2",
+        SLURM_NNODES="1",
+        FAKE_NODEID="0",
+        FAKE_HOSTS="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",
+    )
+
+
+def _when_training(job: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill()
+            raise AssertionError(f"the job never trained:\n{job.communicate()[0][-4000:]}")
+        time.sleep(0.05)
+
+
+def _saved(run_dir: Path) -> dict:
+    (ckpt,) = list_checkpoints(run_dir)
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def test_sbatch_usr1_warning_checkpoints_every_rank_and_requeues(cluster, shards):
+    job = _real_job(cluster, shards)
+    run_dir = Path(cluster.sim) / "run"
+    _when_training(job, run_dir)
+    job.send_signal(signal.SIGUSR1)  # --signal=B:USR1@120: to the batch shell only
+    out, _ = job.communicate(timeout=240)
+    log = (Path(cluster.sim) / "log").read_text()
+    assert job.returncode == 0, out[-4000:]
+    assert "scontrol requeue 4242" in log, out[-4000:]
+    assert "clipline: SIGUSR1: saving a checkpoint after this step" in out
+    assert "DataLoader worker" not in out and "forcefully" not in out, out[-4000:]
+    state = _saved(run_dir)
+    assert len(state["stream"]) == 2  # both ranks saved their stream position
+    assert f"stopped by a signal after step {state['step']}; checkpoint saved" in out
+
+
+def test_sbatch_scancel_term_saves_every_rank_and_is_not_requeued(cluster, shards):
+    job = _real_job(cluster, shards)
+    run_dir = Path(cluster.sim) / "run"
+    _when_training(job, run_dir)
+    # scancel --signal=TERM: Slurm signals each task's process group (torchrun's here).
+    subprocess.run(["scancel", "--signal=TERM", "4242"], env=cluster.env, check=True)
+    out, _ = job.communicate(timeout=240)
+    log = (Path(cluster.sim) / "log").read_text()
+    assert job.returncode == 1, out[-4000:]  # torchrun's status after forwarding a signal
+    assert "scontrol requeue" not in log and "not requeueing" in out, out[-4000:]
+    assert "clipline: SIGTERM: saving a checkpoint after this step" in out
+    assert "DataLoader worker" not in out and "forcefully" not in out, out[-4000:]
+    state = _saved(run_dir)
+    assert len(state["stream"]) == 2
+    assert f"stopped by a signal after step {state['step']}; checkpoint saved" in out
