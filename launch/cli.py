@@ -649,17 +649,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipline`` console script and ``python -m clipline``."""
     args = parse_args(argv)
     _setup_logging()
-    from clipline.pretrain.loop import Preempted
-
     try:
         return args.func(args)
     except ValueError as exc:  # bad user input: one clear line, no traceback
         print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Preempted as exc:  # SIGTERM/SIGUSR1 (143: Slurm requeues) or Ctrl-C (130): saved
+    except RuntimeError as exc:
+        # pretrain.loop.Preempted, known by its exit code rather than imported: importing the
+        # loop here would load the whole training stack for `clipline shards` too.
+        exit_code = getattr(exc, "exit_code", None)
+        if exit_code is None:
+            raise
+        # SIGTERM/SIGUSR1 (143: Slurm requeues) or Ctrl-C (130): a checkpoint was saved.
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says so
             print(f"clipline {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C outside training, or a second one during it
         why = f" ({exc})" if str(exc) else ""
         print(f"clipline {args.command}: interrupted{why}", file=sys.stderr)

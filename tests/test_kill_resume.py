@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from clipline.pretrain.checkpoint import list_checkpoints
 from tests.helpers import make_shards, micro_recipe, to_toml
 
-STEPS = 120
+STEPS = 60  # room to signal mid-run; tests/test_signals.py covers process groups
 
 
 def _pretrain(recipe: Path, *extra: str) -> subprocess.Popen:
