@@ -655,12 +655,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        # pretrain.loop.Preempted, known by its exit code rather than imported: importing the
-        # loop here would load the whole training stack for `clipline shards` too.
+        # pretrain.loop's Preempted (SIGTERM/SIGUSR1: 143, which Slurm requeues; Ctrl-C: 130;
+        # a checkpoint was saved) and NonFiniteLossError (1), known by their exit code rather
+        # than imported: importing the loop here would load the training stack for every
+        # command. Their messages say what happened and what to do, in one line.
         exit_code = getattr(exc, "exit_code", None)
         if exit_code is None:
             raise
-        # SIGTERM/SIGUSR1 (143: Slurm requeues) or Ctrl-C (130): a checkpoint was saved.
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one says so
             print(f"clipline {args.command}: {exc}", file=sys.stderr)
         return exit_code

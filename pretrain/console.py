@@ -140,6 +140,11 @@ def summary(run_dir: str | Path) -> str:
     """
     run_dir = Path(run_dir)
     final = json.loads((run_dir / FINAL_METRICS_FILE).read_text())
+    # `eval --run` scores the recipe's own tasks without flags; other sets need naming.
+    config_file = run_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    has_tasks = any(config.get(k) for k in ("zeroshot", "retrieval", "linear_probe"))
+    evaluate_flags = "" if has_tasks else " --zeroshot NAME=ROOT --retrieval NAME=ROOT"
     step = final["step"]
     lines = [f"clipline pretrain: finished at step {step} in {duration(final['wall_time_s'])}"]
     if "train/loss" in final:
@@ -164,7 +169,7 @@ def summary(run_dir: str | Path) -> str:
         f"  metrics      {run_dir / FINAL_METRICS_FILE}, {run_dir / 'metrics.jsonl'}, "
         f"tensorboard --logdir {run_dir / 'tb'}",
         f"  export       clipline export {run_dir} EXPORT_DIR [--format open_clip|hf|onnx|all]",
-        f"  evaluate     clipline eval --run {run_dir} --zeroshot NAME=ROOT --retrieval NAME=ROOT",
+        f"  evaluate     clipline eval --run {run_dir}{evaluate_flags}",
     ]
     return "\n".join(lines)
 

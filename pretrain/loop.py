@@ -32,6 +32,7 @@ from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
 from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
     full_state_dicts,
+    list_checkpoints,
     load_checkpoint,
     load_optimizer_state,
     resolve_resume,
@@ -108,7 +109,9 @@ def is_due(step: int, every: int) -> bool:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite steps in a row; the CLI prints the message and exits 1."""
+
+    exit_code = 1
 
 
 class Preempted(RuntimeError):
@@ -463,9 +466,11 @@ def train(
                 consecutive_bad += 1
                 log.warning("step %d: non-finite loss, gradients or update; step skipped", step)
                 if consecutive_bad >= loop_cfg.max_nonfinite:
+                    saved = list_checkpoints(run_dir)
+                    where = f"newest checkpoint: {saved[-1]}" if saved else "no checkpoint yet"
                     raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive non-finite steps at step {step}; weights "
-                        f"are those of the last finite step (last checkpoint in {run_dir}). Lower "
+                        f"stopped: {consecutive_bad} consecutive non-finite steps at step {step}; "
+                        f"the weights are those of the last finite step ({where}). Lower "
                         "optim.lr, raise optim.warmup_steps, or use mixed_precision='bf16' "
                         "instead of 'fp16'."
                     )

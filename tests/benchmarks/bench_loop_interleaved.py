@@ -65,12 +65,20 @@ def main(argv: list[str] | None = None) -> None:
     loaders = feed_one_batch(run)
     marks: list[tuple[float, int]] = []
 
-    class Bar(loop.tqdm):
-        def update(self, n=1):
-            marks.append((time.perf_counter(), _faults()))
-            return super().update(n)
+    real_progress = loop.progress
 
-    loop.tqdm = Bar
+    def progress(**kwargs):  # the loop's bar, marking the end of every step
+        bar = real_progress(**kwargs)
+        real_update = bar.update
+
+        def update(n=1):
+            marks.append((time.perf_counter(), _faults()))
+            return real_update(n)
+
+        bar.update = update
+        return bar
+
+    loop.progress = progress
     run_dir = Path(tempfile.mkdtemp(prefix="clipline-interleaved-"))
     cfg = load_run_config(
         "cpu-debug",

@@ -221,12 +221,20 @@ _CLIPLINE_CHILD = textwrap.dedent(
         AcceleratedOptimizer.step = timed("optimizer", optimizer_step)
         AcceleratedOptimizer.zero_grad = timed("zero_grad", AcceleratedOptimizer.zero_grad)
 
-        class Bar(loop.tqdm):
-            def update(self, n=1):
-                step_ends.append(time.perf_counter())
-                return super().update(n)
+        real_progress = loop.progress
 
-        loop.tqdm = Bar
+        def progress(**kwargs):  # the loop's bar, marking the end of every step
+            bar = real_progress(**kwargs)
+            real_update = bar.update
+
+            def update(n=1):
+                step_ends.append(time.perf_counter())
+                return real_update(n)
+
+            bar.update = update
+            return bar
+
+        loop.progress = progress
 
     cfg = load_run_config(sys.argv[1], json.loads(sys.argv[2]))
     run.run_pretrain(cfg)
