@@ -144,6 +144,17 @@ def hf_config(model: DualEncoder) -> CLIPConfig:
     )
 
 
+# open_clip residual-block module -> CLIPEncoderLayer module, for the tensors that map one to
+# one (q, k and v are split from / joined into in_proj apart); both directions use it.
+_BLOCK_NAMES = (
+    ("attn.out_proj", "self_attn.out_proj"),
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+)
+
+
 def _blocks(src: str, dst: str, n: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip residual blocks -> CLIPEncoderLayer weights (in_proj split into q, k, v)."""
     out = {}
@@ -154,13 +165,7 @@ def _blocks(src: str, dst: str, n: int, sd: dict[str, torch.Tensor]) -> dict[str
         for name, weight, bias in (("q", q_W, q_b), ("k", k_W, k_b), ("v", v_W, v_b)):
             out[f"{d}.self_attn.{name}_proj.weight"] = weight
             out[f"{d}.self_attn.{name}_proj.bias"] = bias
-        for a, b in (
-            ("attn.out_proj", "self_attn.out_proj"),
-            ("ln_1", "layer_norm1"),
-            ("ln_2", "layer_norm2"),
-            ("mlp.c_fc", "mlp.fc1"),
-            ("mlp.c_proj", "mlp.fc2"),
-        ):
+        for a, b in _BLOCK_NAMES:
             for p in ("weight", "bias"):
                 out[f"{d}.{b}.{p}"] = sd.pop(f"{s}.{a}.{p}")
     return out
@@ -313,13 +318,7 @@ def _merge_blocks(
             out[f"{d}.attn.in_proj_{p}"] = torch.cat(
                 [sd.pop(f"{s}.self_attn.{name}_proj.{p}") for name in ("q", "k", "v")]
             )
-        for a, b in (
-            ("attn.out_proj", "self_attn.out_proj"),
-            ("ln_1", "layer_norm1"),
-            ("ln_2", "layer_norm2"),
-            ("mlp.c_fc", "mlp.fc1"),
-            ("mlp.c_proj", "mlp.fc2"),
-        ):
+        for a, b in _BLOCK_NAMES:
             for p in ("weight", "bias"):
                 out[f"{d}.{a}.{p}"] = sd.pop(f"{s}.{b}.{p}")
     return out
