@@ -142,3 +142,42 @@ def numpy2_safe_accuracy(accuracy):
             return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
 
     return safe_accuracy
+
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+def make_shape_sets(root: Path, held_out: int) -> Path:
+    """Training shards plus a retrieval set (``ret``) and a 3-class zero-shot set (``zs``) of
+    ``held_out`` generated shapes, under ``root``; returns ``root``."""
+    from clipline.data import evalsets
+    from clipline.data.sources import generate_shapes
+
+    make_shards(root / "shards", n=48, per_shard=16)
+    held = generate_shapes(held_out, seed=7, image_size=32)
+    evalsets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
+    labelled = [(s.image, SHAPES.index(s.shape)) for s in held if s.shape in SHAPES]
+    evalsets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
+    return root
+
+
+def fsdp_on_cpu_accelerator():
+    """An ``Accelerator`` that runs FSDP2 on CPU (gloo), which Accelerate enables only on
+    accelerators; torchrun scripts put it in place of ``clipline.launch.run.Accelerator``."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    class FSDPOnCPU(Accelerator):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2,
+                reshard_after_forward=True,
+                auto_wrap_policy="transformer_based_wrap",
+            )
+            # AcceleratorState re-reads PartialState's shared fields when re-instantiated.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.state.distributed_type = DistributedType.FSDP
+            self.state.fsdp_plugin = plugin
+
+    return FSDPOnCPU

@@ -21,26 +21,24 @@ from pathlib import Path
 
 import pytest
 
-from clipline.data import evalsets
 from clipline.data.sources import generate_shapes
 from clipline.pretrain.checkpoint import list_checkpoints
 from clipline.pretrain.console import human_count
-from tests.helpers import free_port, make_shards, micro_model, micro_recipe, to_toml
+from tests.helpers import (
+    free_port,
+    make_shape_sets,
+    micro_model,
+    micro_recipe,
+    to_toml,
+)
 
-SHAPES = ["circle", "square", "triangle"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENV.pop("TQDM_MININTERVAL", None)
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("console")
-    make_shards(root / "shards", n=48, per_shard=16)
-    held = generate_shapes(12, seed=7, image_size=32)
-    evalsets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
-    labelled = [(s.image, SHAPES.index(s.shape)) for s in held if s.shape in SHAPES]
-    evalsets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
-    return root
+    return make_shape_sets(tmp_path_factory.mktemp("console"), held_out=12)
 
 
 def _recipe(path: Path, recipe: dict) -> Path:

@@ -16,27 +16,18 @@ from pathlib import Path
 import pytest
 
 from clipline.data import evalsets
-from clipline.data.sources import generate_shapes
 from clipline.launch import score
 from clipline.launch.cli import main
 from clipline.launch.config import load_run_config
 from clipline.launch.run import DONE_FILE, run_pretrain
 from clipline.launch.score import ScoreConfig, score_run
 from clipline.pretrain.checkpoint import list_checkpoints
-from tests.helpers import make_shards, micro_recipe
-
-SHAPES = ["circle", "square", "triangle"]
+from tests.helpers import make_shape_sets, micro_recipe
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("score")
-    make_shards(root / "shards", n=48, per_shard=16)
-    held = generate_shapes(16, seed=7, image_size=32)
-    evalsets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
-    labelled = [(s.image, SHAPES.index(s.shape)) for s in held if s.shape in SHAPES]
-    evalsets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
-    return root
+    return make_shape_sets(tmp_path_factory.mktemp("score"), held_out=16)
 
 
 def _train(sets: Path, run_dir: Path, steps: int, resume: str | None = None) -> None:

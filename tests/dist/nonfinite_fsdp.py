@@ -12,28 +12,18 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
 
 import clipline.launch.run as run
 from clipline.launch.config import load_run_config
 from clipline.pretrain.loop import NonFiniteLossError
-from tests.helpers import micro_recipe
+from tests.helpers import fsdp_on_cpu_accelerator, micro_recipe
 
 shards, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
 rank = os.environ["RANK"]
 
 
-class FSDPOnCPU(Accelerator):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap"
-        )
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = plugin
+FSDPOnCPU = fsdp_on_cpu_accelerator()
 
 
 class OneLargeWeight(run.DualEncoder):

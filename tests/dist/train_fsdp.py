@@ -11,27 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 import clipline.launch.run as run
 from clipline.launch.config import load_run_config
-from tests.helpers import micro_recipe
+from tests.helpers import fsdp_on_cpu_accelerator, micro_recipe
 
 shards, run_dir, mode, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 resume = sys.argv[5] if len(sys.argv) > 5 else None
 
 
-class FSDPOnCPU(Accelerator):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap"
-        )
-        # AcceleratorState re-reads PartialState's shared fields when re-instantiated.
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = plugin
+FSDPOnCPU = fsdp_on_cpu_accelerator()
 
 
 if mode == "fsdp":
