@@ -781,7 +781,17 @@ def _check_columns(found: list[str], cfg: ShardsConfig, path: Path) -> None:
     )
 
 
-def _csv_caption(cell: str | None) -> str | list[str] | None:
+def table_delimiter(path: Path) -> str:
+    """The field separator of a CSV/TSV file: a tab for ``.tsv``/``.tab``, and for a ``.csv``
+    whose header line has tabs and no commas (open_clip writes tab-separated files named
+    ``*.csv``: its --csv-separator defaults to "\\t"); else a comma."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = f.readline()
+    tab = path.suffix.lower() in (".tsv", ".tab") or ("\t" in header and "," not in header)
+    return "\t" if tab else ","
+
+
+def csv_caption(cell: str | None) -> str | list[str] | None:
     """A CSV cell: a caption, or a JSON list of captions (``["a dog", "a brown dog"]``)."""
     if cell is not None and cell.lstrip().startswith("[") and cell.rstrip().endswith("]"):
         try:
@@ -794,18 +804,13 @@ def _csv_caption(cell: str | None) -> str | list[str] | None:
 
 
 def _read_table(path: Path, cfg: ShardsConfig) -> Iterator[_Row | Skipped]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        header = f.readline()
-        f.seek(0)
-        # open_clip writes tab-separated files named *.csv (its --csv-separator defaults to
-        # "\t"), so trust the header line over the extension for .csv files.
-        tab = path.suffix.lower() in (".tsv", ".tab") or ("\t" in header and "," not in header)
-        reader = csv.DictReader(f, delimiter="\t" if tab else ",")
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+        reader = csv.DictReader(f, delimiter=table_delimiter(path))
         _check_columns(list(reader.fieldnames or []), cfg, path)
         for i, row in enumerate(reader):
             image_value = row.get(cfg.image_column)
             key = str(image_value).strip() if image_value else f"row{i}"
-            caption = _csv_caption(row.get(cfg.caption_column))
+            caption = csv_caption(row.get(cfg.caption_column))
             yield _Row(key, image_value, [caption], {"row": i})
 
 

@@ -18,7 +18,6 @@ default, so the set scores exactly as its source images do.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import PIL.Image
 
 from clipline.data import classsets, evalsets
 from clipline.data.hints import did_you_mean
+from clipline.data.shards import csv_caption, table_delimiter
 from clipline.eval.evaluators import BUILTIN_TEMPLATES, resolve_templates
 
 # What PIL raises on a file that is not a decodable image.
@@ -116,14 +116,10 @@ def make_evalset(cfg: EvalsetConfig) -> dict[str, Any]:
     return summary
 
 
-def _separator(path: Path) -> str:
-    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-
-
 def _check_columns(path: Path, wanted: dict[str, str]) -> None:
     """Names a missing CSV column by the flag that sets it."""
-    with path.open(newline="", encoding="utf-8") as f:
-        found = next(csv.reader(f, delimiter=_separator(path)), [])
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        found = next(csv.reader(f, delimiter=table_delimiter(path)), [])
     for flag, column in wanted.items():
         if column not in found:
             raise ValueError(
@@ -146,7 +142,7 @@ def _open_labelled(cfg: EvalsetConfig, source: Path) -> classsets.Classification
             classnames_file=cfg.classnames,
             csv_image_column=cfg.image_column,
             csv_label_column=cfg.label_column,
-            csv_separator=_separator(source),
+            csv_separator=table_delimiter(source),
         )
     except ValueError as exc:
         # The CSV reader names the library's option; a CLI user sets --classnames.
@@ -192,8 +188,8 @@ def _captioned(cfg: EvalsetConfig, source: Path) -> list[tuple[Path, list[str]]]
     wanted = {"--image-column": cfg.image_column, "--caption-column": cfg.caption_column}
     _check_columns(source, wanted)
     grouped: dict[Path, list[str]] = {}
-    with source.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter=_separator(source)):
+    with source.open(newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f, delimiter=table_delimiter(source)):
             path = Path(row[cfg.image_column].strip())
             path = path if path.is_absolute() else source.parent / path
             grouped.setdefault(path, []).extend(_captions(row[cfg.caption_column]))
@@ -203,16 +199,10 @@ def _captioned(cfg: EvalsetConfig, source: Path) -> list[tuple[Path, list[str]]]
 
 
 def _captions(cell: str | None) -> list[str]:
-    """A caption cell: one caption, or a JSON list of them (``["a dog", "a brown dog"]``)."""
-    cell = (cell or "").strip()
-    if cell.startswith("[") and cell.endswith("]"):
-        try:
-            value = json.loads(cell)
-        except json.JSONDecodeError:
-            return [cell]
-        if isinstance(value, list) and all(isinstance(c, str) for c in value):
-            return [c.strip() for c in value if c.strip()]
-    return [cell] if cell else []
+    """A caption cell, read as ``clipline shards`` reads it (one caption or a JSON list)."""
+    value = csv_caption(cell)
+    captions = value if isinstance(value, list) else [value or ""]
+    return [c.strip() for c in captions if c.strip()]
 
 
 def _load_pairs(
