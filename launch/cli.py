@@ -217,7 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "nothing to evaluate: give --zeroshot NAME=ROOT, --retrieval NAME=ROOT and/or "
             "--linear-probe NAME=ROOT"
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or _default_device()
     model = load_encoders(args.model, device)
     preprocess = model.image_transform(is_train=False)
     results: dict[str, float] = {}
@@ -234,7 +234,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_score_run(args: argparse.Namespace) -> int:
-    import torch
 
     from clipline.launch.score import ScoreConfig, score_run
 
@@ -253,7 +252,7 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
         ScoreConfig(
             run_dir=args.run,
             tasks=tasks,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=args.device or _default_device(),
             watch=args.watch,
             poll_s=60.0 if args.poll_seconds is None else args.poll_seconds,
             until_step=args.until_step,

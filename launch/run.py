@@ -138,7 +138,9 @@ def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> DirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock.acquire()
-        except ValueError as exc:
+        # Any failure on rank 0 is shared: raising here would leave the other ranks waiting
+        # in the broadcast below until the collective times out.
+        except (ValueError, OSError) as exc:
             refusal = str(exc)
     if accelerator.num_processes > 1:
         refusal = broadcast_object_list([refusal])[0]
