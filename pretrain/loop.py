@@ -459,7 +459,8 @@ def train(
             grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
             # The norm is all-reduced with the gradients and the guard reduces what it measures,
             # so every rank takes the same branch.
-            if step_guard.step(_full(grad_norm).item(), max_norm):
+            grad_norm = _full(grad_norm).item()  # the guard's input and the logged metric
+            if step_guard.step(grad_norm, max_norm):
                 consecutive_bad = 0
             else:
                 state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
@@ -499,7 +500,7 @@ def train(
                     "train/loss": loss_mean,
                     "train/lr": lr,
                     "train/logit_scale": logit_scale.float().item(),
-                    "train/grad_norm": _full(grad_norm).item(),
+                    "train/grad_norm": grad_norm,
                     "train/samples_per_s": samples_per_s,
                     "train/samples_per_s_per_device": samples_per_s / accelerator.num_processes,
                     "train/data_wait_share": wait_share,
@@ -539,8 +540,9 @@ def train(
             stop = (terminated or interrupted) and step < total_steps  # the last step: done
             if is_due(step, loop_cfg.checkpoint_every) or step == total_steps or stop or timed:
                 model_state, optimizer_state = full_state_dicts(ddp_model, optimizer)  # all ranks
-                stream_states = gather_object([loader.state_dict()])  # one small dict per rank
-                totals = gather_object([(dict(skipped), dict(converted))])
+                # One small gather per checkpoint: each rank's stream position and counts.
+                gathered = gather_object([(loader.state_dict(), dict(skipped), dict(converted))])
+                stream_states = [stream for stream, _, _ in gathered]
                 if main:
                     save_checkpoint(
                         run_dir,
@@ -550,8 +552,8 @@ def train(
                         state={
                             "epoch": step * accum // loader.batches_per_epoch,
                             "nonfinite_steps": state.get("nonfinite_steps", 0),
-                            "skipped": dict(sum((Counter(s) for s, _ in totals), Counter())),
-                            "converted": dict(sum((Counter(c) for _, c in totals), Counter())),
+                            "skipped": dict(sum((Counter(s) for _, s, _ in gathered), Counter())),
+                            "converted": dict(sum((Counter(c) for _, _, c in gathered), Counter())),
                             "stream": stream_states,
                         },
                         config=run_config,
