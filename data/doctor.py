@@ -280,7 +280,8 @@ def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> N
             decoded = decoder(sample, seed=report.decoded, skipped=skipped, converted=Counter())
             report.decoded += 1
             if decoded is None:
-                (reason,) = skipped - before
+                # Each skip counts one reason; a path that counts none is still a failure.
+                reason = next(iter(skipped - before), "corrupt_image")
                 ext = next((e for e in IMAGE_EXTS if e in members), "txt")
                 bad.append(f"{key}.{ext} {meaning.get(reason, reason)} ({reason})")
             if not cfg.full:

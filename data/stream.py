@@ -540,6 +540,17 @@ def _known_failed(chain: list[dict[str, Any]], worker: int) -> set[tuple[int, in
 # -------------------------------------------------------------------------------- reading
 
 
+def _tagged(
+    samples: Iterator[tuple[int, dict[str, Any] | None]], base: int, url: str
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """A shard's (index in the lane, sample) pairs, each sample tagged with its shard's URL in
+    place (no copy per sample)."""
+    for i, sample in samples:
+        if sample:
+            sample["__url__"] = url
+        yield base + i, sample
+
+
 class _LaneReader:
     """Fetches samples of one lane in any order that stays close to the read order.
 
@@ -617,7 +628,7 @@ class _LaneReader:
             return base + i in self.wanted_set
 
         samples = _tar_samples(f, seekable, idx - base, stop, want)
-        self.it = ((base + i, s | {"__url__": url, "__index__": i} if s else s) for i, s in samples)
+        self.it = _tagged(samples, base, url)
 
     def _read_to(self, target: int) -> None:
         try:
