@@ -77,13 +77,23 @@ def load_weights_only(path: str | Path, what: str = "state", **kwargs: Any) -> A
     """
     try:
         return torch.load(path, weights_only=True, **kwargs)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(
-            f"{what} {str(path)!r} was refused: it is not a weights-only torch file "
-            f"({_one_line(e)}); clipline writes only tensors and plain types there, so the "
-            "file was replaced or damaged: restore it from the run, or resume from another "
-            "checkpoint"
-        ) from e
+    except RuntimeError as e:
+        # A damaged archive is a RuntimeError from torch's zip reader; others (out of
+        # memory, a map_location device) are not about the file and pass through.
+        if "zip" not in str(e).lower():
+            raise
+        raise ValueError(_refused(path, what, e)) from e
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(_refused(path, what, e)) from e
+
+
+def _refused(path: str | Path, what: str, e: BaseException) -> str:
+    return (
+        f"{what} {str(path)!r} was refused: it is not a weights-only torch file "
+        f"({_one_line(e)}); clipline writes only tensors and plain types there, so the "
+        "file was replaced or damaged: restore it from the run, or resume from another "
+        "checkpoint"
+    )
 
 
 def _one_line(e: BaseException) -> str:
