@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -313,13 +314,22 @@ class _RankPlan:
     lanes: list[_Lane]
     items: list[np.ndarray]  # per worker: int64[n, 2] rows (lane, index in lane), emit order
     batches: list[int]  # per worker: batches it yields (len(items[w]) <= batches[w] * B)
-    # The rank's whole epoch, all workers' rows as first planned: what a worker left with
-    # no rows of its own (after a change of worker count) repeats to fill its batches.
-    rows: np.ndarray = field(default_factory=lambda: np.empty((0, 2), dtype=np.int64))
+    # Per worker, the rows as first planned (before any change of worker count).
+    first_items: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        if not len(self.rows) and self.items:
-            self.rows = np.concatenate(self.items)
+        if self.first_items is None:
+            self.first_items = self.items
+
+    @functools.cached_property
+    def rows(self) -> np.ndarray:
+        """The rank's whole epoch, all workers' rows as first planned: what a worker left
+        with no rows of its own (after a change of worker count) repeats to fill its
+        batches. Joined only then, not for every plan a worker builds."""
+        assert self.first_items is not None
+        if not self.first_items:
+            return np.empty((0, 2), dtype=np.int64)
+        return np.concatenate(self.first_items)
 
 
 def _rng(*key: object) -> np.random.Generator:
@@ -511,7 +521,7 @@ def _follow_chain(plan: _RankPlan, chain: list[dict[str, Any]], B: int) -> _Rank
         bounds = np.cumsum([0, *quotas]) * B
         items = [rest[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         batches = quotas
-    return _RankPlan(lanes, items, batches, plan.rows)
+    return _RankPlan(lanes, items, batches, plan.first_items)
 
 
 def _fresh_link(workers: int) -> dict[str, Any]:
