@@ -102,3 +102,24 @@ def test_evalset_and_task_flags_name_what_to_fix(ws, tmp_path, capsys):
     assert main(["eval", str(ws / "export"), "--zeroshot", f"a={ws / 'imgs'},formt=folder"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Did you mean 'format'" in err and len(err.splitlines()) == 1
+
+
+def test_evalset_reads_csvs_as_clipline_shards_does(ws, tmp_path, capsys):
+    # Excel saves a byte-order mark; open_clip writes tab-separated files named *.csv.
+    rows = (ws / "pairs.csv").read_text().splitlines()
+    bom = tmp_path / "bom.csv"
+    bom.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    tabbed = tmp_path / "tabbed.csv"
+    tabbed.write_text("\n".join(r.replace(",", "\t", 1) for r in rows) + "\n")
+    for src in (bom, tabbed):
+        for p in (ws / "imgs").iterdir():  # image paths are relative to the CSV
+            (tmp_path / "imgs" / p.name).mkdir(parents=True, exist_ok=True)
+            for img in p.iterdir():
+                target = tmp_path / "imgs" / p.name / img.name
+                if not target.exists():
+                    target.symlink_to(img)
+        argv = ["evalset", "retrieval", str(src), str(tmp_path / src.stem), "--image-column"]
+        assert main([*argv, "path", "--caption-column", "text"]) == 0, capsys.readouterr().err
+        summary = json.loads(capsys.readouterr().out)
+        # Every image, and every caption (every third image has a second one).
+        assert (summary["samples"], summary["captions"]) == (18, 24), summary
