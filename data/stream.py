@@ -198,12 +198,6 @@ class StreamConfig:
 # ----------------------------------------------------------------------------- reading URLs
 
 
-def _open(url: str) -> tuple[IO[bytes], bool, Callable[[], None]]:
-    """(stream, seekable, close) for a shard of the plan: its URLs passed
-    ``_check_url(url, cfg.allow_pipe)`` when the epoch was laid out (:func:`_source_shards`)."""
-    return open_shard(url, allow_pipe=True)
-
-
 def _shard_name(url: str) -> str:
     """The ``sizes.json`` key of a shard: its file name (for pipe:, the last ``*.tar`` word)."""
     if _protocol(url) == "pipe":
@@ -577,8 +571,10 @@ class _LaneReader:
         wanted: np.ndarray,
         on_error: Callable[[Exception], str],
         exact: bool,
+        allow_pipe: bool,
     ):
         self.lane, self.on_error, self.exact = lane, on_error, exact
+        self.allow_pipe = allow_pipe  # data.allow_pipe: the shared opener applies the rule
         self.wanted = np.unique(wanted)  # sorted lane indices this pass will ask for
         self.wanted_set = set(self.wanted.tolist())
         self.cache: dict[int, dict[str, Any] | str | None] = {}  # str: why unreadable
@@ -615,7 +611,7 @@ class _LaneReader:
         error: Exception | None = None
         for attempt in range(OPEN_ATTEMPTS):
             try:
-                f, seekable, self.close = _open(url)
+                f, seekable, self.close = open_shard(url, allow_pipe=self.allow_pipe)
                 break
             except FileNotFoundError as e:
                 if self.exact:
@@ -810,6 +806,7 @@ class ContrastiveStream(IterableDataset):
                     rows[rows[:, 0] == lane, 1],
                     on_error,
                     exact=self.layout.mode == "exact",
+                    allow_pipe=self.cfg.allow_pipe,
                 )
                 for lane in np.unique(rows[:, 0]).tolist()
             }

@@ -89,8 +89,13 @@ def test_resume_reads_only_what_is_left(shards, monkeypatch):
     import clipline.data.stream as stream
 
     opened = []
-    real_open = stream._open
-    monkeypatch.setattr(stream, "_open", lambda url: (opened.append(url), real_open(url))[1])
+    real_open = stream.open_shard
+
+    def recording_open(url, **kwargs):
+        opened.append(url)
+        return real_open(url, **kwargs)
+
+    monkeypatch.setattr(stream, "open_shard", recording_open)
     loader = _loader(shards, workers=0, shuffle_buffer=1)  # read order == emit order
     _, state = _take(loader, 0, 20)
     plan = loader.stream.plan(0, state["chain"])
