@@ -235,7 +235,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_score_run(args: argparse.Namespace) -> int:
 
-    from clipline.launch.score import ScoreConfig, score_run
+    from clipline.eval.score import ScoreConfig
+    from clipline.launch.score import score_run
 
     if args.model is not None:
         raise ValueError(f"give either MODEL ({args.model}) or --run RUN_DIR, not both")
@@ -295,9 +296,10 @@ def _cmd_evalset(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from clipline.launch.run import find_export, load_encoders, load_exported, resolve_checkpoint
-    from clipline.pretrain.checkpoint import read_config
-    from clipline.pretrain.export import export, read_export_meta
+    from clipline.launch.run import load_encoders
+    from clipline.pretrain.checkpoint import read_config, resolve_checkpoint
+    from clipline.pretrain.export import export, find_export, load_exported
+    from clipline.pretrain.export_clipline import read_export_meta
 
     found = find_export(args.checkpoint)
     if found is not None and found[0] == "onnx":
@@ -334,11 +336,11 @@ def _default_device() -> str:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from clipline.launch.embed import EmbedConfig, embed
+    from clipline.eval.embed import EmbedConfig, embed
+    from clipline.launch.embed import model_source
 
     report = embed(
         EmbedConfig(
-            model=args.model,
             output_dir=args.output,
             images=args.images,
             texts=args.texts,
@@ -346,7 +348,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             workers=args.workers,
             device=args.device or _default_device(),
             overwrite=args.overwrite,
-        )
+        ),
+        model_source(args.model),
     )
     print(
         f"embedded {report.count} {report.kind}s ({report.dim}-d) into {report.output_dir}; "
@@ -358,7 +361,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from clipline.launch.embed import format_hits, search_many
+    from clipline.eval.embed import format_hits, search_many
+    from clipline.launch.embed import model_source
 
     texts = list(args.query)
     if args.queries_file is not None:
@@ -367,7 +371,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise ValueError(f"--queries-file {path}: not a file (one text query a line)")
         texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     answers = search_many(
-        args.model,
+        model_source(args.model),
         args.index,
         texts=texts,
         images=args.image,

@@ -23,7 +23,7 @@ from clipline.data import evalsets  # noqa: E402
 from clipline.data.demo_data import prepare_demo_data  # noqa: E402
 from clipline.launch.config import load_run_config, read_recipe  # noqa: E402
 from clipline.launch.run import build_evaluators, load_encoders, run_pretrain  # noqa: E402
-from clipline.pretrain.export import export_model  # noqa: E402
+from clipline.pretrain.export_clipline import export_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,13 @@ from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
 from clipline.launch.lock import LOCK_FILE, DirLock
 from clipline.pretrain.checkpoint import (
-    list_checkpoints,
     load_weights,
     read_config,
+    resolve_checkpoint,
     resolve_resume,
 )
 from clipline.pretrain.console import write_final_metrics
-from clipline.pretrain.export import FORMATS as EXPORT_FORMATS
-from clipline.pretrain.export import META_FILE as EXPORT_META_FILE
-from clipline.pretrain.export import load_export
-from clipline.pretrain.export_open_clip import CONFIG_FILE as OPEN_CLIP_CONFIG_FILE
+from clipline.pretrain.export import find_export, load_exported
 from clipline.pretrain.loop import train
 from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
@@ -248,98 +245,13 @@ def finished_run(cfg: RunConfig, resume: str | None, *, world_size: int) -> str 
     )
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory's latest checkpoint.
-
-    Raises:
-        ValueError: the path is neither, or the run has no complete checkpoint yet.
-    """
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise ValueError(f"run directory {path} has no complete checkpoint yet")
-        path = found[-1]
-    if not (path / "model.safetensors").is_file():
-        raise ValueError(
-            f"{path} is neither an export (clipline_export.json, open_clip_config.json, a "
-            "transformers CLIP config.json or onnx_export.json, or the folder `clipline export "
-            "--format all` wrote), a checkpoint (model.safetensors) nor a run directory "
-            "(checkpoints/)"
-        )
-    return path
-
-
-# The file that marks an export folder of each format (the ONNX module imports onnx, so its
-# name is repeated here rather than imported).
-EXPORT_MARKERS = {
-    "clipline": EXPORT_META_FILE,
-    "open_clip": OPEN_CLIP_CONFIG_FILE,
-    "hf": "config.json",  # with "model_type": "clip"; a checkpoint has a config.json too
-    "onnx": "onnx_export.json",
-}
-
-
-def find_export(path: str | Path) -> tuple[str, Path] | None:
-    """``(format, folder)`` of an export folder of any format clipline writes, or of the root
-    that ``clipline export --format all`` wrote (its first format in ``FORMATS`` order);
-    ``None`` for anything else (a checkpoint or run directory, a missing path)."""
-    path = Path(path)
-    for fmt, marker in EXPORT_MARKERS.items():
-        if (path / marker).is_file() and (fmt != "hf" or _is_hf_clip(path / marker)):
-            return fmt, path
-    for fmt in EXPORT_FORMATS:  # the --format all root
-        if (path / fmt).is_dir() and find_export(path / fmt) == (fmt, path / fmt):
-            return fmt, path / fmt
-    return None
-
-
-def _is_hf_clip(config: Path) -> bool:
-    try:
-        return json.loads(config.read_text()).get("model_type") == "clip"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-
-
-def load_exported(fmt: str, folder: Path, device: str | torch.device = "cpu") -> Any:
-    """The encoders of an export folder found by :func:`find_export`.
-
-    clipline, open_clip and hf exports load as the :class:`DualEncoder` that was exported
-    (identical embeddings); an ONNX export as :class:`~clipline.pretrain.export_onnx.OnnxEncoders`
-    (onnxruntime, CPU unless ``device`` is a CUDA device), which embeds but does not train.
-
-    Raises:
-        ValueError: The format's library is not installed (naming the pip extra).
-    """
-    if fmt == "clipline":
-        return load_export(folder, device)
-    if fmt == "open_clip":
-        from clipline.pretrain.export_open_clip import load_open_clip_encoders
-
-        return load_open_clip_encoders(folder, device)
-    try:
-        if fmt == "hf":
-            from clipline.pretrain.export_hf import load_hf_encoders
-
-            return load_hf_encoders(folder, device)
-        assert fmt == "onnx", fmt
-        import onnxruntime
-
-        from clipline.pretrain.export_onnx import load_onnx
-
-        gpu = str(device).startswith("cuda")
-        cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-        return load_onnx(folder, ["CUDAExecutionProvider"] if gpu and cuda else None)
-    except ModuleNotFoundError as exc:
-        raise ValueError(
-            f"{folder} is a {fmt} export, whose reader needs {exc.name!r}, which is not "
-            "installed; pip install 'clipline[export]', or use the export's clipline format"
-        ) from exc
-
-
 def load_encoders(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """A dual encoder from an export (any format, or a ``--format all`` root), a checkpoint
-    directory or a run directory (its latest checkpoint); see :func:`load_exported`.
+    directory or a run directory (its latest checkpoint); see
+    :func:`~clipline.pretrain.export.load_exported`.
+
+    Wiring: an export is read by its format's reader; a checkpoint's saved run config is
+    parsed here (only launch reads the whole run config) into the model and loss configs.
 
     Raises:
         ValueError: the path is none of these.

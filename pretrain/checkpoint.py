@@ -146,3 +146,37 @@ def load_optimizer_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Op
 
 def read_config(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "config.json").read_text())
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a checkpoint directory (``step_N``) that :func:`list_checkpoints` listed."""
+    match = _STEP_DIR.match(ckpt.name)
+    assert match is not None, f"{ckpt} is not a step_N checkpoint directory"
+    return int(match.group(1))
+
+
+def model_files(ckpt: Path) -> list[Path]:
+    """The files a checkpoint's model is read from: its weights and its run config."""
+    return [ckpt / "model.safetensors", ckpt / "config.json"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's latest checkpoint.
+
+    Raises:
+        ValueError: the path is neither, or the run has no complete checkpoint yet.
+    """
+    path = Path(path)
+    if checkpoint_dir(path).is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise ValueError(f"run directory {path} has no complete checkpoint yet")
+        path = found[-1]
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(
+            f"{path} is neither an export (clipline_export.json, open_clip_config.json, a "
+            "transformers CLIP config.json or onnx_export.json, or the folder `clipline export "
+            "--format all` wrote), a checkpoint (model.safetensors) nor a run directory "
+            "(checkpoints/)"
+        )
+    return path

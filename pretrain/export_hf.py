@@ -27,23 +27,29 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPProcessor,
-    CLIPTokenizer,
-)
 
-from clipline.pretrain.export import UnsupportedModel, check_parity
+from clipline.pretrain.export_base import (
+    EXPORT_FORMATS,
+    ExportFormat,
+    UnsupportedModel,
+    check_parity,
+    encoders_from_weights,
+)
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.safe_load import load_safetensors
+
+if TYPE_CHECKING:  # imported where used: transformers is an optional extra (clipline[export])
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+CONFIG_FILE = "config.json"  # with "model_type": "clip"; a checkpoint has a config.json too
+PROCESSOR_FILE = "preprocessor_config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # OpenAI's names for open_clip's ids 49406, 49407
 BPE_VOCAB_SIZE = 49408
@@ -96,6 +102,8 @@ def hf_config(model: DualEncoder) -> CLIPConfig:
     Raises:
         UnsupportedModel: An option CLIPModel cannot express (named in the message).
     """
+    from transformers import CLIPConfig
+
     cfg = model.model_cfg
     bad = _unsupported(cfg)
     if bad or type(model.clip) is not open_clip.CLIP:
@@ -202,6 +210,8 @@ def hf_state_dict(clip: open_clip.CLIP, config: CLIPConfig) -> dict[str, torch.T
 
 def hf_tokenizer(tokenizer: SimpleTokenizer, context_length: int) -> CLIPTokenizer:
     """``CLIPTokenizer`` with open_clip's (OpenAI's) BPE vocabulary and merges."""
+    from transformers import CLIPTokenizer
+
     vocab = dict(tokenizer.encoder)
     for token_id, name in ((tokenizer.sot_token_id, SOT), (tokenizer.eot_token_id, EOT)):
         del vocab[tokenizer.decoder[token_id]]  # open_clip names them <start_of_text> etc.
@@ -217,6 +227,8 @@ def image_processor(preprocess: dict[str, Any]) -> CLIPImageProcessor:
         UnsupportedModel: ``resize_mode="longest"`` (resize + pad: no CLIPImageProcessor
             setting pads), or an interpolation PIL does not name the same way.
     """
+    from transformers import CLIPImageProcessor
+
     size = preprocess["size"]
     height, width = (size, size) if isinstance(size, int) else size
     mode, interpolation = preprocess.get("resize_mode", "shortest"), preprocess["interpolation"]
@@ -251,6 +263,8 @@ def export_hf(model: DualEncoder, out_dir: str | Path) -> Path:
         UnsupportedModel: Before writing anything, if CLIPModel, CLIPImageProcessor or
             CLIPTokenizer cannot express the model, its preprocessing or its tokenizer.
     """
+    from transformers import CLIPModel, CLIPProcessor
+
     config = hf_config(model)
     processor = image_processor(model.preprocess_cfg)
     if not isinstance(model.tokenizer, SimpleTokenizer) or model.tokenizer.reduction_fn:
@@ -363,7 +377,7 @@ def open_clip_state_dict(hf_sd: dict[str, torch.Tensor], config: dict[str, Any])
 def open_clip_configs(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(open_clip model config, preprocessing config)`` of an HF export: :func:`hf_config`
     and :func:`image_processor` backwards."""
-    config = json.loads((export_dir / "config.json").read_text())
+    config = json.loads((export_dir / CONFIG_FILE).read_text())
     vision, text = config["vision_config"], config["text_config"]
     acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
@@ -390,7 +404,7 @@ def open_clip_configs(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]
             "mlp_ratio": text["intermediate_size"] / text["hidden_size"],
         },
     }
-    proc = json.loads((export_dir / "preprocessor_config.json").read_text())
+    proc = json.loads((export_dir / PROCESSOR_FILE).read_text())
     crop = proc.get("crop_size") or proc["size"]
     height, width = crop["height"], crop["width"]
     names = {v: k for k, v in _INTERPOLATION.items()}
@@ -412,23 +426,51 @@ def load_hf_encoders(export_dir: str | Path, device: Any = "cpu") -> DualEncoder
         ValueError: The folder is not a transformers CLIP model folder.
     """
     export_dir = Path(export_dir)
-    if not (export_dir / "preprocessor_config.json").is_file():
+    if not (export_dir / PROCESSOR_FILE).is_file():
         raise ValueError(
-            f"{export_dir} is not a transformers CLIP export: preprocessor_config.json is missing"
+            f"{export_dir} is not a transformers CLIP export: {PROCESSOR_FILE} is missing"
         )
     model_cfg, preprocess = open_clip_configs(export_dir)
-    model = DualEncoder(model_cfg, preprocess, load_hf_weights=False)
-    config = json.loads((export_dir / "config.json").read_text())
+    config = json.loads((export_dir / CONFIG_FILE).read_text())
     weights = open_clip_state_dict(
-        load_safetensors(export_dir / "model.safetensors", "hf export weights"), config
+        load_safetensors(export_dir / WEIGHTS_FILE, "hf export weights"), config
     )
-    model.clip.load_state_dict(weights, strict=True)
-    return model.to(device).eval()
+    return encoders_from_weights(model_cfg, preprocess, weights, device)
 
 
 def load_hf(export_dir: str | Path) -> tuple[CLIPModel, CLIPProcessor]:
     """Loads an HF export: ``(CLIPModel in eval mode, CLIPProcessor)``."""
+    from transformers import CLIPModel, CLIPProcessor
+
     export_dir = Path(export_dir)
-    if not (export_dir / "config.json").is_file():
-        raise ValueError(f"{export_dir} is not a transformers export: config.json is missing")
+    if not (export_dir / CONFIG_FILE).is_file():
+        raise ValueError(f"{export_dir} is not a transformers export: {CONFIG_FILE} is missing")
     return CLIPModel.from_pretrained(export_dir).eval(), CLIPProcessor.from_pretrained(export_dir)
+
+
+def is_hf_clip(folder: Path) -> bool:
+    """Whether ``folder`` is a transformers CLIP model folder (its config says ``clip``)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == "clip"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # AttributeError: no dict
+        return False
+
+
+def _write(model: DualEncoder, out: Path, **_: Any) -> Path:
+    return export_hf(model, out)
+
+
+EXPORT_FORMATS.add(
+    "hf",
+    ExportFormat(
+        write=_write,
+        read=load_hf_encoders,
+        marker=CONFIG_FILE,
+        files=(CONFIG_FILE, PROCESSOR_FILE, WEIGHTS_FILE),
+        requires=("transformers",),
+        detect=is_hf_clip,
+    ),
+)

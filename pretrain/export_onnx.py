@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from clipline.pretrain.export import check_parity, parity_inputs, tokenizer_info
+from clipline.pretrain.export_base import (
+    EXPORT_FORMATS,
+    ExportFormat,
+    check_parity,
+    parity_inputs,
+    tokenizer_info,
+)
 from clipline.pretrain.model import DualEncoder, Tokenize
 
 FORMAT = "clipline-onnx"
@@ -60,6 +64,8 @@ def export_onnx(model: DualEncoder, out_dir: str | Path) -> Path:
         model: The dual encoder (unwrapped, in eval mode).
         out_dir: Output folder (created if needed).
     """
+    import onnx  # an optional extra (clipline[export]), imported where used
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images_BCHW, text_BL = (t.to(model.device) for t in parity_inputs(model, batch=2))
@@ -139,6 +145,8 @@ class OnnxEncoders:
     """
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None):
+        import onnxruntime as ort  # an optional extra (clipline[export]), imported where used
+
         export_dir = Path(export_dir)
         path = export_dir / META_FILE
         if not path.is_file():
@@ -186,3 +194,29 @@ class OnnxEncoders:
 def load_onnx(export_dir: str | Path, providers: list[str] | None = None) -> OnnxEncoders:
     """Opens an ONNX export with onnxruntime (CPU unless ``providers`` says otherwise)."""
     return OnnxEncoders(export_dir, providers)
+
+
+def _read(export_dir: Path, device: str | torch.device = "cpu") -> OnnxEncoders:
+    """The export as encoders: onnxruntime on CUDA where ``device`` is a CUDA device and
+    onnxruntime has CUDA, else on the CPU."""
+    import onnxruntime
+
+    gpu = str(device).startswith("cuda")
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return load_onnx(export_dir, ["CUDAExecutionProvider"] if gpu and cuda else None)
+
+
+def _write(model: DualEncoder, out: Path, **_: Any) -> Path:
+    return export_onnx(model, out)
+
+
+EXPORT_FORMATS.add(
+    "onnx",
+    ExportFormat(
+        write=_write,
+        read=_read,
+        marker=META_FILE,
+        files=(META_FILE, IMAGE_FILE, TEXT_FILE),
+        requires=("onnx", "onnxruntime"),
+    ),
+)

@@ -25,7 +25,13 @@ import open_clip
 from safetensors.torch import save_file
 from torch import nn
 
-from clipline.pretrain.export import check_parity, tokenizer_info
+from clipline.pretrain.export_base import (
+    EXPORT_FORMATS,
+    ExportFormat,
+    check_parity,
+    encoders_from_weights,
+    tokenizer_info,
+)
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.safe_load import load_safetensors
 
@@ -128,10 +134,20 @@ def load_open_clip_encoders(export_dir: str | Path, device: Any = "cpu") -> Dual
     """An open_clip export as clipline's dual encoder: the same modules and weights, so it
     embeds exactly as the model that was exported (what ``clipline eval``/``embed`` load)."""
     config = read_open_clip_config(export_dir)
-    model = DualEncoder(config["model_cfg"], config["preprocess_cfg"], load_hf_weights=False)
     weights = load_safetensors(Path(export_dir) / WEIGHTS_FILE, "open_clip export weights")
-    for k in ("logit_scale", "logit_bias"):  # 0-d in open_clip; 1-element in clipline
-        if k in weights:
-            weights[k] = weights[k].reshape(1)
-    model.clip.load_state_dict(weights, strict=True)
-    return model.to(device).eval()
+    return encoders_from_weights(config["model_cfg"], config["preprocess_cfg"], weights, device)
+
+
+def _write(model: DualEncoder, out: Path, *, name: str, **_: Any) -> Path:
+    return export_open_clip(model, out, name=name)
+
+
+EXPORT_FORMATS.add(
+    "open_clip",
+    ExportFormat(
+        write=_write,
+        read=load_open_clip_encoders,
+        marker=CONFIG_FILE,
+        files=(CONFIG_FILE, WEIGHTS_FILE),
+    ),
+)

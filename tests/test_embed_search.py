@@ -20,7 +20,7 @@ import torch
 from clipline.data.sources import generate_shapes
 from clipline.launch.cli import main
 from clipline.launch.run import load_encoders
-from clipline.pretrain.export import export_model
+from clipline.pretrain.export_clipline import export_model
 from tests.helpers import micro_model
 
 

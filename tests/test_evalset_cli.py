@@ -18,7 +18,7 @@ import pytest
 
 from clipline.data.sources import generate_shapes
 from clipline.launch.cli import main
-from clipline.pretrain.export import export_model
+from clipline.pretrain.export_clipline import export_model
 from tests.helpers import micro_model
 
 CB_WDS_WARNING = "ignore:WebDataset\\(shardshuffle"  # clip_benchmark's own call, not ours

@@ -22,7 +22,9 @@ import torch
 from clipline.data import evalsets
 from clipline.launch.cli import main
 from clipline.launch.run import load_encoders
-from clipline.pretrain.export import FORMATS, UnsupportedModel, export, export_model
+from clipline.pretrain.export import export, list_export_formats
+from clipline.pretrain.export_base import UnsupportedModel
+from clipline.pretrain.export_clipline import export_model
 from clipline.pretrain.model import DualEncoder
 from tests.helpers import MICRO_CFG, micro_model
 
@@ -52,7 +54,7 @@ def exported(tmp_path_factory):
         model.logit_scale.fill_(3.0)
     out = tmp_path_factory.mktemp("export") / "micro-clip"
     written = export(model, out, format="all", run_config={"note": "test"}, step=7)
-    assert written == {fmt: out / fmt for fmt in FORMATS}
+    assert written == {fmt: out / fmt for fmt in list_export_formats()}
     return model.eval(), out
 
 
@@ -73,7 +75,7 @@ def reference(exported):
 
 def test_all_writes_self_describing_folders(exported):
     model, out = exported
-    assert sorted(p.name for p in out.iterdir()) == sorted(FORMATS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(list_export_formats())
     for path in out.rglob("*"):
         assert path.is_dir() or path.suffix in SAFE_SUFFIXES, path
     preprocess = model.preprocess_cfg
@@ -246,7 +248,9 @@ def test_hf_rejects_what_clipmodel_cannot_express(tmp_path, model_cfg, preproces
 def test_all_skips_formats_that_cannot_express_the_model(tmp_path, caplog, monkeypatch):
     import clipline.pretrain.export as export_module
 
-    monkeypatch.setattr(export_module, "FORMATS", ("open_clip", "hf"))  # onnx: tested above
+    monkeypatch.setattr(
+        export_module, "list_export_formats", lambda: ["open_clip", "hf"]
+    )  # onnx: tested above
     model = DualEncoder({**MICRO_CFG, "init_logit_bias": -10.0})  # SigLIP: CLIPModel has no bias
     with caplog.at_level(logging.WARNING):
         written = export(model, tmp_path, format="all", run_config={})
@@ -344,7 +348,7 @@ def test_eval_embed_and_export_read_every_format(exported, tmp_path, monkeypatch
     )
     (tmp_path / "texts.txt").write_text("\n".join(CAPTIONS) + "\n")
     monkeypatch.chdir(tmp_path)
-    sources = {fmt: out / fmt for fmt in FORMATS} | {"root": out}
+    sources = {fmt: out / fmt for fmt in list_export_formats()} | {"root": out}
     sources["hf"] = Path(os.path.relpath(sources["hf"]))  # a relative path too
     metrics, embeddings = {}, {}
     for name, path in sources.items():
@@ -383,3 +387,14 @@ def test_reading_an_hf_export_without_transformers_names_the_extra(exported, mon
     assert main(["eval", str(out / "hf"), "--retrieval", "r=nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a hf export" in err and "clipline[export]" in err and len(err.splitlines()) == 1
+
+
+def test_formats_are_listed_and_an_unknown_one_is_refused_with_close_matches(tmp_path):
+    """Export formats dispatch through one registry: listed in order, an unknown name is a
+    ValueError naming the valid ones and the closest, before anything is written."""
+    assert list_export_formats() == ["clipline", "open_clip", "hf", "onnx"]
+    with pytest.raises(ValueError, match=r"format='onxx'.*valid: clipline, open_clip, hf, onnx"):
+        export(micro_model(), tmp_path / "x", format="onxx", run_config={})
+    with pytest.raises(ValueError, match=r"Did you mean 'open_clip'"):
+        export(micro_model(), tmp_path / "x", format="openclip", run_config={})
+    assert not (tmp_path / "x").exists()

@@ -193,7 +193,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_timm_image_tower_trains_and_exports(tmp_path):
-    from clipline.pretrain.export import export_model, load_export
+    from clipline.pretrain.export_clipline import export_model, load_export
     from clipline.pretrain.loss import InfoNCELoss, LossConfig
 
     cfg = {

@@ -81,3 +81,31 @@ def test_python_dash_m_clipline():
     assert res.returncode == 0
     for sub in ["shards", "pretrain", "eval", "export", "embed", "search", "demo"]:
         assert sub in res.stdout
+
+
+def test_export_formats_do_not_import_each_other():
+    """pretrain/export.py and its format modules imported each other in a circle; now the
+    formats import only export_base, and export.py imports the formats (to register them)."""
+    formats = {p.stem for p in (REPO / "pretrain").glob("export_*.py")} - {"export_base"}
+    assert formats == {"export_clipline", "export_open_clip", "export_hf", "export_onnx"}
+    for path in (REPO / "pretrain").glob("export*.py"):
+        tree = ast.parse(path.read_text())
+        names = {
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import | ast.ImportFrom)
+            for a in (n.names if isinstance(n, ast.Import) else [None])
+        }
+        names |= {
+            f"clipline.pretrain.{a.name}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "clipline.pretrain"
+            for a in n.names
+        }
+        imported = {
+            m.rsplit(".", 1)[-1] for m in names if m and m.startswith("clipline.pretrain.export")
+        }
+        if path.stem == "export":
+            assert imported == formats | {"export_base"}, imported
+        else:
+            assert imported <= {"export_base"}, f"{path.name} imports {imported - {'export_base'}}"

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from clipline.data import evalsets
-from clipline.launch import score
+from clipline.eval import score
+from clipline.eval.score import ScoreConfig
+from clipline.launch import score as score_wiring
 from clipline.launch.cli import main
 from clipline.launch.config import load_run_config
 from clipline.launch.run import DONE_FILE, run_pretrain
-from clipline.launch.score import ScoreConfig, score_run
+from clipline.launch.score import score_run
 from clipline.pretrain.checkpoint import list_checkpoints
 from tests.helpers import make_shape_sets, micro_recipe
 
@@ -160,7 +162,7 @@ def test_bad_usage_is_one_clear_error(sets, tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "nope"), *_task_args(sets)]) == 2
     assert "not a run directory" in capsys.readouterr().err
     (run / "eval").mkdir()
-    with score._exclusive(run / "eval"):
+    with score_wiring._exclusive(run / "eval"):
         assert main(["eval", "--run", str(run), *_task_args(sets)]) == 2
     assert "another `clipline eval --run`" in capsys.readouterr().err
 
@@ -168,13 +170,13 @@ def test_bad_usage_is_one_clear_error(sets, tmp_path, capsys):
 def test_checkpoint_pruned_before_loading_is_skipped(sets, tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_000000002").mkdir(parents=True)
-    load = score.load_encoders
+    load = score_wiring.load_encoders
 
     def pruned_first(path, device):  # the run's keep_last wins the race
         shutil.rmtree(path)
         return load(path, device)
 
-    monkeypatch.setattr(score, "load_encoders", pruned_first)
+    monkeypatch.setattr(score_wiring, "load_encoders", pruned_first)
     report = score_run(ScoreConfig(run_dir=str(run), tasks=_tasks(sets)))
     assert report.scored == [] and _rows(run) == []
     assert "deleted before it could be scored" in caplog.text

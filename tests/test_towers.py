@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipline.launch.config import load_run_config
-from clipline.pretrain.export import export_model, load_export
+from clipline.pretrain.export_clipline import export_model, load_export
 from clipline.pretrain.loss import InfoNCELoss, LossConfig
 from clipline.pretrain.model import DualEncoder, ModelConfig
 from tests.helpers import MICRO_CFG, global_batch

@@ -25,7 +25,7 @@ from clipline.data.decode import read_shard
 from clipline.data.sources import generate_shapes
 from clipline.data.stream import StreamConfig, epoch_shape
 from clipline.launch.cli import main
-from clipline.pretrain.export import IMAGE_FILE, export_model
+from clipline.pretrain.export_clipline import IMAGE_FILE, export_model
 from tests.helpers import make_shards, micro_loader, micro_model, micro_recipe, to_toml
 
 SENTINEL = "PWNED"
