@@ -24,8 +24,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +34,8 @@ import faiss
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from clipline.eval.embedding import embed_all_texts, embed_indexed_images
 from clipline.eval.encoders import embed_images, embed_texts
 from clipline.eval.search import as_float32, index_search
 
@@ -319,30 +320,37 @@ def read_index_meta(index_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-class _ImageFiles(Dataset):
-    """Decodes and preprocesses one image file; a failure comes back as its message."""
+class _ImageFolder:
+    """The image files of a folder as an eval set (:mod:`clipline.eval.embedding` reads it).
 
-    def __init__(self, paths: list[Path], preprocess: Callable[[PIL.Image.Image], torch.Tensor]):
+    Each file is decoded as its item is listed (in the loader worker that lists it), so that
+    an unreadable one is known there: it comes as a blank placeholder image with its error
+    as target, and is dropped after embedding, since the parts of a set must cover it whole.
+    """
+
+    def __init__(self, paths: list[Path]):
         self.paths = paths
-        self.preprocess = preprocess
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def indexed_items(
+        self, part: int = 0, num_parts: int = 1
+    ) -> Iterator[tuple[int, Callable[[], PIL.Image.Image], str | None]]:
+        """``(index, image loader, error or None)`` for files with ``index % num_parts == part``."""
+        for i in range(part, len(self.paths), num_parts):
+            try:
+                with PIL.Image.open(self.paths[i]) as im:
+                    image = im.convert("RGB")  # decodes now, inside the try
+            except _UNREADABLE as exc:
+                yield i, _placeholder, f"{type(exc).__name__}: {exc}"
+            else:
+                yield i, partial(_same, image), None
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            with PIL.Image.open(self.paths[i]) as im:
-                pixels = im.convert("RGB")  # decodes now, inside the try
-        except _UNREADABLE as exc:
-            return i, None, f"{type(exc).__name__}: {exc}"
-        return i, self.preprocess(pixels), None
+
+def _placeholder() -> PIL.Image.Image:
+    return PIL.Image.new("RGB", (1, 1))
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> Any:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, err) for i, x, err in items if x is None]
-    image_BCHW = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], image_BCHW, bad
+def _same(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image
 
 
 def _embed_images(
@@ -351,16 +359,24 @@ def _embed_images(
     paths = sorted(
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
-    dataset = _ImageFiles(paths, model.image_transform(is_train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    ids, chunks, skipped = [], [], []
-    for rows, image_BCHW, bad in loader:
-        skipped += [{"id": paths[i].relative_to(folder).as_posix(), "error": e} for i, e in bad]
-        if image_BCHW is None:
-            continue
-        chunks.append(embed_images(model, image_BCHW).numpy())
-        ids += [paths[i].relative_to(folder).as_posix() for i in rows]
-    return ids, _stack(chunks, model.embed_dim), skipped
+    if not paths:
+        return [], _stack([], model.embed_dim), []
+    emb_ND, errors = embed_indexed_images(
+        model,
+        _ImageFolder(paths).indexed_items,
+        model.image_transform(is_train=False),
+        batch_size,
+        labels=False,
+        workers=workers,
+    )
+    names = [p.relative_to(folder).as_posix() for p in paths]
+    readable = [i for i, error in enumerate(errors) if error is None]
+    skipped = [{"id": names[i], "error": e} for i, e in enumerate(errors) if e is not None]
+    return (
+        [names[i] for i in readable],
+        _stack([emb_ND[readable].numpy()], model.embed_dim),
+        skipped,
+    )
 
 
 def _embed_texts(
@@ -373,11 +389,10 @@ def _embed_texts(
         for n, line in enumerate(lines, start=1)
         if not line.strip()
     ]
-    chunks = [
-        embed_texts(model, model.tokenize(ids[i : i + batch_size])).numpy()
-        for i in range(0, len(ids), batch_size)
-    ]
-    return ids, _stack(chunks, model.embed_dim), skipped
+    if not ids:
+        return ids, _stack([], model.embed_dim), skipped
+    txt_emb_ND = embed_all_texts(model, ids, model.tokenize, batch_size)
+    return ids, _stack([txt_emb_ND.numpy()], model.embed_dim), skipped
 
 
 def _stack(chunks: list[np.ndarray], dim: int) -> np.ndarray:

@@ -45,17 +45,15 @@ class ExportFormat:
     Attributes:
         write: The writer, ``(model, out, *, run_config, step, name) -> folder``.
         read: The reader, ``(folder, device) -> encoders``.
-        marker: The file that marks a folder of this format.
         files: The files its weights, configuration and preprocessing are read from
-            (what identifies the model of an export).
+            (what identifies the model of an export); the first marks a folder of the format.
         requires: Libraries the writer and reader import beyond clipline's own (the
             ``export`` extra); checked before either runs, so a missing one is one clear error.
-        detect: Whether a folder is of this format; by default, whether it holds ``marker``.
+        detect: Whether a folder is of this format; by default, whether it holds ``files[0]``.
     """
 
     write: Writer
     read: Reader
-    marker: str
     files: tuple[str, ...]
     requires: tuple[str, ...] = ()
     detect: Callable[[Path], bool] | None = field(default=None)
@@ -64,7 +62,7 @@ class ExportFormat:
         """Whether ``folder`` is an export of this format."""
         if self.detect is not None:
             return self.detect(folder)
-        return (folder / self.marker).is_file()
+        return (folder / self.files[0]).is_file()
 
 
 EXPORT_FORMATS: Registry[ExportFormat] = Registry("export format", key="format")

@@ -129,12 +129,6 @@ def _write(
     return export_model(model, out, run_config=run_config, step=step)
 
 
-EXPORT_FORMATS.add(
-    "clipline",
-    ExportFormat(
-        write=_write,
-        read=load_export,
-        marker=META_FILE,
-        files=(META_FILE, IMAGE_FILE, TEXT_FILE),
-    ),
-)
+# The meta file, first, marks an export folder.
+_FORMAT = ExportFormat(write=_write, read=load_export, files=(META_FILE, IMAGE_FILE, TEXT_FILE))
+EXPORT_FORMATS.add("clipline", _FORMAT)

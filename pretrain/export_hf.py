@@ -50,6 +50,8 @@ if TYPE_CHECKING:  # imported where used: transformers is an optional extra (cli
 CONFIG_FILE = "config.json"  # with "model_type": "clip"; a checkpoint has a config.json too
 PROCESSOR_FILE = "preprocessor_config.json"
 WEIGHTS_FILE = "model.safetensors"
+FILES = (CONFIG_FILE, PROCESSOR_FILE, WEIGHTS_FILE)  # what the model is read from
+REQUIRES = ("transformers",)
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # OpenAI's names for open_clip's ids 49406, 49407
 BPE_VOCAB_SIZE = 49408
@@ -466,11 +468,6 @@ def _write(model: DualEncoder, out: Path, **_: Any) -> Path:
 EXPORT_FORMATS.add(
     "hf",
     ExportFormat(
-        write=_write,
-        read=load_hf_encoders,
-        marker=CONFIG_FILE,
-        files=(CONFIG_FILE, PROCESSOR_FILE, WEIGHTS_FILE),
-        requires=("transformers",),
-        detect=is_hf_clip,
+        write=_write, read=load_hf_encoders, files=FILES, requires=REQUIRES, detect=is_hf_clip
     ),
 )

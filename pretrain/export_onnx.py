@@ -37,6 +37,8 @@ VERSION = 1
 META_FILE = "onnx_export.json"
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
+FILES = (META_FILE, IMAGE_FILE, TEXT_FILE)  # the first marks an export folder
+REQUIRES = ("onnx", "onnxruntime")  # the export extra: imported where used
 
 
 class _ImageTower(nn.Module):
@@ -210,13 +212,4 @@ def _write(model: DualEncoder, out: Path, **_: Any) -> Path:
     return export_onnx(model, out)
 
 
-EXPORT_FORMATS.add(
-    "onnx",
-    ExportFormat(
-        write=_write,
-        read=_read,
-        marker=META_FILE,
-        files=(META_FILE, IMAGE_FILE, TEXT_FILE),
-        requires=("onnx", "onnxruntime"),
-    ),
-)
+EXPORT_FORMATS.add("onnx", ExportFormat(write=_write, read=_read, files=FILES, requires=REQUIRES))

@@ -38,6 +38,7 @@ from clipline.pretrain.safe_load import load_safetensors
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 MODEL_CONFIGS_DIR = "model_configs"
+FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what the model is read from; the first marks the folder
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -143,11 +144,5 @@ def _write(model: DualEncoder, out: Path, *, name: str, **_: Any) -> Path:
 
 
 EXPORT_FORMATS.add(
-    "open_clip",
-    ExportFormat(
-        write=_write,
-        read=load_open_clip_encoders,
-        marker=CONFIG_FILE,
-        files=(CONFIG_FILE, WEIGHTS_FILE),
-    ),
+    "open_clip", ExportFormat(write=_write, read=load_open_clip_encoders, files=FILES)
 )
