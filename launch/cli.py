@@ -297,7 +297,7 @@ def _cmd_evalset(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from clipline.launch.run import load_encoders
-    from clipline.pretrain.checkpoint import read_config, resolve_checkpoint
+    from clipline.pretrain.checkpoint import read_config, read_step, resolve_checkpoint
     from clipline.pretrain.export import export, find_export, load_exported
     from clipline.pretrain.export_clipline import read_export_meta
 
@@ -320,7 +320,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         source = resolve_checkpoint(args.checkpoint)
         model = load_encoders(source)
         run_config = read_config(source)
-        step = json.loads((source / "state.json").read_text())["step"]
+        step = read_step(source)
     written = export(
         model, args.output, format=args.format, run_config=run_config, step=step, name=args.name
     )

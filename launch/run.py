@@ -22,6 +22,7 @@ from clipline.launch.lock import LOCK_FILE, DirLock
 from clipline.pretrain.checkpoint import (
     load_weights,
     read_config,
+    read_step,
     resolve_checkpoint,
     resolve_resume,
 )
@@ -229,7 +230,7 @@ def finished_run(cfg: RunConfig, resume: str | None, *, world_size: int) -> str 
     ckpt = resolve_resume(cfg.run_dir, resume)
     if ckpt is None:
         return None
-    step = json.loads((ckpt / "state.json").read_text())["step"]
+    step = read_step(ckpt)
     if cfg.loop.steps is not None:
         total = cfg.loop.steps
     else:

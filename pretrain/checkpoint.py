@@ -155,6 +155,11 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(match.group(1))
 
 
+def read_step(ckpt: Path) -> int:
+    """The training step a checkpoint was saved at."""
+    return json.loads((ckpt / "state.json").read_text())["step"]
+
+
 def model_files(ckpt: Path) -> list[Path]:
     """The files a checkpoint's model is read from: its weights and its run config."""
     return [ckpt / "model.safetensors", ckpt / "config.json"]
