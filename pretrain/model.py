@@ -39,7 +39,8 @@ class ModelConfig:
     Attributes:
         name: ``open_clip:<config>`` (any name in ``open_clip.list_models()``, e.g.
             ``open_clip:ViT-B-32``), ``clipline:<config>`` (configs shipped with clipline,
-            e.g. ``clipline:tiny`` for CPU runs), or ``custom`` with ``config`` set.
+            e.g. ``clipline:tiny`` for CPU runs), ``custom`` with ``config`` set, or a
+            prefix a plugin registered (see :mod:`clipline.pretrain.towers`).
         config: An inline open_clip model config (keys ``embed_dim``, ``vision_cfg``,
             ``text_cfg``); only with ``name = "custom"``.
         preprocess: Overrides of open_clip's preprocessing config (``mean``, ``std``,
