@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from clipline.data import classsets, evalsets
+from clipline.data.registry import Registry
 from clipline.eval.cache import (
     EmbeddingCache,
     PixelCache,
@@ -185,6 +186,34 @@ class RetrievalTask(_Common):
 
 
 Task = ZeroShotTask | RetrievalTask | LinearProbeTask
+# (task, *, preprocess, tokenize, distributed, model_id) -> evaluate(encoders) -> metrics
+EvaluatorBuilder = Callable[..., Callable[[Encoders], dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class EvaluatorKind:
+    """One registered kind of evaluation: its task config class and what builds it."""
+
+    task: type
+    build: EvaluatorBuilder
+
+
+# Kind -> task class and builder; the kind names the run config's array of tables.
+EVALUATORS: Registry[EvaluatorKind] = Registry("evaluator kind")
+
+
+def register_evaluator(kind: str, task: type) -> Callable[[EvaluatorBuilder], EvaluatorBuilder]:
+    """Decorator: registers a builder of evaluators for tasks of class ``task`` as ``kind``.
+
+    The builder is called as ``build(task, *, preprocess, tokenize, distributed, model_id)``
+    (see :func:`build_evaluator`) and returns ``evaluate(encoders) -> metrics``.
+    """
+
+    def add(build: EvaluatorBuilder) -> EvaluatorBuilder:
+        EVALUATORS.add(kind, EvaluatorKind(task=task, build=build))
+        return build
+
+    return add
 
 
 def build_evaluator(
@@ -219,15 +248,29 @@ def build_evaluator(
     Raises:
         ValueError: If the set cannot be opened, or a zero-shot task has no templates.
     """
-    if isinstance(task, ZeroShotTask):
-        return _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id)
-    if isinstance(task, RetrievalTask):
-        return _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id)
-    if isinstance(task, LinearProbeTask):
-        return _linear_probe_evaluator(task, preprocess, distributed, model_id)
-    raise TypeError(
-        f"task must be a ZeroShotTask, RetrievalTask or LinearProbeTask, got {type(task).__name__}"
+    builder = EVALUATORS.get(evaluator_kind(task)).build
+    return builder(
+        task, preprocess=preprocess, tokenize=tokenize, distributed=distributed, model_id=model_id
     )
+
+
+def evaluator_kind(task: Task) -> str:
+    """The registered kind (``zeroshot``, ``retrieval``, ...) whose task class ``task`` is.
+
+    Raises:
+        TypeError: ``task`` is no registered task class.
+    """
+    for kind in EVALUATORS:
+        if isinstance(task, EVALUATORS.get(kind).task):
+            return kind
+    classes = ", ".join(EVALUATORS.get(kind).task.__name__ for kind in EVALUATORS)
+    raise TypeError(f"task must be one of {classes}, got {type(task).__name__}")
+
+
+def list_evaluators() -> list[str]:
+    """The evaluator kinds: run-config sections (``[[zeroshot]]``) and ``clipline eval``
+    flags (``--linear-probe``), in the order their metrics are reported."""
+    return EVALUATORS.names()
 
 
 def resolve_templates(templates: list[str] | str | None, own: list[str], where: str) -> list[str]:
@@ -337,7 +380,8 @@ def _class_image_embeddings(
     return _cached(task, key, embed, world_size, rank)
 
 
-def _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id):
+@register_evaluator("zeroshot", ZeroShotTask)
+def _zeroshot_evaluator(task, *, preprocess, tokenize, distributed, model_id):
     source = task.open(task.split)
     templates = resolve_templates(task.templates, source.templates, task.root)
     classnames = source.classnames
@@ -357,7 +401,8 @@ def _zeroshot_evaluator(task, preprocess, tokenize, distributed, model_id):
     return evaluate_zeroshot
 
 
-def _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id):
+@register_evaluator("retrieval", RetrievalTask)
+def _retrieval_evaluator(task, *, preprocess, tokenize, distributed, model_id):
     retrieval_set = evalsets.read_retrieval_set(task.root, task.split)
 
     def evaluate_retrieval(encoders: Encoders) -> dict[str, float]:
@@ -404,7 +449,8 @@ def _retrieval_evaluator(task, preprocess, tokenize, distributed, model_id):
     return evaluate_retrieval
 
 
-def _linear_probe_evaluator(task, preprocess, distributed, model_id):
+@register_evaluator("linear_probe", LinearProbeTask)
+def _linear_probe_evaluator(task, *, preprocess, tokenize, distributed, model_id):
     train_source = task.open(task.train_split)
     test_source = task.open(task.test_split)
     # A test split may lack some classes (an image folder without that class's folder):

@@ -138,12 +138,6 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-# Task kind (a RunConfig field, and the flag's name) -> its config class in eval.evaluators.
-_TASK_FLAGS = {
-    "zeroshot": "ZeroShotTask",
-    "retrieval": "RetrievalTask",
-    "linear_probe": "LinearProbeTask",
-}
 # Options after NAME=ROOT are split at commas that start another key=: values may hold
 # commas of their own (ks=[1,5,10], a list of templates).
 _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)")
@@ -151,10 +145,10 @@ _OPTION_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*=)")
 
 def _parse_tasks(items: list[str], kind: str) -> list:
     """``NAME=ROOT[,key=value...]`` flags -> task configs; keys are the task's fields."""
-    from clipline.eval import evaluators
+    from clipline.eval.evaluators import EVALUATORS
     from clipline.launch.config import _parse_value, build
 
-    cls = getattr(evaluators, _TASK_FLAGS[kind])
+    cls = EVALUATORS.get(kind).task
     flag = f"--{kind.replace('_', '-')}"
     tasks = []
     for item in items:
@@ -179,22 +173,23 @@ def _parse_tasks(items: list[str], kind: str) -> list:
 
 
 def _cli_tasks(args: argparse.Namespace) -> list:
-    return [task for kind in _TASK_FLAGS for task in _parse_tasks(getattr(args, kind), kind)]
+    from clipline.eval.evaluators import list_evaluators
+
+    return [task for kind in list_evaluators() for task in _parse_tasks(getattr(args, kind), kind)]
 
 
 def _run_tasks(run_dir: str) -> list:
     """The evaluations of the run's own recipe (its ``config.json``)."""
-    from clipline.eval import evaluators
+    from clipline.eval.evaluators import EVALUATORS
     from clipline.launch.config import build
 
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
-    cls = {kind: getattr(evaluators, name) for kind, name in _TASK_FLAGS.items()}
     return [
-        build(cls[kind], entry, prefix=f"{path} {kind}[{i}].")
-        for kind in _TASK_FLAGS
+        build(EVALUATORS.get(kind).task, entry, prefix=f"{path} {kind}[{i}].")
+        for kind in EVALUATORS
         for i, entry in enumerate(saved.get(kind) or [])
     ]
 

@@ -22,7 +22,13 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from clipline.data.hints import did_you_mean
 from clipline.data.stream import StreamConfig
-from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask
+from clipline.eval.evaluators import (
+    LinearProbeTask,
+    RetrievalTask,
+    Task,
+    ZeroShotTask,
+    list_evaluators,
+)
 from clipline.pretrain.loop import LoopConfig
 from clipline.pretrain.loss import LossConfig
 from clipline.pretrain.model import ModelConfig
@@ -90,13 +96,17 @@ class RunConfig:
                 "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
                 f"{self.optim.cooldown_steps}"
             )
-        names = [t.name for t in [*self.zeroshot, *self.retrieval, *self.linear_probe]]
+        names = [t.name for t in self.tasks()]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
         self.model.resolve()  # unknown model names fail here, before any data is read
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def tasks(self) -> list[Task]:
+        """Every evaluation task, kind by kind in :func:`list_evaluators` order."""
+        return [task for kind in list_evaluators() for task in getattr(self, kind)]
 
 
 def _type_name(tp: Any) -> str:

@@ -53,7 +53,7 @@ def build_evaluators(
         task.name: build_evaluator(
             task, preprocess=preprocess, tokenize=model.tokenize, distributed=distributed
         )
-        for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]
+        for task in cfg.tasks()
     }
 
 
@@ -79,7 +79,7 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
     """
     cfg.validate()
     shape = epoch_shape(cfg.data, world_size)
-    for task in [*cfg.zeroshot, *cfg.retrieval, *cfg.linear_probe]:
+    for task in cfg.tasks():
         build_evaluator(task, preprocess=_not_in_a_check, tokenize=_not_in_a_check)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from clipline.data.registry import Registry
+
+# Loss name (``loss.kind``) -> its module class, called with the LossConfig. A class may set
+# ``model_overrides``: open_clip model-config keys the loss needs (SigLIP: a logit bias).
+LOSSES: Registry[type[torch.nn.Module]] = Registry("loss", key="loss.kind")
 
 
 @dataclass(kw_only=True)
@@ -25,14 +31,23 @@ class LossConfig:
     Attributes:
         kind: ``infonce`` (CLIP's softmax loss) or ``siglip`` (SigLIP's pairwise sigmoid
             loss; the model then gets a learnable logit bias, initialised to -10, and its
-            temperature starts at ln 10, as in the SigLIP paper).
+            temperature starts at ln 10, as in the SigLIP paper); any name in
+            :func:`list_losses`.
         local_loss: Compute only this rank's rows of the global logit matrix (B x W*B per
             rank, memory linear in the global batch) instead of the full square on every
             rank. Same loss value after averaging over ranks, same gradients.
     """
 
-    kind: Literal["infonce", "siglip"] = "infonce"
+    kind: str = "infonce"
     local_loss: bool = False
+
+    def __post_init__(self) -> None:
+        LOSSES.get(self.kind)  # an unknown name fails with the valid ones, before training
+
+
+def list_losses() -> list[str]:
+    """The names ``loss.kind`` takes."""
+    return LOSSES.names()
 
 
 def world_info() -> tuple[int, int]:
@@ -73,8 +88,11 @@ def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x_BD)  # x_WB_D
 
 
+@LOSSES.register("infonce")
 class InfoNCELoss(torch.nn.Module):
     """CLIP's symmetric cross-entropy over image-text similarities."""
+
+    model_overrides: ClassVar[dict[str, float]] = {}
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -121,6 +139,7 @@ class InfoNCELoss(torch.nn.Module):
             )
 
 
+@LOSSES.register("siglip")
 class SigLipLoss(torch.nn.Module):
     """SigLIP's sigmoid loss: every image-text pair is an independent binary decision.
 
@@ -128,6 +147,14 @@ class SigLipLoss(torch.nn.Module):
     normalised by its own image count, as open_clip's ``SigLipLoss`` does with its ring
     exchange; averaged over ranks it equals the loss of one process on the global batch.
     """
+
+    model_overrides: ClassVar[dict[str, float]] = {
+        "init_logit_bias": -10.0,
+        "init_logit_scale": math.log(10.0),
+    }
+
+    def __init__(self, cfg: LossConfig | None = None):
+        super().__init__()  # nothing to configure: every pair is scored, locally or not
 
     def forward(
         self,
@@ -151,11 +178,9 @@ class SigLipLoss(torch.nn.Module):
 
 def build_loss(cfg: LossConfig) -> torch.nn.Module:
     """The loss module ``cfg.kind`` names."""
-    return SigLipLoss() if cfg.kind == "siglip" else InfoNCELoss(cfg)
+    return LOSSES.get(cfg.kind)(cfg)
 
 
 def model_overrides(cfg: LossConfig) -> dict[str, float]:
     """open_clip model-config keys the loss needs (SigLIP: a bias and its initial scale)."""
-    if cfg.kind == "siglip":
-        return {"init_logit_bias": -10.0, "init_logit_scale": math.log(10.0)}
-    return {}
+    return dict(getattr(LOSSES.get(cfg.kind), "model_overrides", {}))

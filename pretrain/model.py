@@ -14,7 +14,6 @@ import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +24,12 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
-from clipline.data.hints import did_you_mean
 from clipline.pretrain.safe_load import check_safetensors, load_safetensors
+from clipline.pretrain.towers import build_tower
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 1/100
-
-_PREFIXES = ("open_clip:", "clipline:")
-
-
-def _clipline_config_names() -> list[str]:
-    root = resources.files("clipline.pretrain") / "model_configs"
-    return sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
-
-
-def valid_model_names() -> list[str]:
-    """All names the registry accepts (besides ``custom`` with an inline config)."""
-    return [f"clipline:{n}" for n in _clipline_config_names()] + [
-        f"open_clip:{n}" for n in open_clip.list_models()
-    ]
 
 
 @dataclass(kw_only=True)
@@ -54,7 +39,8 @@ class ModelConfig:
     Attributes:
         name: ``open_clip:<config>`` (any name in ``open_clip.list_models()``, e.g.
             ``open_clip:ViT-B-32``), ``clipline:<config>`` (configs shipped with clipline,
-            e.g. ``clipline:tiny`` for CPU runs), or ``custom`` with ``config`` set.
+            e.g. ``clipline:tiny`` for CPU runs), ``custom`` with ``config`` set, or a
+            prefix a plugin registered (see :mod:`clipline.pretrain.towers`).
         config: An inline open_clip model config (keys ``embed_dim``, ``vision_cfg``,
             ``text_cfg``); only with ``name = "custom"``.
         preprocess: Overrides of open_clip's preprocessing config (``mean``, ``std``,
@@ -97,7 +83,7 @@ class ModelConfig:
         """
         model_cfg = self._resolve_named()
         if self.image_tower is not None:
-            model_cfg["vision_cfg"] = _timm_vision_cfg(self.image_tower, model_cfg["vision_cfg"])
+            model_cfg["vision_cfg"] = build_tower(self.image_tower, "image", self, model_cfg)
         elif self.image_tower_weights is not None:
             raise ValueError(
                 "model.image_tower_weights needs model.image_tower = 'timm:<name>' "
@@ -110,75 +96,16 @@ class ModelConfig:
                 )
             check_safetensors(self.image_tower_weights, "model.image_tower_weights")
         if self.text_tower is not None:
-            model_cfg["text_cfg"] = _hf_text_cfg(self.text_tower)
+            model_cfg["text_cfg"] = build_tower(self.text_tower, "text", self, model_cfg)
         return model_cfg
 
     def _resolve_named(self) -> dict[str, Any]:
-        if self.name == "custom":
-            if not self.config or not {"embed_dim", "vision_cfg", "text_cfg"} <= self.config.keys():
-                raise ValueError(
-                    "model.name='custom' needs model.config with keys embed_dim, vision_cfg and "
-                    f"text_cfg (open_clip's model-config format); got {self.config!r}"
-                )
-            return json.loads(json.dumps(self.config))
-        if self.config is not None:
+        if self.config is not None and self.name != "custom":
             raise ValueError(
                 f"model.config is only read with model.name='custom', not {self.name!r}; "
                 "remove model.config or set model.name='custom'"
             )
-        prefix, _, base = self.name.partition(":")
-        if prefix == "open_clip" and base in open_clip.list_models():
-            return open_clip.get_model_config(base)
-        if prefix == "clipline" and base in _clipline_config_names():
-            path = resources.files("clipline.pretrain") / "model_configs" / f"{base}.json"
-            return json.loads(path.read_text())
-        hint = did_you_mean(self.name, valid_model_names())
-        # open_clip alone has ~150 names: list clipline's few, and say where open_clip's are.
-        raise ValueError(
-            f"unknown model name {self.name!r}: use {_PREFIXES[0]}<name>, {_PREFIXES[1]}<name> "
-            f"or 'custom' with model.config.{hint} Valid names: "
-            f"{', '.join(f'clipline:{n}' for n in _clipline_config_names())} and open_clip:<any "
-            "of python -c 'import open_clip; print(open_clip.list_models())'>"
-        )
-
-
-def _timm_vision_cfg(spec: str, base: dict[str, Any]) -> dict[str, Any]:
-    import timm
-
-    prefix, _, name = spec.partition(":")
-    if prefix != "timm" or not timm.is_model(name):
-        hint = did_you_mean(spec, [f"timm:{n}" for n in timm.list_models()])
-        raise ValueError(
-            f"model.image_tower {spec!r}: expected 'timm:<name>' with a name from "
-            f"timm.list_models().{hint}"
-        )
-    return {
-        "timm_model_name": name,
-        "timm_model_pretrained": False,  # weights only ever come from image_tower_weights
-        "timm_pool": "",  # timm's own pooling: tokens for ViTs, average for conv nets
-        "timm_proj": "linear",
-        "image_size": base.get("image_size", 224),
-    }
-
-
-def _hf_text_cfg(spec: str) -> dict[str, Any]:
-    prefix, _, path = spec.partition(":")
-    if prefix != "hf" or not Path(path, "config.json").is_file():
-        raise ValueError(
-            f"model.text_tower {spec!r}: expected 'hf:<local directory>' holding config.json, "
-            "the weights and tokenizer files (what save_pretrained writes); clipline never "
-            "downloads models"
-        )
-    config = json.loads(Path(path, "config.json").read_text())
-    return {
-        "hf_model_name": path,
-        "hf_tokenizer_name": path,
-        "hf_model_pretrained": True,
-        "hf_pooler_type": "mean_pooler",
-        "hf_proj_type": "mlp",
-        # CLIP-style captions are short; the tower's own limit caps it.
-        "context_length": min(77, int(config.get("max_position_embeddings", 77))),
-    }
+        return build_tower(self.name, "model", self, {})
 
 
 def build_open_clip(

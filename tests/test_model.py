@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from clipline.launch.config import load_run_config
-from clipline.pretrain.model import DualEncoder, ModelConfig, valid_model_names
+from clipline.pretrain.model import DualEncoder, ModelConfig
 from clipline.pretrain.optim import OptimConfig, build_optimizer, lr_at, param_groups
+from clipline.pretrain.towers import list_towers
 from tests.helpers import MICRO_CFG, global_batch, micro_model
 
 
 def test_registry_resolves_prefixes():
     assert ModelConfig(name="open_clip:ViT-B-32").resolve()["embed_dim"] == 512
     assert ModelConfig(name="clipline:tiny").resolve()["vision_cfg"]["image_size"] > 0
-    assert "clipline:tiny" in valid_model_names()
+    assert "clipline:tiny" in list_towers("model")
     with pytest.raises(ValueError, match="Did you mean 'open_clip:ViT-B-32'.*Valid names"):
         ModelConfig(name="ViT-B-32").resolve()  # no prefix: never guessed
 
