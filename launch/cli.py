@@ -4,6 +4,7 @@ search, demo."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -60,12 +61,34 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+@functools.cache
+def _clip_bpe():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def count_clip_tokens(captions: list[str]) -> list[int]:
+    """CLIP BPE tokens per caption (open_clip's tokenizer, the one most towers use), without
+    the start and end tokens: ``clipline shards --token-stats``. Module-level, so that the
+    spawned writer processes get it by name; each builds the tokenizer once."""
+    return [len(_clip_bpe().encode(c)) for c in captions]
+
+
+def _default_tokenize():
+    """open_clip's default (ViT-B-32, CLIP BPE) tokenizer: what most towers train with."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
 def _cmd_shards(args: argparse.Namespace) -> int:
     from clipline.data.shards import ShardsConfig, index_shards, write_shards
 
+    count_tokens = count_clip_tokens if args.token_stats else None
     if args.index_only:
         report = index_shards(
-            args.input, args.output_dir, workers=args.workers, token_stats=args.token_stats
+            args.input, args.output_dir, workers=args.workers, count_tokens=count_tokens
         )
         print(report.to_json())
         return 0
@@ -85,8 +108,8 @@ def _cmd_shards(args: argparse.Namespace) -> int:
             max_side=args.max_side,
             jpeg_quality=args.jpeg_quality,
             dedup=args.dedup,
-            token_stats=args.token_stats,
-        )
+        ),
+        count_tokens=count_tokens,
     )
     print(report.to_json())
     return 0
@@ -110,7 +133,8 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             image_size=args.image_size,
             decode=decode,
-        )
+        ),
+        tokenize=_default_tokenize(),
     )
     print(report.to_json() if args.json else report.to_text(args.shards))
     return 0 if report.ok else 1
@@ -219,7 +243,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     device = args.device or _default_device()
     model = load_encoders(args.model, device)
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
     results: dict[str, float] = {}
     with torch.inference_mode():
         for task in tasks:

@@ -20,12 +20,14 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from open_clip.transformer import text_global_pool
+from open_clip.utils import to_2tuple
 from torch import nn
 from torch.nn import functional as F
 
 from clipline.data.hints import did_you_mean
+from clipline.data.preprocess import PreprocessConfig
 from clipline.pretrain.safe_load import check_safetensors, load_safetensors
 
 log = logging.getLogger(__name__)
@@ -251,6 +253,37 @@ class Tokenize:
         return text_BL
 
 
+def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
+    """open_clip's preprocessing config as the numbers its ``image_transform`` uses.
+
+    Its training transform is a ``RandomResizedCrop`` with ``AugmentationCfg``'s scale,
+    torchvision's default aspect ratios and always bicubic; evaluation resizes with
+    ``interpolation`` (``"random"`` means bicubic there), except that a non-square
+    ``"shortest"`` size goes through its ``ResizeKeepRatio`` at its default, bicubic.
+    """
+    oc = PreprocessCfg(**cfg)
+    size = tuple(int(s) for s in to_2tuple(oc.size))
+    mean = oc.mean if isinstance(oc.mean, (list, tuple)) else (oc.mean,) * 3
+    std = oc.std if isinstance(oc.std, (list, tuple)) else (oc.std,) * 3
+    resize_mode = oc.resize_mode or "shortest"
+    interpolation = "bilinear" if oc.interpolation == "bilinear" else "bicubic"
+    if resize_mode == "shortest" and size[0] != size[1]:
+        interpolation = "bicubic"
+    config = PreprocessConfig(
+        size=size,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        interpolation=interpolation,
+        resize_mode=resize_mode,
+        fill_color=int(oc.fill_color),
+        train_scale=tuple(float(s) for s in AugmentationCfg().scale),
+        train_ratio=(3.0 / 4.0, 4.0 / 3.0),  # torchvision's RandomResizedCrop default
+        train_interpolation="bicubic",
+    )
+    config.validate()
+    return config
+
+
 class DualEncoder(nn.Module):
     """Image tower + text tower + learnable temperature, around an open_clip CLIP model.
 
@@ -333,6 +366,14 @@ class DualEncoder(nn.Module):
         """open_clip's preprocessing config (size, mean, std, interpolation, resize_mode)."""
         cfg = dict(open_clip.get_model_preprocess_cfg(self.clip))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The image input as plain numbers, for the training stream and the evaluators.
+
+        Read from open_clip's own preprocessing config, with the choices open_clip's
+        ``image_transform`` makes from it (see :func:`open_clip_preprocess_config`).
+        """
+        return open_clip_preprocess_config(self.preprocess_cfg)
 
     def image_transform(self, is_train: bool):
         """open_clip's train (random resized crop) or eval (resize + centre crop) transform."""
