@@ -39,8 +39,9 @@ class _PartBatches(torch.utils.data.IterableDataset):
     """Batches of one rank's samples, split again across loader workers.
 
     With a :class:`~clipline.data.preprocess.PreprocessConfig` (the model's numbers: the
-    same pixels as open_clip's eval transform) the batches are uint8 pixels, normalised by the consumer once per batch (a quarter of the
-    bytes through worker shared memory); each image is decoded and resized on a pool of
+    same pixels as open_clip's eval transform) the batches are uint8 pixels, normalised by
+    the consumer once per batch (a quarter of the bytes through worker shared memory); each
+    image is decoded and resized on a pool of
     ``torch.get_num_threads()`` threads (PIL releases the GIL), so with ``workers=0`` the
     evaluating process prepares a batch on all its cores, then runs the forward pass on
     all of them, in turn: the two never compete for a core, as a loader worker beside the

@@ -266,6 +266,11 @@ def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     mean = oc.mean if isinstance(oc.mean, (list, tuple)) else (oc.mean,) * 3
     std = oc.std if isinstance(oc.std, (list, tuple)) else (oc.std,) * 3
     resize_mode = oc.resize_mode or "shortest"
+    if oc.interpolation not in ("bicubic", "bilinear", "random"):
+        raise ValueError(
+            f"model.preprocess.interpolation must be 'bicubic', 'bilinear' or 'random' (open_clip's "
+            f"choices), got {oc.interpolation!r}"
+        )
     interpolation = "bilinear" if oc.interpolation == "bilinear" else "bicubic"
     if resize_mode == "shortest" and size[0] != size[1]:
         interpolation = "bicubic"

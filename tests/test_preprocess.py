@@ -67,3 +67,10 @@ def test_lists_from_json_compare_equal_to_tuples():
     a = PreprocessConfig(size=[24, 40], mean=[0.5, 0.5, 0.5], train_scale=[0.5, 1.0])
     b = PreprocessConfig(size=(24, 40), mean=(0.5, 0.5, 0.5), train_scale=(0.5, 1.0))
     assert a == b and repr(a) == repr(b)
+
+
+def test_bad_model_preprocess_overrides_are_refused_when_the_numbers_are_built():
+    with pytest.raises(ValueError, match=r"model.preprocess.interpolation .* got 'nearest'"):
+        open_clip_preprocess_config({"size": 32, "interpolation": "nearest"})
+    with pytest.raises(ValueError, match=r"preprocess.resize_mode must be one of.*'crop'"):
+        open_clip_preprocess_config({"size": 32, "resize_mode": "crop"})

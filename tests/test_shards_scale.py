@@ -199,6 +199,9 @@ def test_token_stats_count_clip_bpe_tokens(tmp_path: Path) -> None:
         ]
         == 0
     )  # an index sees txt: the first caption only
+    # The CLI passes open_clip's tokenizer by name into spawned writer processes.
+    assert main(["shards", str(jsonl), str(tmp_path / "c"), "--token-stats", "--workers", "2"]) == 0
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["captions"] == caps
 
 
 def test_length_stats_nearest_rank() -> None:
