@@ -4,7 +4,6 @@ search, demo."""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -61,29 +60,9 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
-@functools.cache
-def _clip_bpe():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-def count_clip_tokens(captions: list[str]) -> list[int]:
-    """CLIP BPE tokens per caption (open_clip's tokenizer, the one most towers use), without
-    the start and end tokens: ``clipline shards --token-stats``. Module-level, so that the
-    spawned writer processes get it by name; each builds the tokenizer once."""
-    return [len(_clip_bpe().encode(c)) for c in captions]
-
-
-def _default_tokenize():
-    """open_clip's default (ViT-B-32, CLIP BPE) tokenizer: what most towers train with."""
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32")
-
-
 def _cmd_shards(args: argparse.Namespace) -> int:
     from clipline.data.shards import ShardsConfig, index_shards, write_shards
+    from clipline.pretrain.model import count_clip_tokens
 
     count_tokens = count_clip_tokens if args.token_stats else None
     if args.index_only:
@@ -116,6 +95,8 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_doctor(args: argparse.Namespace) -> int:
+    import open_clip  # the default towers' tokenizer for the loader measurement: a real cost
+
     from clipline.data.decode import DecodeConfig
     from clipline.data.doctor import DoctorConfig, diagnose
 
@@ -134,7 +115,7 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             decode=decode,
         ),
-        tokenize=_default_tokenize(),
+        tokenize=open_clip.get_tokenizer("ViT-B-32"),
     )
     print(report.to_json() if args.json else report.to_text(args.shards))
     return 0 if report.ok else 1

@@ -9,6 +9,7 @@ itself loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -287,6 +288,21 @@ def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     )
     config.validate()
     return config
+
+
+@functools.cache
+def _clip_bpe() -> Any:
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def count_clip_tokens(captions: list[str]) -> list[int]:
+    """CLIP BPE tokens per caption (open_clip's tokenizer, the one most towers use), without
+    the start and end tokens: the ``count_tokens`` of ``clipline shards --token-stats``.
+
+    Module-level, so that spawned shard writers receive it by name; each process builds the
+    tokenizer once.
+    """
+    return [len(_clip_bpe().encode(c)) for c in captions]
 
 
 class DualEncoder(nn.Module):

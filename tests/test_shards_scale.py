@@ -179,7 +179,7 @@ def test_several_captions_and_caption_stats(manifest: Path, tmp_path: Path) -> N
 def test_token_stats_count_clip_bpe_tokens(tmp_path: Path) -> None:
     from open_clip.tokenizer import SimpleTokenizer
 
-    from clipline.launch.cli import count_clip_tokens
+    from clipline.pretrain.model import count_clip_tokens
 
     (tmp_path / "a.jpg").write_bytes(_jpeg((1, 2, 3), (8, 8)))
     long = " ".join(["word"] * 80)
