@@ -286,7 +286,10 @@ def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
         train_ratio=(3.0 / 4.0, 4.0 / 3.0),  # torchvision's RandomResizedCrop default
         train_interpolation="bicubic",
     )
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as e:  # the numbers come from the model's config: name it so
+        raise ValueError(f"model.{e}") from None
     return config
 
 

@@ -72,5 +72,24 @@ def test_lists_from_json_compare_equal_to_tuples():
 def test_bad_model_preprocess_overrides_are_refused_when_the_numbers_are_built():
     with pytest.raises(ValueError, match=r"model.preprocess.interpolation .* got 'nearest'"):
         open_clip_preprocess_config({"size": 32, "interpolation": "nearest"})
-    with pytest.raises(ValueError, match=r"preprocess.resize_mode must be one of.*'crop'"):
+    with pytest.raises(ValueError, match=r"^model.preprocess.resize_mode must be one of.*'crop'"):
         open_clip_preprocess_config({"size": 32, "resize_mode": "crop"})
+
+
+def test_pretrain_with_a_preprocess_open_clip_cannot_run_stops_with_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from clipline.launch.cli import main
+    from tests.helpers import make_shards
+
+    shards = make_shards(tmp_path / "shards", n=8, per_shard=8)
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed
+    rc = main(
+        [
+            "pretrain", "--recipe", "cpu-debug", f"data.shards={shards.name}", "run_dir=run",
+            "data.batch_size=4", "data.workers=0", 'model.preprocess={resize_mode="crop"}',
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.preprocess.resize_mode must be one of" in err and "'crop'" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
