@@ -31,7 +31,6 @@ only ``sizes.json`` + ``index_report.json``, next to them or in a folder of link
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -117,9 +116,6 @@ class ShardsConfig:
             copies JPEG files byte for byte and encodes other formats at 95.
         dedup: Skip images whose bytes (sha256) equal an earlier written image's, counted
             as ``duplicate``. Holds one 32-byte digest per written sample in memory.
-        token_stats: Also count CLIP BPE tokens per caption (open_clip's tokenizer, the
-            one most towers use) and how many captions a 77-token context would cut.
-            Off by default: it ties the report to one tokenizer and costs some CPU.
     """
 
     input: str
@@ -131,7 +127,6 @@ class ShardsConfig:
     max_side: int | None = None
     jpeg_quality: int | None = None
     dedup: bool = False
-    token_stats: bool = False
 
 
 @dataclass
@@ -165,7 +160,7 @@ class ShardReport:
         skipped_examples: Up to five source keys per skip reason.
         captions: ``count`` (captions stored) and ``per_sample``/``chars``/``words``
             statistics (min, mean, median, p95, max; nearest-rank percentiles); with
-            ``token_stats`` also ``tokens`` (CLIP BPE, without start/end tokens) and
+            ``count_tokens`` also ``tokens`` (e.g. CLIP BPE, without start/end tokens) and
             ``over_77_tokens`` (captions a 77-token context truncates).
         images: ``copied`` (original bytes), ``reencoded`` (converted to JPEG or to
             ``jpeg_quality``), ``resized`` (shrunk to ``max_side``), ``bytes`` (image bytes
@@ -250,7 +245,8 @@ class _EncodeOptions:
     max_side: int | None = None
     jpeg_quality: int | None = None
     dedup: bool = False
-    token_stats: bool = False
+    # Picklable (a module-level function): it travels to the spawned writer processes.
+    count_tokens: Callable[[list[str]], list[int]] | None = None
 
 
 @dataclass
@@ -358,20 +354,8 @@ def _encode_sample(sample: Sample | Skipped, opts: _EncodeOptions) -> _Encoded |
         # The source bytes: two copies of one file are duplicates whatever the options.
         source = image if isinstance(image, bytes | bytearray | memoryview) else jpg
         digest = hashlib.sha256(source).digest()
-    tokens = _count_tokens(caps) if opts.token_stats else None
+    tokens = opts.count_tokens(caps) if opts.count_tokens is not None else None
     return _Encoded(sample.key, jpg, caps, sample.meta, how, digest, tokens)
-
-
-@functools.cache
-def _bpe() -> Any:
-    # Imported on demand: only --token-stats ties the data tools to open_clip.
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-def _count_tokens(captions: list[str]) -> list[int]:
-    return [len(_bpe().encode(c)) for c in captions]
 
 
 def _encode_chunk(chunk: list[Sample | Skipped], opts: _EncodeOptions) -> list:
@@ -549,7 +533,7 @@ def write_samples(
     max_side: int | None = None,
     jpeg_quality: int | None = None,
     dedup: bool = False,
-    token_stats: bool = False,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
     show_progress: bool = False,
     expected: int | None = None,
 ) -> ShardReport:
@@ -567,7 +551,9 @@ def write_samples(
         max_side: See :class:`ShardsConfig`.
         jpeg_quality: See :class:`ShardsConfig`.
         dedup: See :class:`ShardsConfig`.
-        token_stats: See :class:`ShardsConfig`.
+        count_tokens: Counts the tokens of each caption (e.g. CLIP BPE without start/end
+            tokens) for the report's ``tokens`` and ``over_77_tokens``; None counts none.
+            A module-level function: spawned writer processes receive it pickled.
         show_progress: Show a progress bar on stderr (samples done, written, skipped, rate).
         expected: The number of samples expected (e.g. input rows), for the bar's
             percentage and ETA; an upper bound is fine.
@@ -597,7 +583,7 @@ def write_samples(
     import webdataset as wds
 
     opts = _EncodeOptions(
-        max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup, token_stats=token_stats
+        max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup, count_tokens=count_tokens
     )
     skips = _Skips()
     caption_stats = _CaptionStats()
@@ -939,11 +925,14 @@ def iter_input(cfg: ShardsConfig) -> Iterator[Sample | Skipped]:
     return chained()
 
 
-def write_shards(cfg: ShardsConfig) -> ShardReport:
+def write_shards(
+    cfg: ShardsConfig, *, count_tokens: Callable[[list[str]], list[int]] | None = None
+) -> ShardReport:
     """Convert the configured input into webdataset shards (``clipline shards``).
 
     Args:
         cfg: Input, output folder, manifest columns, shard size and image options.
+        count_tokens: Also count each caption's tokens (see :func:`write_samples`).
 
     Returns:
         The report (also written to ``<output_dir>/report.json``).
@@ -963,7 +952,7 @@ def write_shards(cfg: ShardsConfig) -> ShardReport:
         max_side=cfg.max_side,
         jpeg_quality=cfg.jpeg_quality,
         dedup=cfg.dedup,
-        token_stats=cfg.token_stats,
+        count_tokens=count_tokens,
         show_progress=True,
         expected=count_input_rows(cfg),
     )
@@ -1058,7 +1047,9 @@ class ShardScan:
     captions: _CaptionStats = field(default_factory=_CaptionStats, repr=False)
 
 
-def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
+def scan_shard(
+    path: str | Path, *, count_tokens: Callable[[list[str]], list[int]] | None = None
+) -> ShardScan:
     """Read a tar's headers and captions (not its image bytes) and check its structure.
 
     Members are grouped as webdataset groups them (consecutive members sharing the part of
@@ -1068,7 +1059,7 @@ def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
 
     Args:
         path: A local ``.tar`` file.
-        token_stats: Also count caption tokens (see :class:`ShardsConfig`).
+        count_tokens: Also count caption tokens (see :func:`write_samples`).
 
     Returns:
         The scan; ``error`` is set when the tar cannot be read to its end.
@@ -1125,7 +1116,7 @@ def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
             scan.missing_caption.append(key)
             continue
         scan.samples += 1
-        scan.captions.add([caption], _count_tokens([caption]) if token_stats else None)
+        scan.captions.add([caption], count_tokens([caption]) if count_tokens else None)
     return scan
 
 
@@ -1134,7 +1125,7 @@ def index_shards(
     output_dir: str | Path | None = None,
     *,
     workers: int = 1,
-    token_stats: bool = False,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> ShardReport:
     """Write ``sizes.json`` + ``index_report.json`` for existing shards; the tars stay as they are.
 
@@ -1149,7 +1140,7 @@ def index_shards(
             manifest: point training at it when the shards' folder is read-only.
             Links keep the shards' file names unless two collide; then they are numbered.
         workers: Processes scanning shards in parallel.
-        token_stats: Also count caption tokens (see :class:`ShardsConfig`).
+        count_tokens: Also count caption tokens (see :func:`write_samples`).
 
     Returns:
         The report (also written as ``index_report.json`` beside ``sizes.json``).
@@ -1192,7 +1183,7 @@ def index_shards(
     sizes: dict[str, int] = {}
     for name, scan in zip(
         names,
-        _ordered_map(partial(scan_shard, token_stats=token_stats), paths, workers),
+        _ordered_map(partial(scan_shard, count_tokens=count_tokens), paths, workers),
         strict=True,
     ):
         if scan.error is not None:

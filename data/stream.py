@@ -83,13 +83,13 @@ from typing import IO, Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
 from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
+from clipline.data.preprocess import PreprocessConfig
 from clipline.data.shard_io import check_url as _check_url
 from clipline.data.shard_io import list_shards, open_shard
 from clipline.data.shard_io import protocol as _protocol
@@ -684,7 +684,7 @@ class ContrastiveStream(IterableDataset):
         cfg: StreamConfig,
         layout: _Layout,
         *,
-        preprocess: Callable[[Image.Image], torch.Tensor],
+        preprocess: PreprocessConfig,
         tokenize: Callable[[list[str]], torch.Tensor],
         rank: int,
         world_size: int,
@@ -1117,7 +1117,7 @@ def epoch_shape(cfg: StreamConfig, world_size: int) -> EpochShape:
 def build_train_loader(
     cfg: StreamConfig,
     *,
-    preprocess: Callable[[Image.Image], torch.Tensor],
+    preprocess: PreprocessConfig,
     tokenize: Callable[[list[str]], torch.Tensor],
     rank: int,
     world_size: int,

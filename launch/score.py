@@ -215,7 +215,7 @@ def _evaluate_checkpoint(
 ) -> list[dict[str, Any]]:
     # The same calls as ``clipline eval CHECKPOINT``, so the numbers are the same.
     model = load_encoders(ckpt, device)
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
     rows = []
     with torch.inference_mode():
         for task in tasks:

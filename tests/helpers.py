@@ -35,7 +35,7 @@ def micro_loader(cfg, rank: int = 0, world_size: int = 1):
     model = micro_model()
     return build_train_loader(
         cfg,
-        preprocess=model.image_transform(is_train=True),
+        preprocess=model.preprocess_config(),
         tokenize=model.tokenize,
         rank=rank,
         world_size=world_size,

@@ -144,9 +144,9 @@ def _open_clip_loader(spec: dict):
 def _clipline_loader(spec: dict):
     from clipline.data.decode import DecodeConfig
     from clipline.data.stream import StreamConfig, build_train_loader
-    from clipline.pretrain.model import Tokenize
+    from clipline.pretrain.model import Tokenize, open_clip_preprocess_config
 
-    transform, tokenizer = _transform_and_tokenizer()
+    _, tokenizer = _transform_and_tokenizer()
     cfg = StreamConfig(
         shards=spec["shards"],
         batch_size=spec["batch_size"],
@@ -159,7 +159,8 @@ def _clipline_loader(spec: dict):
     )
     loader = build_train_loader(
         cfg,
-        preprocess=transform,
+        # The numbers of the same open_clip transform the open_clip loader gets.
+        preprocess=open_clip_preprocess_config({"size": 224}),
         tokenize=Tokenize(tokenizer=tokenizer, pad_id=0, trim=True),
         rank=0,
         world_size=1,
