@@ -30,9 +30,9 @@ from torchvision import transforms as T
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
 from clipline.data.shard_io import (
     is_remote,
-    iter_tar_samples,
     list_shards,
     read_manifest,
+    shard_samples,
 )
 from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
@@ -272,17 +272,17 @@ def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> N
     bad: list[str] = []
     skipped: Counter = Counter()
     try:
-        for key, members in iter_tar_samples(scan.path):
-            if "txt" not in members or not any(e in members for e in IMAGE_KEYS):
+        for sample in shard_samples([scan.path]):
+            if "txt" not in sample or not any(e in sample for e in IMAGE_KEYS):
                 continue  # already reported by the key check
+            key = sample["__key__"]
             before = skipped.copy()
-            sample = {"__key__": key, "__url__": scan.path, **members}
             decoded = decoder(sample, seed=report.decoded, skipped=skipped, converted=Counter())
             report.decoded += 1
             if decoded is None:
                 # Each skip counts one reason; a path that counts none is still a failure.
                 reason = next(iter(skipped - before), "corrupt_image")
-                ext = next((e for e in IMAGE_EXTS if e in members), "txt")
+                ext = next((e for e in IMAGE_EXTS if e in sample), "txt")
                 bad.append(f"{key}.{ext} {meaning.get(reason, reason)} ({reason})")
             if not cfg.full:
                 break

@@ -57,10 +57,10 @@ from clipline.data.progress import progress
 # Listing and manifests live in shard_io (one module for every reader and writer); these
 # names stay importable from here.
 from clipline.data.shard_io import (
+    TarSamples,
     is_remote,
     list_shards,
     local_path,
-    split_member_name,
 )
 from clipline.data.shard_io import read_manifest as read_manifest
 
@@ -1074,48 +1074,22 @@ def scan_shard(path: str | Path, *, token_stats: bool = False) -> ShardScan:
         The scan; ``error`` is set when the tar cannot be read to its end.
     """
     scan = ShardScan(path=str(path))
-    size = os.path.getsize(path)
-    groups: list[tuple[str, dict[str, bytes | None]]] = []
-    seen: set[str] = set()
-    end = 0
+    groups: list[dict[str, Any]] = []
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            for m in tf:
-                end = m.offset_data + m.size
-                if end > size:
-                    raise tarfile.ReadError(
-                        f"truncated: member {m.name!r} ends at byte {end} but the file has {size}"
-                    )
-                if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):
-                    continue
-                key, ext = split_member_name(m.name)
-                if key is None:
-                    continue
-                if not groups or groups[-1][0] != key:
-                    if key in seen:
-                        scan.duplicate_keys.append(key)
-                    seen.add(key)
-                    groups.append((key, {}))
-                members = groups[-1][1]
-                if ext in members:
-                    scan.duplicate_keys.append(key)
-                f = tf.extractfile(m) if ext == "txt" else None
-                members[ext] = f.read() if f is not None else None
-            end = tf.offset
         with open(path, "rb") as f:
-            f.seek(end)
-            while block := f.read(1 << 20):
-                if block.count(0) != len(block):
-                    raise tarfile.ReadError(
-                        f"truncated or damaged: no valid tar header at byte {end}"
-                    )
+            tar = TarSamples(f, seekable=True, read=lambda ext: ext == "txt", checked=True)
+            try:
+                groups.extend(sample for _, sample in tar)
+            finally:
+                scan.duplicate_keys = tar.duplicates
     except (tarfile.TarError, OSError, EOFError) as e:
+        # A sample cut off by the damage is not among the groups: its missing members say
+        # nothing about the data.
         msg = str(e) or type(e).__name__
         scan.error = msg if msg.startswith("truncated") else f"truncated or damaged tar: {msg}"
-    if scan.error is not None and groups:
-        groups.pop()  # cut off by the damage: its missing members say nothing about the data
     scan.keys = len(groups)
-    for key, members in groups:
+    for members in groups:
+        key = members["__key__"]
         if not any(e in members for e in IMAGE_KEYS):
             scan.missing_image.append(key)
             continue

@@ -73,25 +73,23 @@ import os
 import random
 import re
 import tarfile
-import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
 from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
+from clipline.data.shard_io import TarSamples, list_shards, open_retrying
 from clipline.data.shard_io import check_url as _check_url
-from clipline.data.shard_io import list_shards, open_shard
 from clipline.data.shard_io import protocol as _protocol
 from clipline.data.shard_io import read_bytes as _read_bytes
 from clipline.data.worker_signals import shield_worker, start_workers
@@ -100,8 +98,6 @@ log = logging.getLogger(__name__)
 
 # 2: links record each worker's place in its repeats (fill) and its unusable rows (failed).
 STATE_VERSION = 2
-OPEN_ATTEMPTS = 3  # tries to open a shard before it is given up (resampled) or lost
-RETRY_SECONDS = 0.5  # first wait between tries; doubled each time
 
 
 @dataclass(kw_only=True)
@@ -253,36 +249,6 @@ def _source_shards(src: SourceConfig, allow_pipe: bool) -> list[tuple[str, int]]
                 "(`clipline shards --index-only`)"
             )
     return out
-
-
-def _tar_samples(
-    f: IO[bytes], seekable: bool, start: int, stop: int, want: Callable[[int], bool]
-) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(index in shard, sample or None) for samples ``start..stop-1`` of a webdataset tar.
-
-    Samples before ``start`` are stepped over without reading their data (seeking, where the
-    file allows it); samples that are not wanted come back as None, also unread. Files are
-    grouped into samples by key as webdataset does (the name up to the first dot).
-    """
-    index, key, sample = -1, None, None
-    with tarfile.open(fileobj=f, mode="r:" if seekable else "r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            prefix, suffix = base_plus_ext(member.name)
-            if prefix is None:
-                continue
-            if prefix != key:
-                if index >= start:
-                    yield index, sample
-                index, key = index + 1, prefix
-                if index >= stop:
-                    return
-                sample = {"__key__": prefix} if index >= start and want(index) else None
-            if sample is not None:
-                sample[suffix.lower()] = tar.extractfile(member).read()
-    if start <= index < stop:
-        yield index, sample
 
 
 # ------------------------------------------------------------------------------- planning
@@ -608,32 +574,25 @@ class _LaneReader:
         url, first, stop = self.lane.segments[self.seg]
         base = int(self.lane.offsets[self.seg]) - first  # lane index = base + index in shard
         self.frontier = idx
-        error: Exception | None = None
-        for attempt in range(OPEN_ATTEMPTS):
-            try:
-                f, seekable, self.close = open_shard(url, allow_pipe=self.allow_pipe)
-                break
-            except FileNotFoundError as e:
-                if self.exact:
-                    raise RuntimeError(
-                        f"shard {url} is missing but listed in its sizes.json: an exact epoch "
-                        "cannot skip it without changing which samples the run sees. Restore "
-                        "it, remove it from sizes.json, or use data.mode='resampled' (which "
-                        "retries, then skips and counts missing shards)"
-                    ) from e
-                error = e
-            except Exception as e:  # network blips: retried; then the shard is given up
-                error = e
-            if attempt + 1 < OPEN_ATTEMPTS:
-                time.sleep(RETRY_SECONDS * 2**attempt)
-        else:  # an unreachable shard costs its samples, not the run (counted)
-            self._lose(error)
+        try:
+            # Missing in an exact epoch: fatal at once, retries cannot bring it back.
+            final = (FileNotFoundError,) if self.exact else ()
+            f, seekable, self.close = open_retrying(url, allow_pipe=self.allow_pipe, final=final)
+        except Exception as e:
+            if self.exact and isinstance(e, FileNotFoundError):
+                raise RuntimeError(
+                    f"shard {url} is missing but listed in its sizes.json: an exact epoch "
+                    "cannot skip it without changing which samples the run sees. Restore "
+                    "it, remove it from sizes.json, or use data.mode='resampled' (which "
+                    "retries, then skips and counts missing shards)"
+                ) from e
+            self._lose(e)  # retried already: an unreachable shard costs its samples, not the run
             return
 
         def want(i: int) -> bool:
             return base + i in self.wanted_set
 
-        samples = _tar_samples(f, seekable, idx - base, stop, want)
+        samples = iter(TarSamples(f, seekable=seekable, start=idx - base, stop=stop, want=want))
         self.it = _tagged(samples, base, url)
 
     def _read_to(self, target: int) -> None:
