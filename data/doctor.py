@@ -28,13 +28,13 @@ from typing import Any
 from torchvision import transforms as T
 
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
+from clipline.data.shard_index import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.shard_io import (
     is_remote,
     list_shards,
     read_manifest,
     shard_samples,
 )
-from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
 
 log = logging.getLogger(__name__)

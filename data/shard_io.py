@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 OPEN_ATTEMPTS = 3  # tries to open a shard before it is given up (resampled) or lost
 RETRY_SECONDS = 0.5  # first wait between tries; doubled each time
 PIPE_HINT = "set data.allow_pipe=true"  # how training allows pipe: URLs
-_REMOTE_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
+# A URL rather than a path (file:// included): what the shard writer does not download.
+URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://|^pipe:")
 _META_RE = re.compile(r"__[^/]*__($|/)")
 
 Shard = str | Path  # a URL or local path (str), or a local path that is never a URL (Path)

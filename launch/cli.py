@@ -61,7 +61,8 @@ def _int_in(low: int, high: int | None = None):
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from clipline.data.shards import ShardsConfig, index_shards, write_shards
+    from clipline.data.shard_index import index_shards
+    from clipline.data.shards import ShardsConfig, write_shards
 
     if args.index_only:
         report = index_shards(
