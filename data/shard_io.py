@@ -280,6 +280,70 @@ def read_manifest(shards_dir_or_pattern: str | Path | list[str]) -> dict[str, in
     return counts
 
 
+def shard_name(url: str) -> str:
+    """The ``sizes.json`` key of a shard: its file name (for pipe:, the last ``*.tar`` word)."""
+    if protocol(url) == "pipe":
+        names = re.findall(r"([^/\s'\"]+\.tar)\b", url)
+        return names[-1] if names else url
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+def shard_sizes(
+    shards: str, *, manifest: str | None = None, allow_pipe: bool = False
+) -> list[tuple[str, int]]:
+    """[(shard URL, samples in it)] for one source, from its manifest(s), local or remote.
+
+    Args:
+        shards: Anything :func:`list_shards` accepts.
+        manifest: The ``sizes.json`` to read; None: the one beside each shard.
+        allow_pipe: Whether ``pipe:`` shards may run (their manifest never may).
+
+    Raises:
+        ValueError: a missing shard, gated pipe:, missing backend, or unreadable manifest.
+    """
+    urls = list_shards(shards)
+    manifests: dict[str, dict[str, int]] = {}
+    out = []
+    for url in urls:
+        check_url(url, allow_pipe)
+        where = manifest
+        if where is None:
+            if protocol(url) == "pipe":
+                raise ValueError(
+                    f"pipe: shard {url!r} has no folder to find sizes.json in; give its "
+                    "location with data.manifest (or manifest in [[data.sources]])"
+                )
+            where = url.rsplit("/", 1)[0] + "/sizes.json" if "/" in url else "sizes.json"
+        if where not in manifests:
+            check_url(where, allow_pipe=False)
+            try:
+                sizes = json.loads(read_bytes(where))
+            except Exception as e:  # missing file, HTTP 404, bad JSON: all need the same fix
+                raise ValueError(
+                    f"cannot read the shard manifest {where!r} ({type(e).__name__}: {e}); "
+                    "shards written by `clipline shards` have one, otherwise write "
+                    '{"<shard>.tar": <count>, ...} there or point data.manifest at it'
+                ) from e
+            manifests[where] = {k: int(v) for k, v in sizes.items()}
+        name = shard_name(url)
+        if name not in manifests[where]:
+            raise ValueError(
+                f"{where!r} has no entry for {name!r} (it lists {len(manifests[where])} "
+                "shards); rewrite the shards or add the entry"
+            )
+        out.append((url, manifests[where][name]))
+    if Path(shards).is_dir():  # a folder: every shard its manifest lists should be there
+        listed = set().union(*manifests.values())
+        absent = sorted(listed - {shard_name(u) for u, _ in out})
+        if absent:
+            raise ValueError(
+                f"{shards}/sizes.json lists {len(absent)} shard(s) that are not in the "
+                f"folder, e.g. {absent[:3]}; restore them or rewrite sizes.json "
+                "(`clipline shards --index-only`)"
+            )
+    return out
+
+
 # ------------------------------------------------------------------- tar -> sample grouping
 
 
