@@ -30,7 +30,7 @@ from torchvision import transforms as T
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
 from clipline.data.shard_index import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.shard_io import (
-    is_remote,
+    check_local,
     list_shards,
     read_manifest,
     shard_samples,
@@ -436,13 +436,10 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
         report.problems.append(Problem("shards", None, str(e)))
         report.checks["shards"] = "failed"
         return report
-    remote = [u for u in urls if is_remote(u)]
-    if remote:
-        raise ValueError(
-            f"the doctor reads local shards; {remote[0]!r} is remote. Copy a few shards "
-            "locally to check them (a local folder whose name starts with pipe: is read as "
-            "a folder when written ./pipe:... or as an absolute path)."
-        )
+    check_local(
+        urls,
+        "the doctor reads local shards; {url!r} is remote. Copy a few shards locally to check them",
+    )
     report.shards = len(urls)
 
     def run(check: str, fn: Any, *args: Any) -> Any:

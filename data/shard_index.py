@@ -18,7 +18,7 @@ from typing import Any
 
 from clipline.data.ingest import MISSING_CAPTION, MISSING_IMAGE
 from clipline.data.shard_encode import _count_tokens, _ordered_map
-from clipline.data.shard_io import TarSamples, is_remote, list_shards, local_path
+from clipline.data.shard_io import TarSamples, check_local, list_shards, local_path
 from clipline.data.shards import (
     ShardReport,
     _CaptionStats,
@@ -136,13 +136,10 @@ def index_shards(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     urls = list_shards(spec)
-    remote = [u for u in urls if is_remote(u)]
-    if remote:
-        raise ValueError(
-            f"cannot index remote shards ({remote[0]!r}); copy them locally or write "
-            "sizes.json yourself (a local folder whose name starts with pipe: is read as a "
-            "folder when written ./pipe:... or as an absolute path)."
-        )
+    check_local(
+        urls,
+        "cannot index remote shards ({url!r}); copy them locally or write sizes.json yourself",
+    )
     paths = [Path(local_path(u)).resolve() for u in urls]
     if output_dir is None:
         folders = sorted({str(p.parent) for p in paths})

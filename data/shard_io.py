@@ -182,6 +182,21 @@ def _split_outside_braces(spec: str) -> list[str]:
     return parts
 
 
+def check_local(urls: list[str], need: str) -> None:
+    """Raises ``ValueError`` for the first remote shard among ``urls``.
+
+    Args:
+        urls: Shards from :func:`list_shards`.
+        need: Why local shards are needed and the fix, with ``{url}`` for the remote one.
+    """
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        raise ValueError(
+            f"{need.format(url=remote[0])} (a local folder whose name starts with pipe: is "
+            "read as a folder when written ./pipe:... or as an absolute path)."
+        )
+
+
 def list_shards(spec: str | Path | list[str]) -> list[str]:
     """Expand a shard specification into a list of shard URLs/paths.
 
