@@ -1,4 +1,4 @@
-"""From tar bytes to training pairs: shard reading, per-sample decoding, and augmentation.
+"""From tar bytes to training pairs: per-sample decoding and augmentation.
 
 Bad data never stops training and is never silent. Every sample that cannot be used is
 skipped and counted under one of :data:`SKIP_REASONS`; every image that needs a colour
@@ -31,11 +31,9 @@ from __future__ import annotations
 import io
 import logging
 import math
-import tarfile
 import warnings
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,10 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from clipline.data.preprocess import PreprocessConfig
-from clipline.data.shard_io import open_shard
 from clipline.data.shards import sample_captions
 
 log = logging.getLogger(__name__)
@@ -145,85 +141,6 @@ class DecodeConfig:
                 f"data.decode.draft_oversample must be >= 1 (the final resize must not "
                 f"upscale), got {self.draft_oversample}"
             )
-
-
-# --------------------------------------------------------------------------- shards
-
-
-class _WatchedTarInfo(tarfile.TarInfo):
-    """Records why a tar stream ended: tarfile ends silently on a cut or garbled header."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as exn:
-            tarfile_.end_error = exn  # type: ignore[attr-defined]
-            raise
-
-
-def read_shard(url: str, counts: Counter, *, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
-    """The samples of one shard (webdataset grouping: ``key.ext`` members by key).
-
-    ``url`` is opened by :func:`~clipline.data.shard_io.open_shard`: a ``pipe:`` command
-    runs only with ``allow_pipe`` (else ``ValueError``, before anything runs).
-
-    Never raises for bad data. A shard that cannot be opened or has a corrupt header
-    counts ``shard_read_error``; one that ends mid-member or without its end-of-archive
-    block (a cut download or copy) counts ``truncated_tar``. Either way the samples read
-    so far are kept, the sample being read is dropped (it may be incomplete), and the
-    caller moves on to the next shard. webdataset's own reader instead yields such a
-    partial sample, ends silently on a cut header, and can merge the first sample of the
-    next shard into it when keys repeat across shards.
-    """
-    current: dict[str, Any] | None = None
-    try:
-        stream, _, close = open_shard(url, allow_pipe=allow_pipe)
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)
-            for info in tar:
-                tar.members = []  # stream mode keeps every header otherwise: memory grows
-                if not info.isreg():
-                    continue
-                key, ext = base_plus_ext(info.name)
-                if key is None or key.startswith("__"):
-                    continue  # metadata members (webdataset's __key__ convention)
-                if current is not None and key != current["__key__"]:
-                    yield current  # complete: the next key has begun
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = tar.extractfile(info).read()
-            end = getattr(tar, "end_error", None)
-        finally:
-            close()
-    except (tarfile.ReadError, EOFError, zlib.error) as exn:
-        # "unexpected end of data" (cut member) or a gzip stream cut short.
-        truncated = isinstance(exn, EOFError) or "unexpected end" in str(exn)
-        counts["truncated_tar" if truncated else "shard_read_error"] += 1
-        log.warning("shard %s: %s; skipping the rest of it", url, exn)
-        return
-    except OSError as exn:  # missing file, network error, permission
-        counts["shard_read_error"] += 1
-        log.warning("shard %s unreadable: %s", url, exn)
-        return
-    if isinstance(end, tarfile.EOFHeaderError):
-        if current is not None:
-            yield current
-        return
-    # Empty/short header: the file stops between or inside headers. Invalid header: bytes
-    # that are not a tar header where one should be.
-    reason = "shard_read_error" if isinstance(end, tarfile.InvalidHeaderError) else "truncated_tar"
-    counts[reason] += 1
-    log.warning("shard %s ends early (%r); skipping the rest of it", url, end)
-
-
-def read_shards(
-    urls: Iterable[str], counts: Counter, *, allow_pipe: bool = False
-) -> Iterator[dict[str, Any]]:
-    """The samples of each shard in turn; see :func:`read_shard`."""
-    for url in urls:
-        yield from read_shard(url, counts, allow_pipe=allow_pipe)
 
 
 # --------------------------------------------------------------------------- images

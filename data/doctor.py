@@ -30,13 +30,13 @@ import torch
 
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
 from clipline.data.preprocess import PreprocessConfig
+from clipline.data.shard_index import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.shard_io import (
-    is_remote,
-    iter_tar_samples,
+    check_local,
     list_shards,
     read_manifest,
+    shard_samples,
 )
-from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
 
 log = logging.getLogger(__name__)
@@ -271,17 +271,17 @@ def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> N
     bad: list[str] = []
     skipped: Counter = Counter()
     try:
-        for key, members in iter_tar_samples(scan.path):
-            if "txt" not in members or not any(e in members for e in IMAGE_KEYS):
+        for sample in shard_samples([scan.path]):
+            if "txt" not in sample or not any(e in sample for e in IMAGE_KEYS):
                 continue  # already reported by the key check
+            key = sample["__key__"]
             before = skipped.copy()
-            sample = {"__key__": key, "__url__": scan.path, **members}
             decoded = decoder(sample, seed=report.decoded, skipped=skipped, converted=Counter())
             report.decoded += 1
             if decoded is None:
                 # Each skip counts one reason; a path that counts none is still a failure.
                 reason = next(iter(skipped - before), "corrupt_image")
-                ext = next((e for e in IMAGE_EXTS if e in members), "txt")
+                ext = next((e for e in IMAGE_EXTS if e in sample), "txt")
                 bad.append(f"{key}.{ext} {meaning.get(reason, reason)} ({reason})")
             if not cfg.full:
                 break
@@ -442,13 +442,10 @@ def diagnose(cfg: DoctorConfig, *, tokenize: Callable[[list[str]], torch.Tensor]
         report.problems.append(Problem("shards", None, str(e)))
         report.checks["shards"] = "failed"
         return report
-    remote = [u for u in urls if is_remote(u)]
-    if remote:
-        raise ValueError(
-            f"the doctor reads local shards; {remote[0]!r} is remote. Copy a few shards "
-            "locally to check them (a local folder whose name starts with pipe: is read as "
-            "a folder when written ./pipe:... or as an absolute path)."
-        )
+    check_local(
+        urls,
+        "the doctor reads local shards; {url!r} is remote. Copy a few shards locally to check them",
+    )
     report.shards = len(urls)
 
     def run(check: str, fn: Any, *args: Any) -> Any:

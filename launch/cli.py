@@ -61,7 +61,8 @@ def _int_in(low: int, high: int | None = None):
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from clipline.data.shards import ShardsConfig, index_shards, write_shards
+    from clipline.data.shard_index import index_shards
+    from clipline.data.shards import ShardsConfig, write_shards
     from clipline.pretrain.model import count_clip_tokens
 
     count_tokens = count_clip_tokens if args.token_stats else None

@@ -21,9 +21,9 @@ from clipline.data.decode import (
     SKIP_REASONS,
     DecodeConfig,
     Decoder,
-    read_shards,
     to_rgb,
 )
+from clipline.data.shard_io import shard_samples
 from clipline.data.stream import StreamConfig
 from clipline.pretrain.model import open_clip_preprocess_config
 from tests.helpers import micro_loader, micro_model
@@ -330,7 +330,7 @@ def test_a_truncated_shard_is_counted_and_the_next_shard_is_read(tmp_path, cut_a
     # The next shard reuses the keys: its samples must not merge into the cut one.
     nxt = write_tar(tmp_path / "next.tar", samples)
     counts = Counter()
-    keys = [s["__key__"] for s in read_shards([str(cut), str(nxt)], counts)]
+    keys = [s["__key__"] for s in shard_samples([str(cut), str(nxt)], counts=counts)]
     assert keys == ["a0", "a1", "a0", "a1", "a2"]  # a2 of the cut shard is dropped
     assert counts == Counter({"truncated_tar": 1})
 
@@ -345,7 +345,7 @@ def test_unreadable_shards_are_counted_and_skipped(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     urls = [str(tmp_path / n) for n in ("missing.tar", "garbled.tar", "empty.tar", "good.tar")]
     counts = Counter()
-    keys = [s["__key__"] for s in read_shards(urls, counts)]
+    keys = [s["__key__"] for s in shard_samples(urls, counts=counts)]
     assert keys == ["g0", "g1"]
     assert counts == Counter({"shard_read_error": 3})
 

@@ -15,15 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipline.data.shards import (
-    ShardsConfig,
-    index_shards,
-    length_stats,
-    list_shards,
-    read_manifest,
-    sample_captions,
-    write_shards,
-)
+from clipline.data.shard_index import index_shards
+from clipline.data.shard_io import list_shards, read_manifest
+from clipline.data.shards import ShardsConfig, length_stats, sample_captions, write_shards
 from clipline.launch.cli import main
 
 

@@ -73,7 +73,8 @@ def ensure_shards(cache_dir: Path, size: int, num_pairs: int, num_shards: int) -
     """Shards of ``num_pairs`` ``size``-px JPEG pairs under ``cache_dir``, written once."""
     import numpy as np
 
-    from clipline.data.shards import Sample, write_samples
+    from clipline.data.ingest import Sample
+    from clipline.data.shards import write_samples
     from clipline.data.sources import generate_shapes
 
     out = cache_dir / f"shards-{size}px"
