@@ -1,14 +1,15 @@
-"""From tar bytes to training pairs: shard reading, per-sample decoding, and augmentation.
+"""From tar bytes to training pairs: per-sample decoding and augmentation.
 
 Bad data never stops training and is never silent. Every sample that cannot be used is
 skipped and counted under one of :data:`SKIP_REASONS`; every image that needs a colour
 conversion to RGB is converted and counted under one of :data:`CONVERSIONS`. The training
 loop reports both (``data/skipped/<reason>``, ``data/converted/<kind>``).
 
-Speed, without changing what the model sees: with open_clip's training transform
-(``RandomResizedCrop`` + to-tensor + normalise) the :class:`Decoder` runs the same steps
-itself, drawing the crop from the image size in the *header* before any pixel is
-decoded. That allows
+Speed, without changing what the model sees: the :class:`Decoder` builds the training
+steps (random resized crop + to-tensor + normalise, open_clip's training transform) from
+the numbers of a :class:`~clipline.data.preprocess.PreprocessConfig` and runs them itself,
+drawing the crop from the image size in the *header* before any pixel is decoded. That
+allows
 
 * JPEG draft decoding: libjpeg decodes straight to 1/2, 1/4 or 1/8 size when the crop,
   measured in the reduced image, still holds ``draft_oversample`` x the output resolution
@@ -30,11 +31,9 @@ from __future__ import annotations
 import io
 import logging
 import math
-import tarfile
 import warnings
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,11 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
-from torchvision import transforms as T
-from torchvision.transforms.functional import pil_modes_mapping
-from webdataset.tariterators import base_plus_ext
 
-from clipline.data.shard_io import open_shard
+from clipline.data.preprocess import PreprocessConfig
 from clipline.data.shards import sample_captions
 
 log = logging.getLogger(__name__)
@@ -102,7 +98,7 @@ class DecodeConfig:
             dropped like open_clip's ``convert("RGB")``, showing whatever colour the
             transparent pixels happen to store (often black, sometimes garbage).
         draft: Decode JPEGs at 1/2, 1/4 or 1/8 size when the chosen crop allows (see
-            ``draft_oversample``). Only with open_clip's ``RandomResizedCrop`` transform.
+            ``draft_oversample``).
         draft_oversample: Draft decoding keeps at least this many decoded pixels per
             output pixel along each side of the crop, so the final bicubic resize still
             reduces and smooths away the coarser JPEG scaling.
@@ -110,8 +106,7 @@ class DecodeConfig:
             worker shared memory, pinning and host-to-device copies); the training loop
             turns them into the model's normalised floats on the device with
             :meth:`Decoder.model_input` (the same fp32 operations as in the workers).
-            ``false`` gives normalised ``f32[B,3,H,W]`` batches. Ignored (float batches)
-            with a transform other than open_clip's ``RandomResizedCrop`` one.
+            ``false`` gives normalised ``f32[B,3,H,W]`` batches.
     """
 
     min_image_size: int = 16
@@ -146,85 +141,6 @@ class DecodeConfig:
                 f"data.decode.draft_oversample must be >= 1 (the final resize must not "
                 f"upscale), got {self.draft_oversample}"
             )
-
-
-# --------------------------------------------------------------------------- shards
-
-
-class _WatchedTarInfo(tarfile.TarInfo):
-    """Records why a tar stream ended: tarfile ends silently on a cut or garbled header."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as exn:
-            tarfile_.end_error = exn  # type: ignore[attr-defined]
-            raise
-
-
-def read_shard(url: str, counts: Counter, *, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
-    """The samples of one shard (webdataset grouping: ``key.ext`` members by key).
-
-    ``url`` is opened by :func:`~clipline.data.shard_io.open_shard`: a ``pipe:`` command
-    runs only with ``allow_pipe`` (else ``ValueError``, before anything runs).
-
-    Never raises for bad data. A shard that cannot be opened or has a corrupt header
-    counts ``shard_read_error``; one that ends mid-member or without its end-of-archive
-    block (a cut download or copy) counts ``truncated_tar``. Either way the samples read
-    so far are kept, the sample being read is dropped (it may be incomplete), and the
-    caller moves on to the next shard. webdataset's own reader instead yields such a
-    partial sample, ends silently on a cut header, and can merge the first sample of the
-    next shard into it when keys repeat across shards.
-    """
-    current: dict[str, Any] | None = None
-    try:
-        stream, _, close = open_shard(url, allow_pipe=allow_pipe)
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo)
-            for info in tar:
-                tar.members = []  # stream mode keeps every header otherwise: memory grows
-                if not info.isreg():
-                    continue
-                key, ext = base_plus_ext(info.name)
-                if key is None or key.startswith("__"):
-                    continue  # metadata members (webdataset's __key__ convention)
-                if current is not None and key != current["__key__"]:
-                    yield current  # complete: the next key has begun
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = tar.extractfile(info).read()
-            end = getattr(tar, "end_error", None)
-        finally:
-            close()
-    except (tarfile.ReadError, EOFError, zlib.error) as exn:
-        # "unexpected end of data" (cut member) or a gzip stream cut short.
-        truncated = isinstance(exn, EOFError) or "unexpected end" in str(exn)
-        counts["truncated_tar" if truncated else "shard_read_error"] += 1
-        log.warning("shard %s: %s; skipping the rest of it", url, exn)
-        return
-    except OSError as exn:  # missing file, network error, permission
-        counts["shard_read_error"] += 1
-        log.warning("shard %s unreadable: %s", url, exn)
-        return
-    if isinstance(end, tarfile.EOFHeaderError):
-        if current is not None:
-            yield current
-        return
-    # Empty/short header: the file stops between or inside headers. Invalid header: bytes
-    # that are not a tar header where one should be.
-    reason = "shard_read_error" if isinstance(end, tarfile.InvalidHeaderError) else "truncated_tar"
-    counts[reason] += 1
-    log.warning("shard %s ends early (%r); skipping the rest of it", url, end)
-
-
-def read_shards(
-    urls: Iterable[str], counts: Counter, *, allow_pipe: bool = False
-) -> Iterator[dict[str, Any]]:
-    """The samples of each shard in turn; see :func:`read_shard`."""
-    for url in urls:
-        yield from read_shard(url, counts, allow_pipe=allow_pipe)
 
 
 # --------------------------------------------------------------------------- images
@@ -292,92 +208,6 @@ def crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-@dataclass(frozen=True)
-class CropSpec:
-    """open_clip's training transform, taken apart: what :class:`Decoder` runs itself."""
-
-    size_hw: tuple[int, int]
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    resample: int  # PIL filter
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_transform(cls, transform: Any) -> CropSpec | None:
-        """The spec of ``Compose([RandomResizedCrop, (convert RGB), ToTensor, Normalize])``
-        (open_clip's ``image_transform(..., is_train=True)`` without extra augmentation),
-        else None: any other transform runs as given, on RGB PIL images."""
-        steps = getattr(transform, "transforms", None)
-        if not isinstance(transform, T.Compose) or not steps:
-            return None
-        steps = [s for s in steps if type(s).__name__ != "MaybeConvertMode"]  # we give RGB
-        if len(steps) != 3:
-            return None
-        crop, to_tensor, norm = steps
-        if not (
-            type(crop) is T.RandomResizedCrop
-            and isinstance(to_tensor, T.ToTensor)
-            and type(norm) is T.Normalize
-            and crop.interpolation in pil_modes_mapping
-        ):
-            return None
-        size = tuple(crop.size) if len(crop.size) == 2 else (crop.size[0],) * 2
-        return cls(
-            size_hw=(int(size[0]), int(size[1])),
-            scale=tuple(float(s) for s in crop.scale),
-            ratio=tuple(float(r) for r in crop.ratio),
-            resample=pil_modes_mapping[crop.interpolation],
-            mean=tuple(float(m) for m in norm.mean),
-            std=tuple(float(s) for s in norm.std),
-        )
-
-
-@dataclass(frozen=True)
-class BatchedNormalize:
-    """A ``Compose([PIL steps..., ToTensor, Normalize])`` taken apart at ``ToTensor``.
-
-    open_clip's eval transform (resize, centre crop, convert to RGB, to-tensor, normalise)
-    has this shape. :meth:`pixels` runs the PIL steps on one image and returns its uint8
-    ``[3,H,W]`` pixels (no torch arithmetic: safe and GIL-free enough to run on several
-    threads); :func:`stack_pixels` makes the batch, and :class:`ImageNormalizer` does
-    ToTensor's ``/255`` and the normalisation once per batch, which equals the whole
-    transform per image bit for bit (tested).
-    """
-
-    pil_steps: tuple[Callable[[Image.Image], Image.Image], ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_transform(cls, transform: Any) -> BatchedNormalize | None:
-        """The split of ``transform``, or None when it does not have that shape."""
-        steps = getattr(transform, "transforms", None)
-        if not isinstance(transform, T.Compose) or not steps or len(steps) < 2:
-            return None
-        *pil_steps, to_tensor, norm = steps
-        if not (isinstance(to_tensor, T.ToTensor) and type(norm) is T.Normalize):
-            return None
-        if any(isinstance(s, (T.ToTensor, T.PILToTensor, T.Normalize)) for s in pil_steps):
-            return None
-        return cls(
-            pil_steps=tuple(pil_steps),
-            mean=tuple(float(m) for m in norm.mean),
-            std=tuple(float(s) for s in norm.std),
-        )
-
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The PIL steps on one image: u8[3,H,W] (what ToTensor would scale to 0..1)."""
-        for step in self.pil_steps:
-            image = step(image)
-        if not isinstance(image, Image.Image) or image.mode != "RGB":
-            raise ValueError(
-                f"the steps before ToTensor must give an RGB PIL image, not {image!r}; "
-                f"steps: {self.pil_steps}"
-            )
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
 class ImageNormalizer:
     """uint8 batches -> normalised float32 batches, written into buffers reused call after call.
 
@@ -427,29 +257,19 @@ def _normalize_(pixels_BCHW: torch.Tensor, mean: Sequence[float], std: Sequence[
 class Decoder:
     """Raw sample (dict of bytes) -> ``(key, image, caption)``, or None after counting why.
 
-    With open_clip's training transform (see :meth:`CropSpec.from_transform`) images come
-    out as uint8 ``[3,H,W]`` and :meth:`collate` normalises whole batches (or leaves them
-    uint8 with ``uint8_images``); with any other transform each RGB PIL image goes through
-    it under ``torch.manual_seed(seed)`` and comes out as the transform returns it.
+    Images are cropped and resized as ``preprocess`` says (its ``train_*`` numbers) and come
+    out as uint8 ``[3,H,W]``; :meth:`collate` normalises whole batches with its mean and
+    std (or leaves them uint8 with ``uint8_images``).
     """
 
-    def __init__(self, cfg: DecodeConfig, preprocess: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, cfg: DecodeConfig, preprocess: PreprocessConfig):
         cfg.validate()
+        preprocess.validate()
         self.cfg, self.preprocess = cfg, preprocess
-        self.spec = CropSpec.from_transform(preprocess)
         self._skipped_in_a_row = 0
         self._normalize = (
-            ImageNormalizer(self.spec.mean, self.spec.std)
-            if self.spec is not None and cfg.uint8_images
-            else _as_given
+            ImageNormalizer(preprocess.mean, preprocess.std) if cfg.uint8_images else _as_given
         )
-        if self.spec is None and (cfg.uint8_images or cfg.draft):
-            log.warning(
-                "training transform is not open_clip's RandomResizedCrop + ToTensor + "
-                "Normalize; running it as given on each RGB image: data.decode.draft and "
-                "data.decode.uint8_images are ignored (float batches). Transform: %r",
-                preprocess,
-            )
 
     def model_input(self, image_BCHW: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """A batch's images as the model takes them; call it after moving them to the device.
@@ -534,18 +354,12 @@ class Decoder:
         return sample["__key__"], image, caption
 
     def _pixels(self, img: Image.Image, seed: int) -> tuple[torch.Tensor, str | None]:
-        if self.spec is None:
-            rgb, kind = to_rgb(img, self.cfg.alpha)
-            rgb.load()
-            # Transforms draw from torch's global RNG; fork_rng leaves the caller's alone.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.preprocess(rgb), kind
-        spec = self.spec
+        spec = self.preprocess
         width, height = img.size
         generator = torch.Generator().manual_seed(seed)
-        top, left, h, w = crop_params(height, width, spec.scale, spec.ratio, generator)
-        out_h, out_w = spec.size_hw
+        top, left, h, w = crop_params(height, width, spec.train_scale, spec.train_ratio, generator)
+        out_h, out_w = spec.size
+        resample = spec.train_resample
         # Largest JPEG reduction 1/s that keeps draft_oversample decoded pixels per output
         # pixel: then the final bicubic resize still reduces, as it does on full pixels.
         s = 1
@@ -557,24 +371,22 @@ class Decoder:
             sx, sy = width / x1, height / y1
             rgb, kind = to_rgb(img, self.cfg.alpha)
             box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
-            out = rgb.resize((out_w, out_h), spec.resample, box=box)
+            out = rgb.resize((out_w, out_h), resample, box=box)
         else:
             rgb, kind = to_rgb(img, self.cfg.alpha)
             # torchvision's resized_crop on PIL images: crop, then resize (same filter).
-            out = rgb.crop((left, top, left + w, top + h)).resize((out_w, out_h), spec.resample)
+            out = rgb.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
         pixels_HWC = torch.from_numpy(np.array(out, dtype=np.uint8))  # writable copy
         return pixels_HWC.permute(2, 0, 1), kind  # u8[3,H,W]
 
     def collate(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """One batch tensor: f32[B,3,H,W] normalised, or u8[B,3,H,W] with uint8_images."""
-        if self.spec is None:
-            return torch.stack(images)
         shape = (len(images), *images[0].shape)
         if self.cfg.uint8_images:
             return stack_pixels(images)
         pixels_BCHW = torch.stack(images)
         image_BCHW = _batch_tensor(shape, torch.float32).copy_(pixels_BCHW)
-        return _normalize_(image_BCHW, self.spec.mean, self.spec.std)
+        return _normalize_(image_BCHW, self.preprocess.mean, self.preprocess.std)
 
 
 def stack_pixels(images: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -62,7 +62,8 @@ from typing import Any
 from PIL import Image, features
 
 from clipline.data import evalsets, sources
-from clipline.data.shards import Sample, write_samples
+from clipline.data.ingest import Sample
+from clipline.data.shards import write_samples
 
 logger = logging.getLogger(__name__)
 

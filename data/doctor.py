@@ -21,20 +21,22 @@ import logging
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchvision import transforms as T
+import torch
 
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
+from clipline.data.preprocess import PreprocessConfig
+from clipline.data.shard_index import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.shard_io import (
-    is_remote,
-    iter_tar_samples,
+    check_local,
     list_shards,
     read_manifest,
+    shard_samples,
 )
-from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ class DoctorConfig:
         batch_size: Samples per batch per rank (``data.batch_size``).
         full: Decode every sample instead of one per shard.
         seconds: How long to run the loader for the throughput figure; 0 skips it.
-        image_size: Training image size for the loader's preprocessing.
+        image_size: Training image size for the loader's preprocessing (otherwise the
+            default :class:`~clipline.data.preprocess.PreprocessConfig`: CLIP's numbers).
         decode: The stream's per-sample rules (``data.decode``: ``max_pixels``,
             ``min_image_size``, ...); the decode check skips what training would skip.
     """
@@ -249,19 +252,15 @@ def _check_tar(scan: ShardScan, report: DoctorReport) -> None:
         )
 
 
+def _preprocess(cfg: DoctorConfig) -> PreprocessConfig:
+    """CLIP's default preprocessing at ``cfg.image_size``: what most towers train on."""
+    return PreprocessConfig(size=(cfg.image_size, cfg.image_size))
+
+
 def _decoder(cfg: DoctorConfig) -> Decoder:
-    """The stream's own decoder, with a training transform of open_clip's shape (so the
-    same header checks, draft decoding and crop path run as in training)."""
-    preprocess = T.Compose(
-        [
-            T.RandomResizedCrop(
-                cfg.image_size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC
-            ),
-            T.ToTensor(),
-            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        ]
-    )
-    return Decoder(cfg.decode, preprocess)
+    """The stream's own decoder (so the same header checks, draft decoding and crop path
+    run as in training)."""
+    return Decoder(cfg.decode, _preprocess(cfg))
 
 
 def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> None:
@@ -272,17 +271,17 @@ def _check_decode(scan: ShardScan, cfg: DoctorConfig, report: DoctorReport) -> N
     bad: list[str] = []
     skipped: Counter = Counter()
     try:
-        for key, members in iter_tar_samples(scan.path):
-            if "txt" not in members or not any(e in members for e in IMAGE_KEYS):
+        for sample in shard_samples([scan.path]):
+            if "txt" not in sample or not any(e in sample for e in IMAGE_KEYS):
                 continue  # already reported by the key check
+            key = sample["__key__"]
             before = skipped.copy()
-            sample = {"__key__": key, "__url__": scan.path, **members}
             decoded = decoder(sample, seed=report.decoded, skipped=skipped, converted=Counter())
             report.decoded += 1
             if decoded is None:
                 # Each skip counts one reason; a path that counts none is still a failure.
                 reason = next(iter(skipped - before), "corrupt_image")
-                ext = next((e for e in IMAGE_EXTS if e in members), "txt")
+                ext = next((e for e in IMAGE_EXTS if e in sample), "txt")
                 bad.append(f"{key}.{ext} {meaning.get(reason, reason)} ({reason})")
             if not cfg.full:
                 break
@@ -360,12 +359,13 @@ def _check_run_shape(cfg: DoctorConfig, num_samples: int | None, report: DoctorR
     return True
 
 
-def _measure_loader(cfg: DoctorConfig, num_samples: int | None, report: DoctorReport) -> None:
+def _measure_loader(
+    cfg: DoctorConfig,
+    num_samples: int | None,
+    report: DoctorReport,
+    tokenize: Callable[[list[str]], torch.Tensor],
+) -> None:
     """Run the real stream (rank 0 of the planned world) for ``cfg.seconds``."""
-    import open_clip  # the default towers' preprocessing and tokenizer: a realistic cost
-
-    preprocess = open_clip.transform.image_transform(cfg.image_size, is_train=True)
-    tokenize = open_clip.get_tokenizer("ViT-B-32")
     stream_cfg = StreamConfig(
         shards=cfg.shards,
         batch_size=cfg.batch_size,
@@ -374,7 +374,11 @@ def _measure_loader(cfg: DoctorConfig, num_samples: int | None, report: DoctorRe
         decode=cfg.decode,
     )
     loader = build_train_loader(
-        stream_cfg, preprocess=preprocess, tokenize=tokenize, rank=0, world_size=cfg.world_size
+        stream_cfg,
+        preprocess=_preprocess(cfg),
+        tokenize=tokenize,
+        rank=0,
+        world_size=cfg.world_size,
     )
     samples, skipped = 0, Counter()
     start = None  # from the first batch: worker start-up is not reading speed
@@ -414,11 +418,13 @@ def _measure_loader(cfg: DoctorConfig, num_samples: int | None, report: DoctorRe
         )
 
 
-def diagnose(cfg: DoctorConfig) -> DoctorReport:
+def diagnose(cfg: DoctorConfig, *, tokenize: Callable[[list[str]], torch.Tensor]) -> DoctorReport:
     """Run every check on ``cfg.shards`` for the configured run shape.
 
     Args:
         cfg: The shards, the run shape and what to measure.
+        tokenize: Captions -> token ids ``[B, L]`` for the loader measurement (a real
+            tokenizer, e.g. open_clip's, for a realistic cost); unused with ``seconds=0``.
 
     Returns:
         The report; ``report.ok`` is False when anything would break or hang a run.
@@ -436,13 +442,10 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
         report.problems.append(Problem("shards", None, str(e)))
         report.checks["shards"] = "failed"
         return report
-    remote = [u for u in urls if is_remote(u)]
-    if remote:
-        raise ValueError(
-            f"the doctor reads local shards; {remote[0]!r} is remote. Copy a few shards "
-            "locally to check them (a local folder whose name starts with pipe: is read as "
-            "a folder when written ./pipe:... or as an absolute path)."
-        )
+    check_local(
+        urls,
+        "the doctor reads local shards; {url!r} is remote. Copy a few shards locally to check them",
+    )
     report.shards = len(urls)
 
     def run(check: str, fn: Any, *args: Any) -> Any:
@@ -480,7 +483,7 @@ def diagnose(cfg: DoctorConfig) -> DoctorReport:
         )
     if cfg.seconds > 0:
         if shape_ok and report.ok:
-            run("loader", _measure_loader, cfg, num_samples, report)
+            run("loader", _measure_loader, cfg, num_samples, report, tokenize)
         else:
             report.checks["loader"] = "skipped (fix the problems first)"
     return report

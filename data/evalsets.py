@@ -33,7 +33,7 @@ from typing import Any
 import PIL.Image
 import webdataset as wds
 
-from clipline.data.shard_io import webdataset_samples
+from clipline.data.shard_io import shard_samples
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +477,7 @@ def _read_shards(
     # No node or worker splitting: the caller picks its samples by index (``part``), so that
     # the union of the parts is exactly the set, in order. Undecoded, so a part decodes only
     # its own images.
-    for index, sample in enumerate(webdataset_samples(paths)):
+    for index, sample in enumerate(shard_samples(paths)):
         if index % num_parts != part:
             continue
         image_key = next((k for k in _IMAGE_KEYS.split(";") if k in sample), None)

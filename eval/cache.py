@@ -116,7 +116,7 @@ class PixelCache:
 
     A run is scored again and again on the same eval sets (every ``eval_every`` steps in
     training, every checkpoint with ``clipline eval --run``), and the decoded, resized,
-    cropped pixels (:class:`~clipline.data.decode.BatchedNormalize`'s output) are the same
+    cropped pixels (:func:`~clipline.data.preprocess.eval_pixels`' output) are the same
     each time: keeping them makes every evaluation after the first read them back instead
     of decoding again. Costs ``N x 3 x H x W`` bytes of disk (150 KB per 224-px image:
     7.5 GB for ImageNet's 50,000 validation images).

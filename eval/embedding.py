@@ -19,8 +19,9 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from clipline.data.decode import BatchedNormalize, ImageNormalizer, stack_pixels
+from clipline.data.decode import ImageNormalizer, stack_pixels
 from clipline.data.evalsets import ImageLoader
+from clipline.data.preprocess import PreprocessConfig, eval_pixels
 from clipline.data.worker_signals import shield_worker, start_workers
 from clipline.eval.cache import PixelCache
 from clipline.eval.distributed import gather_objects, gather_rows
@@ -29,32 +30,38 @@ from clipline.eval.encoders import Encoders, embed_images, embed_texts
 # A set's ``indexed_items``: (part, num_parts) -> (index, image loader, target) for the
 # samples of that part.
 IndexedItems = Callable[[int, int], Iterator[tuple[int, ImageLoader, Any]]]
+# What evaluators are given to turn images into model input: the model's numbers (the
+# batched path below), or any callable from a PIL RGB image to its tensor ``[3, H, W]``.
+Preprocess = PreprocessConfig | Callable[[PIL.Image.Image], Tensor]
 
 
 class _PartBatches(torch.utils.data.IterableDataset):
     """Batches of one rank's samples, split again across loader workers.
 
-    With a transform of :class:`BatchedNormalize`'s shape (open_clip's eval transform) the
-    batches are uint8 pixels, normalised by the consumer once per batch (a quarter of the
-    bytes through worker shared memory); each image is decoded and resized on a pool of
+    With a :class:`~clipline.data.preprocess.PreprocessConfig` (the model's numbers: the
+    same pixels as open_clip's eval transform) the batches are uint8 pixels, normalised by
+    the consumer once per batch (a quarter of the bytes through worker shared memory); each
+    image is decoded and resized on a pool of
     ``torch.get_num_threads()`` threads (PIL releases the GIL), so with ``workers=0`` the
     evaluating process prepares a batch on all its cores, then runs the forward pass on
     all of them, in turn: the two never compete for a core, as a loader worker beside the
-    forward's threads does on a CPU-only machine. Any other transform runs per image, on
-    one thread, and gives float batches.
+    forward's threads does on a CPU-only machine. A callable runs per image, on one
+    thread, and gives float batches.
     """
 
     def __init__(
         self,
         items: IndexedItems,
-        preprocess: Callable[[PIL.Image.Image], Tensor],
+        preprocess: Preprocess,
         batch_size: int,
         rank: int,
         world_size: int,
     ):
         self.items, self.preprocess, self.batch_size = items, preprocess, batch_size
         self.rank, self.world_size = rank, world_size
-        self.split = BatchedNormalize.from_transform(preprocess)
+        self.split = preprocess if isinstance(preprocess, PreprocessConfig) else None
+        if self.split is not None:
+            self.split.validate()
 
     def __iter__(self) -> Iterator[tuple[list[int], Tensor, list[Any]]]:
         info = torch.utils.data.get_worker_info()
@@ -96,8 +103,8 @@ def _preprocessed(preprocess: Callable[[PIL.Image.Image], Tensor], load: ImageLo
     return preprocess(load())
 
 
-def _pixels(split: BatchedNormalize, load: ImageLoader) -> Tensor:
-    return split.pixels(load())
+def _pixels(split: PreprocessConfig, load: ImageLoader) -> Tensor:
+    return eval_pixels(split, load())
 
 
 def _stored_batches(
@@ -111,7 +118,7 @@ def _stored_batches(
 def embed_indexed_images(
     encoders: Encoders,
     items: IndexedItems,
-    preprocess: Callable[[PIL.Image.Image], Tensor],
+    preprocess: Preprocess,
     batch_size: int,
     *,
     labels: bool,
@@ -125,7 +132,8 @@ def embed_indexed_images(
     Args:
         encoders: The model.
         items: The set's ``indexed_items(part, num_parts)``.
-        preprocess: PIL image -> model input ``[3, H, W]``.
+        preprocess: The model's :class:`~clipline.data.preprocess.PreprocessConfig`
+            (batched uint8 path), or a PIL RGB image -> model input ``[3, H, W]`` callable.
         batch_size: Images per ``encode_image`` call.
         labels: Whether targets are integer labels (gathered as a tensor) rather than
             other objects such as caption lists (pickled). Decided by the caller, not by
@@ -136,8 +144,8 @@ def embed_indexed_images(
             (0: in this process, on a pool of ``torch.get_num_threads()`` threads between
             forward passes; the better choice without an accelerator).
         pixel_cache: Where this rank's preprocessed pixels are kept: read from there when
-            present, else written there on the way (transforms of
-            :class:`BatchedNormalize`'s shape only; others always run).
+            present, else written there on the way (with a ``PreprocessConfig`` only; a
+            callable always runs).
 
     Returns:
         ``(img_emb_ND, targets)``: unit float32 CPU embeddings and the per-sample targets

@@ -33,7 +33,7 @@ from clipline.eval.cache import (
     model_fingerprint,
 )
 from clipline.eval.distributed import all_ranks_agree, rank_and_world, same_on_all_ranks
-from clipline.eval.embedding import embed_all_texts, embed_indexed_images
+from clipline.eval.embedding import Preprocess, embed_all_texts, embed_indexed_images
 from clipline.eval.encoders import Encoders
 from clipline.eval.linear_probe import DEFAULT_C_GRID, linear_probe
 from clipline.eval.retrieval import check_captions, retrieval_from_embeddings
@@ -219,7 +219,7 @@ def register_evaluator(kind: str, task: type) -> Callable[[EvaluatorBuilder], Ev
 def build_evaluator(
     task: Task,
     *,
-    preprocess: Callable[[PIL.Image.Image], Tensor],
+    preprocess: Preprocess,
     tokenize: Callable[[list[str]], Tensor],
     distributed: bool = False,
     model_id: str | None = None,
@@ -235,7 +235,9 @@ def build_evaluator(
 
     Args:
         task: What to evaluate.
-        preprocess: Maps a PIL RGB image to the model's input tensor ``[3, H, W]``.
+        preprocess: The model's :class:`~clipline.data.preprocess.PreprocessConfig`
+            (``model.preprocess_config()``: batched, cacheable pixels), or any callable
+            from a PIL RGB image to the model's input tensor ``[3, H, W]``.
         tokenize: Maps a list of strings to token ids ``[B, L]``.
         distributed: Split the work across the ranks of the initialised process group
             (every rank must then call the evaluator); ignored without one.
@@ -328,7 +330,7 @@ def _pixel_cache(
     task: _Common,
     data_key: Callable[[], str],
     split: str | None,
-    preprocess: Callable,
+    preprocess: Preprocess,
     rank: int,
     world_size: int,
 ) -> PixelCache | None:

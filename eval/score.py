@@ -114,7 +114,7 @@ class RunSource:
     Attributes:
         checkpoints: The run's complete checkpoints as ``(step, folder)``, oldest first; a
             checkpoint still being written must never be listed.
-        load: ``(checkpoint folder, device) -> encoders`` with ``image_transform`` and
+        load: ``(checkpoint folder, device) -> encoders`` with ``preprocess_config()`` and
             ``tokenize`` (what ``clipline eval CHECKPOINT`` evaluates).
         finished: Whether the run has ended, so that no further checkpoint will come; it
             must turn true only after the final checkpoint is listed.
@@ -225,7 +225,7 @@ def _evaluate_checkpoint(
     model: Any, ckpt: Path, step: int, tasks: list[Task], hashes: dict[str, str]
 ) -> list[dict[str, Any]]:
     # The same calls as ``clipline eval CHECKPOINT``, so the numbers are the same.
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
     rows = []
     with torch.inference_mode():
         for task in tasks:

@@ -61,11 +61,14 @@ def _int_in(low: int, high: int | None = None):
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
-    from clipline.data.shards import ShardsConfig, index_shards, write_shards
+    from clipline.data.shard_index import index_shards
+    from clipline.data.shards import ShardsConfig, write_shards
+    from clipline.pretrain.model import count_clip_tokens
 
+    count_tokens = count_clip_tokens if args.token_stats else None
     if args.index_only:
         report = index_shards(
-            args.input, args.output_dir, workers=args.workers, token_stats=args.token_stats
+            args.input, args.output_dir, workers=args.workers, count_tokens=count_tokens
         )
         print(report.to_json())
         return 0
@@ -85,14 +88,16 @@ def _cmd_shards(args: argparse.Namespace) -> int:
             max_side=args.max_side,
             jpeg_quality=args.jpeg_quality,
             dedup=args.dedup,
-            token_stats=args.token_stats,
-        )
+        ),
+        count_tokens=count_tokens,
     )
     print(report.to_json())
     return 0
 
 
 def _cmd_data_doctor(args: argparse.Namespace) -> int:
+    import open_clip  # the default towers' tokenizer for the loader measurement: a real cost
+
     from clipline.data.decode import DecodeConfig
     from clipline.data.doctor import DoctorConfig, diagnose
 
@@ -110,7 +115,8 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             image_size=args.image_size,
             decode=decode,
-        )
+        ),
+        tokenize=open_clip.get_tokenizer("ViT-B-32"),
     )
     print(report.to_json() if args.json else report.to_text(args.shards))
     return 0 if report.ok else 1
@@ -214,7 +220,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     device = args.device or _default_device()
     model = load_encoders(args.model, device)
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
     results: dict[str, float] = {}
     with torch.inference_mode():
         for task in tasks:

@@ -27,7 +27,7 @@ import PIL.Image
 
 from clipline.data import classsets, evalsets
 from clipline.data.hints import did_you_mean
-from clipline.data.shards import csv_caption, table_delimiter
+from clipline.data.ingest import csv_caption, table_delimiter
 from clipline.eval.evaluators import BUILTIN_TEMPLATES, resolve_templates
 
 # What PIL raises on a file that is not a decodable image.

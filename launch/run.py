@@ -48,7 +48,7 @@ def build_evaluators(
 
     ``distributed``: each rank embeds its share of the data (every rank must call them).
     """
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
     return {
         task.name: build_evaluator(
             task, preprocess=preprocess, tokenize=model.tokenize, distributed=distributed
@@ -174,7 +174,7 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
     model = DualEncoder.from_config(cfg.model, **model_overrides(cfg.loss))
     loader = build_train_loader(
         cfg.data,
-        preprocess=model.image_transform(is_train=True),
+        preprocess=model.preprocess_config(),
         tokenize=model.tokenize,  # a picklable Tokenize: workers tokenise whole batches
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,

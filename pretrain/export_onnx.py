@@ -23,6 +23,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from clipline.data.preprocess import PreprocessConfig
 from clipline.pretrain.export_base import (
     EXPORT_FORMATS,
     ExportFormat,
@@ -30,7 +31,7 @@ from clipline.pretrain.export_base import (
     parity_inputs,
     tokenizer_info,
 )
-from clipline.pretrain.model import DualEncoder, Tokenize
+from clipline.pretrain.model import DualEncoder, Tokenize, open_clip_preprocess_config
 
 FORMAT = "clipline-onnx"
 VERSION = 1
@@ -177,6 +178,11 @@ class OnnxEncoders:
         tokenizer = SimpleTokenizer(context_length=info["context_length"])
         trim = self.meta["text"]["input"]["shape"][1] == "L"
         return Tokenize(tokenizer=tokenizer, pad_id=info["pad_id"], trim=trim)
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The export's image input as plain numbers, what the evaluators take (as a
+        :class:`DualEncoder` gives it)."""
+        return open_clip_preprocess_config(self.meta["preprocess"])
 
     def image_transform(self, is_train: bool = False):
         """open_clip's eval transform with the export's preprocessing (training: none)."""

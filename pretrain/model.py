@@ -9,6 +9,7 @@ itself loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,11 +20,13 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from open_clip.transformer import text_global_pool
+from open_clip.utils import to_2tuple
 from torch import nn
 from torch.nn import functional as F
 
+from clipline.data.preprocess import PreprocessConfig
 from clipline.pretrain.safe_load import check_safetensors, load_safetensors
 from clipline.pretrain.towers import build_tower
 
@@ -178,6 +181,60 @@ class Tokenize:
         return text_BL
 
 
+def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
+    """open_clip's preprocessing config as the numbers its ``image_transform`` uses.
+
+    Its training transform is a ``RandomResizedCrop`` with ``AugmentationCfg``'s scale,
+    torchvision's default aspect ratios and always bicubic; evaluation resizes with
+    ``interpolation`` (``"random"`` means bicubic there), except that a non-square
+    ``"shortest"`` size goes through its ``ResizeKeepRatio`` at its default, bicubic.
+    """
+    oc = PreprocessCfg(**cfg)
+    size = tuple(int(s) for s in to_2tuple(oc.size))
+    mean = oc.mean if isinstance(oc.mean, (list, tuple)) else (oc.mean,) * 3
+    std = oc.std if isinstance(oc.std, (list, tuple)) else (oc.std,) * 3
+    resize_mode = oc.resize_mode or "shortest"
+    if oc.interpolation not in ("bicubic", "bilinear", "random"):
+        raise ValueError(
+            f"model.preprocess.interpolation must be 'bicubic', 'bilinear' or 'random' (open_clip's "
+            f"choices), got {oc.interpolation!r}"
+        )
+    interpolation = "bilinear" if oc.interpolation == "bilinear" else "bicubic"
+    if resize_mode == "shortest" and size[0] != size[1]:
+        interpolation = "bicubic"
+    config = PreprocessConfig(
+        size=size,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        interpolation=interpolation,
+        resize_mode=resize_mode,
+        fill_color=int(oc.fill_color),
+        train_scale=tuple(float(s) for s in AugmentationCfg().scale),
+        train_ratio=(3.0 / 4.0, 4.0 / 3.0),  # torchvision's RandomResizedCrop default
+        train_interpolation="bicubic",
+    )
+    try:
+        config.validate()
+    except ValueError as e:  # the numbers come from the model's config: name it so
+        raise ValueError(f"model.{e}") from None
+    return config
+
+
+@functools.cache
+def _clip_bpe() -> Any:
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def count_clip_tokens(captions: list[str]) -> list[int]:
+    """CLIP BPE tokens per caption (open_clip's tokenizer, the one most towers use), without
+    the start and end tokens: the ``count_tokens`` of ``clipline shards --token-stats``.
+
+    Module-level, so that spawned shard writers receive it by name; each process builds the
+    tokenizer once.
+    """
+    return [len(_clip_bpe().encode(c)) for c in captions]
+
+
 class DualEncoder(nn.Module):
     """Image tower + text tower + learnable temperature, around an open_clip CLIP model.
 
@@ -260,6 +317,14 @@ class DualEncoder(nn.Module):
         """open_clip's preprocessing config (size, mean, std, interpolation, resize_mode)."""
         cfg = dict(open_clip.get_model_preprocess_cfg(self.clip))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The image input as plain numbers, for the training stream and the evaluators.
+
+        Read from open_clip's own preprocessing config, with the choices open_clip's
+        ``image_transform`` makes from it (see :func:`open_clip_preprocess_config`).
+        """
+        return open_clip_preprocess_config(self.preprocess_cfg)
 
     def image_transform(self, is_train: bool):
         """open_clip's train (random resized crop) or eval (resize + centre crop) transform."""

@@ -35,7 +35,7 @@ def micro_loader(cfg, rank: int = 0, world_size: int = 1):
     model = micro_model()
     return build_train_loader(
         cfg,
-        preprocess=model.image_transform(is_train=True),
+        preprocess=model.preprocess_config(),
         tokenize=model.tokenize,
         rank=rank,
         world_size=world_size,
@@ -85,7 +85,8 @@ def make_shards(
     out: Path, n: int = 96, per_shard: int = 16, seed: int = 0, image_size: int = 32
 ) -> Path:
     """Writes ``n`` generated (image, caption) pairs as shards; returns the shard folder."""
-    from clipline.data.shards import Sample, write_samples
+    from clipline.data.ingest import Sample
+    from clipline.data.shards import write_samples
     from clipline.data.sources import generate_shapes
 
     scenes = generate_shapes(n, seed=seed, image_size=image_size)

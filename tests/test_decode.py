@@ -19,17 +19,20 @@ from PIL import Image, ImageFile, JpegImagePlugin
 from clipline.data.decode import (
     CONVERSIONS,
     SKIP_REASONS,
-    CropSpec,
     DecodeConfig,
     Decoder,
-    read_shards,
     to_rgb,
 )
+from clipline.data.shard_io import shard_samples
 from clipline.data.stream import StreamConfig
+from clipline.pretrain.model import open_clip_preprocess_config
 from tests.helpers import micro_loader, micro_model
 
+# open_clip's training transforms, to compare with; the decoder gets only their numbers.
 TRAIN_224 = image_transform_v2(PreprocessCfg(size=224), is_train=True)
 TRAIN_32 = image_transform_v2(PreprocessCfg(size=32), is_train=True)
+NUMBERS_224 = open_clip_preprocess_config({"size": 224})
+NUMBERS_32 = open_clip_preprocess_config({"size": 32})
 
 
 # --------------------------------------------------------------------------- real files
@@ -121,8 +124,8 @@ CONVERTED = {
 }
 
 
-def _decode(members: dict, cfg: DecodeConfig | None = None, transform=TRAIN_32, seed: int = 0):
-    decoder = Decoder(cfg or DecodeConfig(), transform)
+def _decode(members: dict, cfg: DecodeConfig | None = None, preprocess=NUMBERS_32, seed: int = 0):
+    decoder = Decoder(cfg or DecodeConfig(), preprocess)
     skipped, converted = Counter(), Counter()
     out = decoder({"__key__": "k", **members}, seed=seed, skipped=skipped, converted=converted)
     return out, skipped, converted, decoder
@@ -161,7 +164,7 @@ def test_limits_are_configurable():
     assert _decode(members, DecodeConfig(min_image_size=48))[0] is not None
     assert _decode(members, DecodeConfig(max_pixels=64 * 48 - 1))[1] == {"image_too_large": 1}
     with pytest.raises(ValueError, match="max_pixels"):
-        Decoder(DecodeConfig(max_pixels=10**12), TRAIN_32)
+        Decoder(DecodeConfig(max_pixels=10**12), NUMBERS_32)
 
 
 def _pixels(img: Image.Image) -> np.ndarray:
@@ -219,7 +222,7 @@ def test_pixels_equal_open_clips_train_transform_given_the_same_seed(size, uint8
     # fallback. Draft decoding off: this is the exact path.
     jpg = _encode(photo(*size, seed=sum(size)), "JPEG", quality=90)
     cfg = DecodeConfig(draft=False, uint8_images=uint8_images)
-    decoder = Decoder(cfg, TRAIN_224)
+    decoder = Decoder(cfg, NUMBERS_224)
     images, expected = [], []
     for seed in range(4):
         torch.manual_seed(seed)
@@ -236,15 +239,24 @@ def test_pixels_equal_open_clips_train_transform_given_the_same_seed(size, uint8
     assert torch.equal(decoder.model_input(batch), torch.stack(expected))
 
 
-def test_the_model_transform_is_recognised_and_others_run_as_given():
-    spec = CropSpec.from_transform(micro_model().image_transform(is_train=True))
-    assert spec is not None and spec.size_hw == (32, 32) and spec.scale == (0.9, 1.0)
-    eval_transform = micro_model().image_transform(is_train=False)
-    assert CropSpec.from_transform(eval_transform) is None
-    out, skipped, _, decoder = _decode({"jpg": GOOD_JPEG, "txt": b"x"}, transform=eval_transform)
-    expected = eval_transform(Image.open(io.BytesIO(GOOD_JPEG)).convert("RGB"))
-    assert torch.equal(out[1], expected) and out[1].dtype == torch.float32
-    assert decoder.collate([out[1]]).dtype == torch.float32  # uint8_images is ignored
+def test_the_models_numbers_reproduce_its_own_train_transform():
+    # launch hands the stream model.preprocess_config(), never the model's transform.
+    model = micro_model()
+    numbers = model.preprocess_config()
+    assert numbers.size == (32, 32) and numbers.train_scale == (0.9, 1.0)
+    assert numbers.train_ratio == (3 / 4, 4 / 3) and numbers.train_interpolation == "bicubic"
+    transform = model.image_transform(is_train=True)
+    jpg = _encode(photo(90, 70, seed=2), "JPEG", quality=90)
+    decoder = Decoder(DecodeConfig(draft=False), numbers)
+    for seed in range(3):
+        out = decoder({"__key__": "k", "jpg": jpg, "txt": b"x"}, seed=seed, **_counters())
+        torch.manual_seed(seed)
+        expected = transform(Image.open(io.BytesIO(jpg)).convert("RGB"))
+        assert torch.equal(decoder.model_input(decoder.collate([out[1]])), expected[None])
+
+
+def _counters() -> dict[str, Counter]:
+    return {"skipped": Counter(), "converted": Counter()}
 
 
 def test_large_jpegs_are_draft_decoded_with_the_same_crop(monkeypatch):
@@ -257,8 +269,8 @@ def test_large_jpegs_are_draft_decoded_with_the_same_crop(monkeypatch):
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     jpg = _encode(photo(1024, 1024, seed=5), "JPEG", quality=90)
-    exact = Decoder(DecodeConfig(draft=False), TRAIN_224)
-    drafted = Decoder(DecodeConfig(), TRAIN_224)
+    exact = Decoder(DecodeConfig(draft=False), NUMBERS_224)
+    drafted = Decoder(DecodeConfig(), NUMBERS_224)
     args = {"skipped": Counter(), "converted": Counter()}
     for seed in range(3):
         a = exact({"__key__": "k", "jpg": jpg, "txt": b"x"}, seed=seed, **args)[1]
@@ -318,7 +330,7 @@ def test_a_truncated_shard_is_counted_and_the_next_shard_is_read(tmp_path, cut_a
     # The next shard reuses the keys: its samples must not merge into the cut one.
     nxt = write_tar(tmp_path / "next.tar", samples)
     counts = Counter()
-    keys = [s["__key__"] for s in read_shards([str(cut), str(nxt)], counts)]
+    keys = [s["__key__"] for s in shard_samples([str(cut), str(nxt)], counts=counts)]
     assert keys == ["a0", "a1", "a0", "a1", "a2"]  # a2 of the cut shard is dropped
     assert counts == Counter({"truncated_tar": 1})
 
@@ -333,7 +345,7 @@ def test_unreadable_shards_are_counted_and_skipped(tmp_path):
     (tmp_path / "empty.tar").write_bytes(b"")
     urls = [str(tmp_path / n) for n in ("missing.tar", "garbled.tar", "empty.tar", "good.tar")]
     counts = Counter()
-    keys = [s["__key__"] for s in read_shards(urls, counts)]
+    keys = [s["__key__"] for s in shard_samples(urls, counts=counts)]
     assert keys == ["g0", "g1"]
     assert counts == Counter({"shard_read_error": 3})
 
@@ -399,7 +411,7 @@ def test_a_sample_with_several_captions_trains_on_one_per_seed():
     from clipline.data.decode import DecodeConfig, Decoder
 
     model = micro_model()
-    decoder = Decoder(DecodeConfig(), model.image_transform(True))
+    decoder = Decoder(DecodeConfig(), model.preprocess_config())
     sample = {
         "__key__": "k",
         "jpg": _encode(photo(64, 48), "JPEG"),

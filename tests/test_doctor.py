@@ -9,6 +9,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import open_clip
 import pytest
 from PIL import Image
 
@@ -139,7 +140,10 @@ def test_too_few_shards_for_workers_and_ranks(healthy: Path, capsys) -> None:
 
 
 def test_diagnose_api_and_missing_folder(tmp_path: Path) -> None:
-    report = diagnose(DoctorConfig(shards=str(tmp_path / "nope"), seconds=0))
+    report = diagnose(
+        DoctorConfig(shards=str(tmp_path / "nope"), seconds=0),
+        tokenize=open_clip.get_tokenizer("ViT-B-32"),
+    )
     assert not report.ok and report.problems[0].check == "shards"
     assert "nope" in report.to_text()
 

@@ -62,7 +62,7 @@ def evaluate_all(model, tasks: list, distributed: bool) -> dict[str, float]:
         for task in tasks:
             evaluate = build_evaluator(
                 task,
-                preprocess=model.image_transform(is_train=False),
+                preprocess=model.preprocess_config(),
                 tokenize=model.tokenize,
                 distributed=distributed,
             )
@@ -74,7 +74,7 @@ def gathered_embeddings(model, root: Path, distributed: bool):
     rank, world_size = rank_and_world(distributed)
     source = classsets.open_classification_set("wds", root / "zs")
     return embed_indexed_images(
-        model, source.indexed_items, model.image_transform(is_train=False), 3,
+        model, source.indexed_items, model.preprocess_config(), 3,
         labels=True, rank=rank, world_size=world_size,
     )  # fmt: skip
 

@@ -283,9 +283,9 @@ def test_linear_probe_task_on_wds_train_and_test_splits(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, workers):
-    # open_clip's eval transform is split at ToTensor: PIL steps per image (on a thread
-    # pool, or in loader workers), /255 + Normalize once per batch into a reused buffer.
-    from clipline.data.decode import BatchedNormalize
+    # The model's numbers give open_clip's eval transform split at ToTensor: PIL steps per
+    # image (on a thread pool, or in loader workers), /255 + Normalize once per batch into a
+    # reused buffer.
     from clipline.eval import embed_indexed_images
     from tests.helpers import micro_model
 
@@ -300,7 +300,6 @@ def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, work
     )  # fmt: skip
     model = micro_model().eval()
     transform = model.image_transform(is_train=False)
-    assert BatchedNormalize.from_transform(transform) is not None
     source = evalsets.read_classification_set(tmp_path)
     seen = []
 
@@ -310,8 +309,9 @@ def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, work
             return model.encode_image(image_BCHW)
 
     emb_ND, labels = embed_indexed_images(
-        Recording(), source.indexed_items, transform, 4, labels=True, workers=workers
-    )
+        Recording(), source.indexed_items, model.preprocess_config(), 4, labels=True,
+        workers=workers,
+    )  # fmt: skip
     expected = torch.stack([transform(image) for image, _ in source.samples()])
     assert labels == [i % 3 for i in range(15)]
     if workers == 0:  # batches in set order: each one equals the transform's, bit for bit
@@ -360,11 +360,11 @@ def test_pixel_cache_skips_decoding_for_the_next_checkpoint(tmp_path, monkeypatc
     real = evalsets.rgb_from_bytes
     monkeypatch.setattr(evalsets, "rgb_from_bytes", lambda data: decoded.append(1) or real(data))
     checkpoints = [micro_model(seed=s).eval() for s in (0, 1)]
-    transform = checkpoints[0].image_transform(is_train=False)
+    preprocess = checkpoints[0].preprocess_config()
 
     def evaluator(cache_dir):
         task = ZeroShotTask(name="z", root=str(tmp_path / "set"), batch_size=4, cache_dir=cache_dir)
-        return build_evaluator(task, preprocess=transform, tokenize=checkpoints[0].tokenize)
+        return build_evaluator(task, preprocess=preprocess, tokenize=checkpoints[0].tokenize)
 
     with torch.no_grad():
         expected = [evaluator(None)(m) for m in checkpoints]
@@ -399,7 +399,7 @@ def test_an_interrupted_evaluation_leaves_no_pixel_cache(tmp_path):
     task = ZeroShotTask(name="z", format="folder", root=str(tmp_path / "set"), templates="simple",
                         batch_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
     evaluate = build_evaluator(
-        task, preprocess=model.image_transform(is_train=False), tokenize=model.tokenize,
+        task, preprocess=model.preprocess_config(), tokenize=model.tokenize,
         model_id="failing",
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):

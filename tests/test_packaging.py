@@ -15,21 +15,42 @@ ALLOWED = {
     "eval": {"data"},
     "launch": {"data", "pretrain", "eval", "launch"},
 }
+# Libraries a folder must not import: data/ knows no model (it gets a PreprocessConfig of
+# plain numbers and a tokenize callable from launch/, built there from the model).
+FORBIDDEN = {"data": {"open_clip", "open_clip_train", "timm"}}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an import in ``path`` names: module level or inside a function, by
+    ``import``/``from`` or by ``importlib.import_module``/``__import__`` with a literal."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.add(node.args[0].value)
+    return found
 
 
 def _clipline_imports(path: Path) -> set[str]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "clipline" and len(parts) > 1:
-                found.add(parts[1])
+    for name in _imported_modules(path):
+        parts = name.split(".")
+        if parts[0] == "clipline" and len(parts) > 1:
+            found.add(parts[1])
     return found
+
+
+def _forbidden_imports(path: Path, package: str) -> set[str]:
+    return {n for n in _imported_modules(path) if n.split(".")[0] in FORBIDDEN.get(package, ())}
 
 
 def test_imports_form_the_documented_dag():
@@ -37,6 +58,27 @@ def test_imports_form_the_documented_dag():
         for path in (REPO / package).rglob("*.py"):
             bad = _clipline_imports(path) - allowed - {package}
             assert not bad, f"{path.relative_to(REPO)} imports clipline.{bad}; allowed: {allowed}"
+            bad = _forbidden_imports(path, package)
+            assert not bad, (
+                f"{path.relative_to(REPO)} imports {sorted(bad)}; {package}/ may not import "
+                f"{sorted(FORBIDDEN[package])}"
+            )
+
+
+def test_the_dag_check_sees_function_local_and_dynamic_imports(tmp_path):
+    # What data/ used to do (a tokenizer imported on demand), and the other spellings.
+    for source in [
+        "def f():\n    from open_clip.tokenizer import SimpleTokenizer\n",
+        "import timm.data\n",
+        "def g():\n    import open_clip\n",
+        "import importlib\nimportlib.import_module('open_clip')\n",
+        "__import__('timm')\n",
+    ]:
+        path = tmp_path / "m.py"
+        path.write_text(source)
+        assert _forbidden_imports(path, "data"), source
+    path.write_text("from .decode import Decoder\nimport torchvision\n")
+    assert not _forbidden_imports(path, "data")
 
 
 def test_wheel_installs_only_the_clipline_namespace(tmp_path):

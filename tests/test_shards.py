@@ -14,14 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipline.data.shards import (
-    Sample,
-    ShardsConfig,
-    list_shards,
-    read_manifest,
-    write_samples,
-    write_shards,
-)
+from clipline.data.ingest import Sample
+from clipline.data.shard_io import list_shards, read_manifest
+from clipline.data.shards import ShardsConfig, write_samples, write_shards
 from clipline.launch.cli import main
 
 

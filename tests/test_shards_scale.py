@@ -15,15 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipline.data.shards import (
-    ShardsConfig,
-    index_shards,
-    length_stats,
-    list_shards,
-    read_manifest,
-    sample_captions,
-    write_shards,
-)
+from clipline.data.shard_index import index_shards
+from clipline.data.shard_io import list_shards, read_manifest
+from clipline.data.shards import ShardsConfig, length_stats, sample_captions, write_shards
 from clipline.launch.cli import main
 
 
@@ -179,6 +173,8 @@ def test_several_captions_and_caption_stats(manifest: Path, tmp_path: Path) -> N
 def test_token_stats_count_clip_bpe_tokens(tmp_path: Path) -> None:
     from open_clip.tokenizer import SimpleTokenizer
 
+    from clipline.pretrain.model import count_clip_tokens
+
     (tmp_path / "a.jpg").write_bytes(_jpeg((1, 2, 3), (8, 8)))
     long = " ".join(["word"] * 80)
     lines = [{"filepath": "a.jpg", "caption": ["a dog", long]}]
@@ -186,15 +182,20 @@ def test_token_stats_count_clip_bpe_tokens(tmp_path: Path) -> None:
     jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
     plain = write_shards(ShardsConfig(input=str(jsonl), output_dir=str(tmp_path / "a")))
     assert "tokens" not in plain.captions, "off by default"
-    cfg = ShardsConfig(input=str(jsonl), output_dir=str(tmp_path / "b"), token_stats=True)
-    caps = write_shards(cfg).captions
+    cfg = ShardsConfig(input=str(jsonl), output_dir=str(tmp_path / "b"))
+    caps = write_shards(cfg, count_tokens=count_clip_tokens).captions
     n_long = len(SimpleTokenizer().encode(long))
     assert caps["tokens"]["min"] == 2 and caps["tokens"]["max"] == n_long
     assert caps["over_77_tokens"] == 1
     assert (
-        index_shards(tmp_path / "a", tmp_path / "idx", token_stats=True).captions["over_77_tokens"]
+        index_shards(tmp_path / "a", tmp_path / "idx", count_tokens=count_clip_tokens).captions[
+            "over_77_tokens"
+        ]
         == 0
     )  # an index sees txt: the first caption only
+    # The CLI passes open_clip's tokenizer by name into spawned writer processes.
+    assert main(["shards", str(jsonl), str(tmp_path / "c"), "--token-stats", "--workers", "2"]) == 0
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["captions"] == caps
 
 
 def test_length_stats_nearest_rank() -> None:
@@ -354,12 +355,13 @@ def test_index_existing_shards_in_place(img2dataset_dir: Path) -> None:
     assert json.loads((d / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 2}
 
     # The stream reads them as they are: png samples included, the caption-less one dropped.
+    from clipline.data.preprocess import PreprocessConfig
     from clipline.data.stream import StreamConfig, build_train_loader
 
     cfg = StreamConfig(shards=str(d), batch_size=2, workers=0, shuffle_buffer=1)
     loader = build_train_loader(
         cfg,
-        preprocess=lambda im: torch.zeros(3, 4, 4),
+        preprocess=PreprocessConfig(size=(4, 4)),
         tokenize=lambda caps: torch.zeros(len(caps), 4, dtype=torch.long),
         rank=0,
         world_size=1,

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from clipline.data import demo_data, sources
-from clipline.data.shards import list_shards
+from clipline.data.shard_io import list_shards
 
 EMOJI_SNIPPET = """\
 # group: Smileys & Emotion

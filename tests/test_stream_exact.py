@@ -75,9 +75,9 @@ def _epoch_counts(loader, epoch: int) -> Counter:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_lost_shard_data_is_counted_per_sample_lost(tmp_path, workers, monkeypatch):
-    import clipline.data.stream as stream
+    from clipline.data import shard_io
 
-    monkeypatch.setattr(stream, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(shard_io, "RETRY_SECONDS", 0.01)
     shards = make_shards(tmp_path / "s", n=52, per_shard=13)
     _cut(shards / "000003.tar", sample=7)  # one truncation, 6 samples lost
     cfg = StreamConfig(shards=str(shards), batch_size=4, workers=workers, shuffle_buffer=8)

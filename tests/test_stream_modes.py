@@ -4,7 +4,8 @@ import logging
 
 import pytest
 
-from clipline.data.shards import Sample, write_samples
+from clipline.data.ingest import Sample
+from clipline.data.shards import write_samples
 from clipline.data.sources import generate_shapes
 from clipline.data.stream import SourceConfig, StreamConfig, epoch_shape
 from clipline.launch.config import load_run_config

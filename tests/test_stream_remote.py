@@ -87,9 +87,9 @@ def test_a_missing_shard_in_an_exact_epoch_is_a_clear_error(served):
 
 def test_an_unreachable_shard_costs_its_samples_not_the_run(served, monkeypatch):
     # Resampled mode: the shard is retried, then given up; its samples are replaced.
-    import clipline.data.stream as stream
+    from clipline.data import shard_io
 
-    monkeypatch.setattr(stream, "RETRY_SECONDS", 0.01)
+    monkeypatch.setattr(shard_io, "RETRY_SECONDS", 0.01)
     shards, url = served
     spec = f"{url}/{{000000..000003}}.tar"
     cfg = StreamConfig(

@@ -86,16 +86,16 @@ def test_resampled_resume_continues_the_seeded_sequence(shards):
 
 def test_resume_reads_only_what_is_left(shards, monkeypatch):
     """O(1): a resumed worker opens no shard whose samples were all consumed."""
-    import clipline.data.stream as stream
+    from clipline.data import shard_io
 
     opened = []
-    real_open = stream.open_shard
+    real_open = shard_io.open_shard
 
     def recording_open(url, **kwargs):
         opened.append(url)
         return real_open(url, **kwargs)
 
-    monkeypatch.setattr(stream, "open_shard", recording_open)
+    monkeypatch.setattr(shard_io, "open_shard", recording_open)
     loader = _loader(shards, workers=0, shuffle_buffer=1)  # read order == emit order
     _, state = _take(loader, 0, 20)
     plan = loader.stream.plan(0, state["chain"])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from clipline.data import evalsets
-from clipline.data.decode import read_shard
+from clipline.data.shard_io import shard_samples
 from clipline.data.sources import generate_shapes
 from clipline.data.stream import StreamConfig, epoch_shape
 from clipline.launch.cli import main
@@ -159,7 +159,7 @@ def test_pipe_urls_run_only_with_allow_pipe(ws, tmp_path, monkeypatch, capsys) -
     with pytest.raises(ValueError, match="data.allow_pipe=true"):
         epoch_shape(StreamConfig(shards=cmd, workers=0), 1)
     with pytest.raises(ValueError, match="pipe: URL"):
-        list(read_shard(cmd, Counter()))
+        list(shard_samples([cmd], counts=Counter()))
     recipe = micro_recipe(cmd, tmp_path / "run")
     (tmp_path / "r.toml").write_text(to_toml(recipe))
     assert main(["pretrain", "--recipe", str(tmp_path / "r.toml"), "--dry-run"]) == 2

@@ -199,7 +199,8 @@ def _zeroshot_set(root: Path, n: int, size: int) -> Path:
 
 def bench_zeroshot(a: argparse.Namespace) -> dict:
     from clipline.data import evalsets
-    from clipline.data.decode import BatchedNormalize, ImageNormalizer, stack_pixels
+    from clipline.data.decode import ImageNormalizer, stack_pixels
+    from clipline.data.preprocess import eval_pixels
     from clipline.eval import ZeroShotTask, build_evaluator
     from clipline.pretrain.model import DualEncoder, ModelConfig
 
@@ -212,10 +213,11 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
     root = _zeroshot_set(Path(a.cache_dir), a.zeroshot_images, a.image_size)
     torch.manual_seed(0)
     model = DualEncoder.from_config(ModelConfig(name=name)).eval()
-    preprocess = model.image_transform(is_train=False)
+    preprocess = model.preprocess_config()
+    transform = model.image_transform(is_train=False)
     source = evalsets.read_classification_set(root)
     images = [
-        preprocess(image)
+        transform(image)
         for (image, _), _ in zip(source.samples(), range(a.zeroshot_batch), strict=False)
     ]
     batch_BCHW = torch.stack(images)
@@ -251,13 +253,11 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
     # CPU cost per image of each side, on one thread (what they compete for).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    split = BatchedNormalize.from_transform(preprocess)
-    assert split is not None, "the model's eval transform is not open_clip's"
-    normalize = ImageNormalizer(split.mean, split.std)
+    normalize = ImageNormalizer(preprocess.mean, preprocess.std)
     n_data = 4 * a.zeroshot_batch
     with Timed() as t_data:
         pixels = [
-            split.pixels(load())
+            eval_pixels(preprocess, load())
             for (_, load, _), _ in zip(source.indexed_items(), range(n_data), strict=False)
         ]
         for start in range(0, len(pixels), a.zeroshot_batch):

@@ -73,7 +73,8 @@ def ensure_shards(cache_dir: Path, size: int, num_pairs: int, num_shards: int) -
     """Shards of ``num_pairs`` ``size``-px JPEG pairs under ``cache_dir``, written once."""
     import numpy as np
 
-    from clipline.data.shards import Sample, write_samples
+    from clipline.data.ingest import Sample
+    from clipline.data.shards import write_samples
     from clipline.data.sources import generate_shapes
 
     out = cache_dir / f"shards-{size}px"
@@ -144,9 +145,9 @@ def _open_clip_loader(spec: dict):
 def _clipline_loader(spec: dict):
     from clipline.data.decode import DecodeConfig
     from clipline.data.stream import StreamConfig, build_train_loader
-    from clipline.pretrain.model import Tokenize
+    from clipline.pretrain.model import Tokenize, open_clip_preprocess_config
 
-    transform, tokenizer = _transform_and_tokenizer()
+    _, tokenizer = _transform_and_tokenizer()
     cfg = StreamConfig(
         shards=spec["shards"],
         batch_size=spec["batch_size"],
@@ -159,7 +160,8 @@ def _clipline_loader(spec: dict):
     )
     loader = build_train_loader(
         cfg,
-        preprocess=transform,
+        # The numbers of the same open_clip transform the open_clip loader gets.
+        preprocess=open_clip_preprocess_config({"size": 224}),
         tokenize=Tokenize(tokenizer=tokenizer, pad_id=0, trim=True),
         rank=0,
         world_size=1,

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipline.data.shards import ShardsConfig, list_shards, write_shards
+from clipline.data.shard_io import list_shards
+from clipline.data.shards import ShardsConfig, write_shards
 
 
 def make_input(folder: Path, n: int, size: int) -> Path:

@@ -27,7 +27,7 @@ save_file(
 # The embedding cache across ranks: the second call loads on every rank, embeds nothing.
 cached = build_evaluator(
     RetrievalTask(name="ret", root=str(data / "ret"), batch_size=3, cache_dir=str(out / "cache")),
-    preprocess=model.image_transform(is_train=False),
+    preprocess=model.preprocess_config(),
     tokenize=model.tokenize,
     distributed=True,
     model_id="micro-0",

@@ -32,7 +32,7 @@ for mode, few in (("exact", "error"), ("resampled", "error"), ("exact", "resampl
     )
     loader = build_train_loader(
         cfg,
-        preprocess=model.image_transform(True),
+        preprocess=model.preprocess_config(),
         tokenize=model.tokenize,
         rank=rank,
         world_size=world,
