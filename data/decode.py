@@ -116,7 +116,7 @@ class DecodeConfig:
     draft_oversample: float = 2.0
     uint8_images: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Raises ValueError naming the bad value and the fix."""
         if self.min_image_size < 1:
             raise ValueError(f"data.decode.min_image_size must be >= 1, got {self.min_image_size}")
@@ -263,7 +263,6 @@ class Decoder:
     """
 
     def __init__(self, cfg: DecodeConfig, preprocess: PreprocessConfig):
-        cfg.validate()
         preprocess.validate()
         self.cfg, self.preprocess = cfg, preprocess
         self._skipped_in_a_row = 0

@@ -435,7 +435,6 @@ def diagnose(cfg: DoctorConfig, *, tokenize: Callable[[list[str]], torch.Tensor]
             f"world_size={cfg.world_size}, batch_size={cfg.batch_size} and "
             f"workers={cfg.workers} must be >= 1, >= 1 and >= 0"
         )
-    cfg.decode.validate()
     try:
         urls = list_shards(cfg.shards)
     except ValueError as e:

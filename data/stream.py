@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
 from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
+from clipline.data.hints import check_choices
 from clipline.data.preprocess import PreprocessConfig
 from clipline.data.shard_io import TarSamples, open_retrying, shard_sizes
 from clipline.data.stream_plan import (
@@ -91,6 +92,13 @@ class SourceConfig:
     shards: str
     weight: float = 1.0
     manifest: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(
+                f"data.sources weight must be > 0, got {self.weight} for {self.shards!r}; "
+                "give each source a positive share of the stream"
+            )
 
 
 @dataclass(kw_only=True)
@@ -137,6 +145,14 @@ class StreamConfig:
     allow_pipe: bool = False
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
+    def __post_init__(self) -> None:
+        check_choices(self, "data")
+        if self.batch_size <= 0:
+            raise ValueError(f"data.batch_size must be > 0, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        self.resolved_sources()  # shards xor sources, weights only when resampling
+
     def resolved_sources(self) -> list[SourceConfig]:
         """The sources, with the ``shards`` shorthand expanded; checks the combination.
 
@@ -150,9 +166,6 @@ class StreamConfig:
                 f"got shards={self.shards!r} and {len(self.sources)} sources"
             )
         sources = self.sources or [SourceConfig(shards=self.shards, manifest=self.manifest)]
-        for i, src in enumerate(sources):
-            if not src.weight > 0:
-                raise ValueError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
         if self.mode == "exact":
             weighted = [s.weight for s in sources if s.weight != 1.0]
             if weighted:

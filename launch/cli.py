@@ -101,10 +101,8 @@ def _cmd_data_doctor(args: argparse.Namespace) -> int:
     from clipline.data.decode import DecodeConfig
     from clipline.data.doctor import DoctorConfig, diagnose
 
-    decode = DecodeConfig()
-    for name in ("max_pixels", "min_image_size"):
-        if getattr(args, name) is not None:
-            setattr(decode, name, getattr(args, name))
+    given = {n: getattr(args, n) for n in ("max_pixels", "min_image_size")}
+    decode = DecodeConfig(**{n: v for n, v in given.items() if v is not None})
     report = diagnose(
         DoctorConfig(
             shards=args.shards,

@@ -50,56 +50,19 @@ class RunConfig:
     linear_probe: list[LinearProbeTask] = field(default_factory=list)
 
     def validate(self) -> None:
-        """Cross-field rules; per-field types were checked while building.
+        """Rules across components; each component config checked its own fields when built.
 
         Raises:
             ValueError: naming the offending values and the fix.
         """
-        if (self.loop.steps is None) == (self.loop.epochs is None):
-            raise ValueError(
-                f"set exactly one of loop.steps and loop.epochs (got steps={self.loop.steps}, "
-                f"epochs={self.loop.epochs})"
-            )
-        positive = {
-            "data.batch_size": self.data.batch_size,
-            "loop.log_every": self.loop.log_every,
-            "loop.keep_last": self.loop.keep_last,
-            "loop.max_nonfinite": self.loop.max_nonfinite,
-            "loop.accum_steps": self.loop.accum_steps,
-            "optim.lr": self.optim.lr,
-        }
-        if self.loop.steps is not None:
-            positive["loop.steps"] = self.loop.steps
-        if self.loop.epochs is not None:
-            positive["loop.epochs"] = self.loop.epochs
-        for key, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{key} must be > 0, got {value}")
-        if self.data.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.data.workers}")
-        self.data.resolved_sources()  # shards xor sources, weights only when resampling
         if self.loop.steps is not None and self.optim.warmup_steps >= self.loop.steps:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} leaves no decay within "
                 f"loop.steps={self.loop.steps}; lower optim.warmup_steps"
             )
-        if not 0.0 <= self.model.patch_dropout < 1.0:
-            raise ValueError(
-                f"model.patch_dropout must be in [0, 1), got {self.model.patch_dropout}"
-            )
-        if self.model.lock_image_unlocked_groups and not self.model.lock_image:
-            raise ValueError(
-                "model.lock_image_unlocked_groups is only read with model.lock_image=true"
-            )
-        if self.optim.schedule == "constant_cooldown" and self.optim.cooldown_steps <= 0:
-            raise ValueError(
-                "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
-                f"{self.optim.cooldown_steps}"
-            )
         names = [t.name for t in self.tasks()]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
-        self.model.resolve()  # unknown model names fail here, before any data is read
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

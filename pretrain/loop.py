@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch.utils.tensorboard import SummaryWriter
 
+from clipline.data.hints import check_choices
 from clipline.data.progress import progress
 from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
 from clipline.pretrain import console
@@ -95,11 +96,23 @@ class LoopConfig:
     peak_tflops: float | None = None
     wandb_project: str | None = None
 
+    def __post_init__(self) -> None:
+        check_choices(self, "loop")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(
+                f"set exactly one of loop.steps and loop.epochs (got steps={self.steps}, "
+                f"epochs={self.epochs})"
+            )
+        for key in ("steps", "epochs", "log_every", "keep_last", "max_nonfinite", "accum_steps"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"loop.{key} must be > 0, got {value}")
+
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run, given micro-batches per epoch on each rank."""
         if self.steps is not None:
             return self.steps
-        assert self.epochs is not None  # RunConfig.validate guarantees exactly one
+        assert self.epochs is not None  # __post_init__ guarantees exactly one
         return max(1, math.ceil(self.epochs * batches_per_epoch / self.accum_steps))
 
 

@@ -78,6 +78,15 @@ class ModelConfig:
     image_tower_weights: str | None = None
     text_tower: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.lock_image_unlocked_groups and not self.lock_image:
+            raise ValueError(
+                "model.lock_image_unlocked_groups is only read with model.lock_image=true"
+            )
+        self.resolve()  # unknown model and tower names fail here, before any data is read
+
     def resolve(self) -> dict[str, Any]:
         """Returns the open_clip model config: the named one with any tower replaced.
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clipline.data.hints import check_choices
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,16 @@ class OptimConfig:
     schedule: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
     cooldown_steps: int = 0
     grad_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choices(self, "optim")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.schedule == "constant_cooldown" and self.cooldown_steps <= 0:
+            raise ValueError(
+                "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
+                f"{self.cooldown_steps}"
+            )
 
 
 def _open_clip_exempt(name: str, p: nn.Parameter) -> bool:
