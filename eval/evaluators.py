@@ -77,11 +77,15 @@ class _Common:
     workers: int = 0
     cache_dir: str | None = None
 
+    def _key(self, field: str) -> str:
+        # Tasks sit in lists ([[zeroshot]], --zeroshot): the task's name says which one.
+        return f"evaluation {self.name!r}: {field}"
+
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}; it must be at least 1")
+            raise ValueError(f"{self._key('batch_size')}={self.batch_size}; it must be at least 1")
         if self.workers < 0:
-            raise ValueError(f"workers={self.workers}; it must be 0 or more")
+            raise ValueError(f"{self._key('workers')}={self.workers}; it must be 0 or more")
 
 
 @dataclass(kw_only=True)
@@ -107,7 +111,9 @@ class _ClassificationData(_Common):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.format not in classsets.FORMATS:
-            raise ValueError(f"format={self.format!r}; use one of {list(classsets.FORMATS)}")
+            raise ValueError(
+                f"{self._key('format')}={self.format!r}; use one of {list(classsets.FORMATS)}"
+            )
 
     def open(self, split: str | None) -> classsets.ClassificationSource:
         return classsets.open_classification_set(
@@ -182,7 +188,9 @@ class RetrievalTask(_Common):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"ks={self.ks!r}; give one or more k values, each at least 1")
+            raise ValueError(
+                f"{self._key('ks')}={self.ks!r}; give one or more k values, each at least 1"
+            )
 
 
 Task = ZeroShotTask | RetrievalTask | LinearProbeTask

@@ -60,9 +60,15 @@ BAD = [
     (lambda: LoopConfig(steps=5, keep_last=0), r"loop.keep_last must be > 0, got 0"),
     (lambda: LoopConfig(steps=5, max_nonfinite=0), r"loop.max_nonfinite must be > 0, got 0"),
     (lambda: LoopConfig(steps=5, mixed_precision="fp8"), r"loop.mixed_precision: 'fp8'"),
-    (lambda: ZeroShotTask(name="z", root="/r", batch_size=0), r"batch_size=0; it must be"),
-    (lambda: LinearProbeTask(name="p", root="/r", workers=-1), r"workers=-1; it must be 0"),
-    (lambda: RetrievalTask(name="r", root="/r", ks=(0,)), r"ks=\(0,\); give one or more k"),
+    (
+        lambda: ZeroShotTask(name="z", root="/r", batch_size=0),
+        r"evaluation 'z': batch_size=0; it must",
+    ),
+    (
+        lambda: LinearProbeTask(name="p", root="/r", workers=-1),
+        r"evaluation 'p': workers=-1; it must",
+    ),
+    (lambda: RetrievalTask(name="r", root="/r", ks=(0,)), r"evaluation 'r': ks=\(0,\); give"),
 ]
 
 
