@@ -18,6 +18,12 @@ the same for k=1 and k=10). Exact search here scores with torch too and takes th
 equal, so that the tied items that make the top k are the ones clip_benchmark's make. A rank
 counts only strictly higher scores (``1 +`` the number of gallery items scoring above the best
 positive): ties are in the query's favour, whatever the order.
+
+Shape suffixes: ``Q`` queries, ``G`` gallery items, ``D`` the embedding dimension, ``K`` the
+items of a top-k list, ``S`` the queries sampled to measure an approximate index; a set has
+``N`` images and ``T`` texts (``B`` images a batch, ``C``/``H``/``W`` their channels, height and
+width). Exact search scores ``M`` queries at a time, keeps their ``J`` best items (the largest
+k + 1) and looks again at the ``R`` rows tied at the k-th place.
 """
 
 from __future__ import annotations
@@ -120,10 +126,10 @@ def search_metrics(
     faiss_index = build_index(gallery_GD, index)
     start = time.perf_counter()
     if faiss_index is None:
-        hit_KQ, rank_Q = _exact_hits_and_ranks(
+        hit_Q_at, rank_Q = _exact_hits_and_ranks(
             query_QD, gallery_GD, query_labels_Q, gallery_labels_G, ks
         )
-        metrics = {f"recall@{k}": float(hit_KQ[k].mean()) for k in ks}
+        metrics = {f"recall@{k}": float(hit_Q_at[k].mean()) for k in ks}
         if ranks:
             found = rank_Q[~np.isnan(rank_Q)]
             metrics["mean_rank"] = float(found.mean()) if len(found) else float("nan")
@@ -200,29 +206,29 @@ def _exact_hits_and_ranks(
     gallery_DG = torch.from_numpy(gallery_GD).T
     labels_G = torch.from_numpy(gallery_labels_G)
     top = min(max(ks) + 1, num_gallery)
-    hit_KQ = {k: np.zeros(len(query_QD), dtype=bool) for k in ks}
+    hit_Q_at = {k: np.zeros(len(query_QD), dtype=bool) for k in ks}  # {k: bool[Q]}
     rank_Q = np.full(len(query_QD), np.nan)
     rows = max(1, _RANK_CHUNK_ELEMENTS // num_gallery)
     for start in range(0, len(query_QD), rows):
         stop = min(start + rows, len(query_QD))
         scores_MG = torch.from_numpy(query_QD[start:stop]) @ gallery_DG
         positive_MG = labels_G[None, :] == torch.from_numpy(query_labels_Q[start:stop])[:, None]
-        values_MT, ids_MT = torch.topk(scores_MG, top, dim=1)
-        found_MT = positive_MG.gather(1, ids_MT)
+        values_MJ, ids_MJ = torch.topk(scores_MG, top, dim=1)
+        found_MJ = positive_MG.gather(1, ids_MJ)
         for k in ks:
             if k >= num_gallery:  # the whole gallery is the top k
-                hit_KQ[k][start:stop] = positive_MG.any(dim=1).numpy()
+                hit_Q_at[k][start:stop] = positive_MG.any(dim=1).numpy()
                 continue
-            hit_M = found_MT[:, :k].any(dim=1)
-            tied_R = torch.nonzero(values_MT[:, k - 1] == values_MT[:, k]).flatten()
+            hit_M = found_MJ[:, :k].any(dim=1)
+            tied_R = torch.nonzero(values_MJ[:, k - 1] == values_MJ[:, k]).flatten()
             if len(tied_R):
                 ids_RK = torch.topk(scores_MG[tied_R], k, dim=1)[1]
                 hit_M[tied_R] = positive_MG[tied_R].gather(1, ids_RK).any(dim=1)
-            hit_KQ[k][start:stop] = hit_M.numpy()
+            hit_Q_at[k][start:stop] = hit_M.numpy()
         best_M = torch.where(positive_MG, scores_MG, -torch.inf).max(dim=1).values
         rank_M = 1 + (scores_MG > best_M[:, None]).sum(dim=1)
         rank_Q[start:stop] = torch.where(positive_MG.any(dim=1), rank_M, torch.nan).numpy()
-    return hit_KQ, rank_Q
+    return hit_Q_at, rank_Q
 
 
 def recall_at_k_faiss(

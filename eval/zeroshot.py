@@ -1,4 +1,9 @@
-"""Zero-shot classification: a classifier built from prompts, and CLIP_benchmark's metrics."""
+"""Zero-shot classification: a classifier built from prompts, and CLIP_benchmark's metrics.
+
+Shape suffixes: ``N`` evaluated images, ``B`` a batch of them, ``C`` classes (also image
+channels in ``image_BCHW``, with ``H``/``W`` height and width), ``T`` templates, ``P = C * T``
+prompts, ``K`` the predictions of a top-k list, ``D`` the embedding dimension.
+"""
 
 from __future__ import annotations
 

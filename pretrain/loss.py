@@ -5,6 +5,10 @@ The loss works on features only, always in fp32. Negatives from other ranks arri
 of every rank's loss with respect to its own features (Accelerate's ``gather`` is a plain
 collective and would silently cut those gradients). Averaged by DDP, that is exactly the
 gradient of the mean loss over the global batch.
+
+Shape suffixes: ``B`` this rank's batch, ``W`` the world size (ranks), ``N = W * B`` the
+global batch, ``D`` the embedding dimension. ``x_ND`` is every rank's ``x_BD`` stacked in
+rank order.
 """
 
 from __future__ import annotations
@@ -68,15 +72,15 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        out_WB_D = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
-        dist.all_gather_single(out_WB_D, x_BD.contiguous())
-        return out_WB_D
+        out_ND = x_BD.new_empty((world * x_BD.shape[0], *x_BD.shape[1:]))
+        dist.all_gather_single(out_ND, x_BD.contiguous())
+        return out_ND
 
     @staticmethod
-    def backward(ctx, grad_WB_D: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_ND: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        grad_BD = grad_WB_D.new_empty((grad_WB_D.shape[0] // world, *grad_WB_D.shape[1:]))
-        dist.reduce_scatter_single(grad_BD, grad_WB_D.contiguous(), op=dist.ReduceOp.SUM)
+        grad_BD = grad_ND.new_empty((grad_ND.shape[0] // world, *grad_ND.shape[1:]))
+        dist.reduce_scatter_single(grad_BD, grad_ND.contiguous(), op=dist.ReduceOp.SUM)
         return grad_BD
 
 
@@ -85,7 +89,7 @@ def gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
     _, world = world_info()
     if world == 1:
         return x_BD
-    return _GatherWithGrad.apply(x_BD)  # x_WB_D
+    return _GatherWithGrad.apply(x_BD)  # x_ND
 
 
 @LOSSES.register("infonce")
@@ -125,18 +129,17 @@ class InfoNCELoss(torch.nn.Module):
             batch = img_BD.shape[0]
             all_img_ND = gather_with_grad(img_BD)  # N = world * B
             all_txt_ND = gather_with_grad(txt_BD)
+            # The logits' shape depends on the branch, so it is in the comments, not the names.
             if self.cfg.local_loss:
                 # Rows for local samples only; their positives sit at offset rank * B.
-                logits_i2t_BN = scale * img_BD @ all_txt_ND.T
-                logits_t2i_BN = scale * txt_BD @ all_img_ND.T
-                labels_B = torch.arange(batch, device=img_BD.device) + rank * batch
+                logits_i2t = scale * img_BD @ all_txt_ND.T  # [B, N]
+                logits_t2i = scale * txt_BD @ all_img_ND.T  # [B, N]
+                labels = torch.arange(batch, device=img_BD.device) + rank * batch  # [B]
             else:
-                logits_i2t_BN = scale * all_img_ND @ all_txt_ND.T  # here B == N rows
-                logits_t2i_BN = logits_i2t_BN.T
-                labels_B = torch.arange(all_img_ND.shape[0], device=img_BD.device)
-            return 0.5 * (
-                F.cross_entropy(logits_i2t_BN, labels_B) + F.cross_entropy(logits_t2i_BN, labels_B)
-            )
+                logits_i2t = scale * all_img_ND @ all_txt_ND.T  # [N, N]: the full square
+                logits_t2i = logits_i2t.T  # [N, N]
+                labels = torch.arange(all_img_ND.shape[0], device=img_BD.device)  # [N]
+            return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
 @LOSSES.register("siglip")

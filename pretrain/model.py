@@ -5,6 +5,10 @@ Every tower spec resolves to one open_clip model config (``embed_dim``, ``vision
 its ``local-dir:`` schema. That keeps one construction path for built-in names, our shipped
 configs and user dicts, and makes the saved ``open_clip_config.json`` the same file open_clip
 itself loads.
+
+Shape suffixes: ``B`` batch, ``C`` image channels, ``H``/``W`` image height and width, ``L``
+text length in tokens (the context, or less after :class:`Tokenize` trims padding), ``E``
+the text transformer's width, ``D`` the shared embedding dimension.
 """
 
 from __future__ import annotations
@@ -369,16 +373,16 @@ class DualEncoder(nn.Module):
             return clip.encode_text(text_BL, normalize=True)  # txt_emb_BD, unit norm
         # open_clip's CLIP.encode_text with positions and causal mask cut to L.
         cast_dtype = clip.transformer.get_cast_dtype()
-        x_BLW = clip.token_embedding(text_BL).to(cast_dtype)
-        x_BLW = x_BLW + clip.positional_embedding[:length].to(cast_dtype)
-        x_BLW = clip.transformer(x_BLW, attn_mask=clip.attn_mask[:length, :length])
-        x_BLW = clip.ln_final(x_BLW)
+        x_BLE = clip.token_embedding(text_BL).to(cast_dtype)
+        x_BLE = x_BLE + clip.positional_embedding[:length].to(cast_dtype)
+        x_BLE = clip.transformer(x_BLE, attn_mask=clip.attn_mask[:length, :length])
+        x_BLE = clip.ln_final(x_BLE)
         eos_id = getattr(clip, "text_eos_id", None)
-        x_BW = text_global_pool(x_BLW, text_BL, clip.text_pool_type, eos_token_id=eos_id)
+        x_BE = text_global_pool(x_BLE, text_BL, clip.text_pool_type, eos_token_id=eos_id)
         if isinstance(clip.text_projection, nn.Linear):
-            x_BD = clip.text_projection(x_BW)
+            x_BD = clip.text_projection(x_BE)
         else:
-            x_BD = x_BW @ clip.text_projection
+            x_BD = x_BE @ clip.text_projection
         return F.normalize(x_BD, dim=-1)  # txt_emb_BD, unit norm
 
     @property
