@@ -63,6 +63,10 @@ class RunConfig:
         names = [t.name for t in self.tasks()]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
+        # Unknown model and tower names fail here, before any data is read. Not in
+        # ModelConfig.__post_init__: resolving runs the towers' builders (a plugin's too),
+        # which should run once per model built, and DualEncoder.from_config resolves anyway.
+        self.model.resolve()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,7 +89,6 @@ class ModelConfig:
             raise ValueError(
                 "model.lock_image_unlocked_groups is only read with model.lock_image=true"
             )
-        self.resolve()  # unknown model and tower names fail here, before any data is read
 
     def resolve(self) -> dict[str, Any]:
         """Returns the open_clip model config: the named one with any tower replaced.

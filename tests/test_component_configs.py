@@ -40,7 +40,6 @@ BAD = [
         lambda: ModelConfig(lock_image_unlocked_groups=2),
         r"model.lock_image_unlocked_groups is only read with model.lock_image=true",
     ),
-    (lambda: ModelConfig(name="tiny"), r"unknown model name 'tiny'.*Did you mean 'clipline:tiny'"),
     (lambda: LossConfig(kind="sigmoid"), r"unknown loss loss.kind='sigmoid'; valid: infonce"),
     (lambda: OptimConfig(lr=0.0), r"optim.lr must be > 0, got 0.0"),
     (
