@@ -263,7 +263,6 @@ class Decoder:
     """
 
     def __init__(self, cfg: DecodeConfig, preprocess: PreprocessConfig):
-        preprocess.validate()
         self.cfg, self.preprocess = cfg, preprocess
         self._skipped_in_a_row = 0
         self._normalize = (

@@ -68,9 +68,6 @@ class PreprocessConfig:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # type: ignore[assignment]
         self.train_scale = tuple(self.train_scale)  # type: ignore[assignment]
         self.train_ratio = tuple(self.train_ratio)  # type: ignore[assignment]
-
-    def validate(self) -> None:
-        """Raises ValueError naming the bad value and the fix."""
         if len(self.size) != 2 or not all(isinstance(s, int) and s >= 1 for s in self.size):
             raise ValueError(
                 f"preprocess.size must be (height, width), two integers >= 1; got {self.size!r}"

@@ -60,8 +60,6 @@ class _PartBatches(torch.utils.data.IterableDataset):
         self.items, self.preprocess, self.batch_size = items, preprocess, batch_size
         self.rank, self.world_size = rank, world_size
         self.split = preprocess if isinstance(preprocess, PreprocessConfig) else None
-        if self.split is not None:
-            self.split.validate()
 
     def __iter__(self) -> Iterator[tuple[list[int], Tensor, list[Any]]]:
         info = torch.utils.data.get_worker_info()

@@ -214,22 +214,20 @@ def open_clip_preprocess_config(cfg: dict[str, Any]) -> PreprocessConfig:
     interpolation = "bilinear" if oc.interpolation == "bilinear" else "bicubic"
     if resize_mode == "shortest" and size[0] != size[1]:
         interpolation = "bicubic"
-    config = PreprocessConfig(
-        size=size,
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
-        interpolation=interpolation,
-        resize_mode=resize_mode,
-        fill_color=int(oc.fill_color),
-        train_scale=tuple(float(s) for s in AugmentationCfg().scale),
-        train_ratio=(3.0 / 4.0, 4.0 / 3.0),  # torchvision's RandomResizedCrop default
-        train_interpolation="bicubic",
-    )
     try:
-        config.validate()
+        return PreprocessConfig(
+            size=size,
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            interpolation=interpolation,
+            resize_mode=resize_mode,
+            fill_color=int(oc.fill_color),
+            train_scale=tuple(float(s) for s in AugmentationCfg().scale),
+            train_ratio=(3.0 / 4.0, 4.0 / 3.0),  # torchvision's RandomResizedCrop default
+            train_interpolation="bicubic",
+        )
     except ValueError as e:  # the numbers come from the model's config: name it so
         raise ValueError(f"model.{e}") from None
-    return config
 
 
 @functools.cache

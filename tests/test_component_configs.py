@@ -12,6 +12,7 @@ import tomllib
 import pytest
 
 from clipline.data.decode import DecodeConfig
+from clipline.data.preprocess import PreprocessConfig
 from clipline.data.stream import SourceConfig, StreamConfig
 from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask
 from clipline.launch.cli import main
@@ -35,6 +36,7 @@ BAD = [
     ),
     (lambda: SourceConfig(shards="/a", weight=0.0), r"weight must be > 0, got 0.0 for '/a'"),
     (lambda: DecodeConfig(min_image_size=0), r"data.decode.min_image_size must be >= 1, got 0"),
+    (lambda: PreprocessConfig(std=(1.0, 0.0, 1.0)), r"preprocess.std must be > 0 in each"),
     (lambda: ModelConfig(patch_dropout=1.0), r"model.patch_dropout must be in \[0, 1\), got 1.0"),
     (
         lambda: ModelConfig(lock_image_unlocked_groups=2),

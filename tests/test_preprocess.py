@@ -58,9 +58,9 @@ def test_eval_pixels_equal_open_clips_eval_transform(oc_cfg):
     ],
 )
 def test_bad_numbers_are_refused_with_the_value(change, message):
-    PreprocessConfig().validate()
+    PreprocessConfig()
     with pytest.raises(ValueError, match=message):
-        PreprocessConfig(**change).validate()
+        PreprocessConfig(**change)
 
 
 def test_lists_from_json_compare_equal_to_tuples():
