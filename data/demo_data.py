@@ -41,7 +41,7 @@ What :func:`prepare_demo_data` writes, and why:
   white, not grey on black; expect chance level (0.10 measured) from the demo's model.
 
 Without the emoji font the demo falls back to generated shape scenes
-(:func:`clipline.data.sources.generate_shapes`, 3,600, 10% held out) and says so in
+(:func:`clipline.data.builtin_data.generate_shapes`, 3,600, 10% held out) and says so in
 ``DemoData.notes``; its zero-shot sets are the shape (6 classes) and the colour (4 classes)
 of the held-out one-object scenes (same probe, 300 steps: shape 0.30, chance 0.17; colour
 1.00), and its retrieval set the held-out scenes whose caption is unique among them.
@@ -61,7 +61,7 @@ from typing import Any
 
 from PIL import Image, features
 
-from clipline.data import evalsets, sources
+from clipline.data import benchmark_sets, builtin_data
 from clipline.data.ingest import Sample
 from clipline.data.shards import write_samples
 
@@ -80,8 +80,8 @@ FASHION_TEMPLATES = ["a {c}.", "a photo of a {c}.", "a black and white photo of 
 SHAPES_TOTAL = 3600
 # Captions always name a colour with a shape, so each attribute's prompts average over the
 # other one (CLIP-style template ensembling over a nuisance attribute).
-SHAPES_TEMPLATES = [f"a {color} {{c}}" for color in sources.COLORS]
-COLORS_TEMPLATES = [f"a {{c}} {shape}" for shape in sources.SHAPES]
+SHAPES_TEMPLATES = [f"a {color} {{c}}" for color in builtin_data.COLORS]
+COLORS_TEMPLATES = [f"a {{c}} {shape}" for shape in builtin_data.SHAPES]
 _SKIN_TONES = {f"1F3F{c}" for c in "BCDEF"}
 
 
@@ -118,12 +118,12 @@ def _prepare_out_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _family(rec: sources.EmojiRecord) -> str:
+def _family(rec: builtin_data.EmojiRecord) -> str:
     return " ".join(cp for cp in rec.codepoints.split() if cp not in _SKIN_TONES)
 
 
 def split_emoji(
-    records: list[sources.EmojiRecord], *, seed: int, heldout_fraction: float
+    records: list[builtin_data.EmojiRecord], *, seed: int, heldout_fraction: float
 ) -> tuple[list[int], list[int]]:
     """Family-level, subgroup-stratified held-out split (see the module docstring).
 
@@ -172,7 +172,7 @@ def split_emoji(
 
 
 def _zeroshot_subset(
-    records: list[sources.EmojiRecord], heldout: list[int], *, seed: int
+    records: list[builtin_data.EmojiRecord], heldout: list[int], *, seed: int
 ) -> list[int]:
     """At most ZEROSHOT_MAX_PER_CLASS per group, round-robin over families for variety."""
     rng = random.Random(seed + 1)
@@ -194,7 +194,7 @@ def _zeroshot_subset(
     return sorted(chosen)
 
 
-def emoji_captions(rec: sources.EmojiRecord) -> list[str]:
+def emoji_captions(rec: builtin_data.EmojiRecord) -> list[str]:
     """Caption forms for one emoji: the CLDR name, the name with its group, the group."""
     return [rec.name, f"{rec.name}, an emoji from {rec.group}", f"an emoji from {rec.group}"]
 
@@ -211,30 +211,30 @@ def _class_balance(labels: list[int], classnames: list[str]) -> dict[str, Any]:
 
 
 def _fashion_zeroshot(root: Path, seed: int, per_class: int) -> dict[str, Any]:
-    images_N28x28, labels_N = sources.load_fashion_mnist("test")
+    images_N28x28, labels_N = builtin_data.load_fashion_mnist("test")
     rng = random.Random(seed)
     idx = []
-    for c in range(len(sources.FASHION_MNIST_CLASSES)):
+    for c in range(len(builtin_data.FASHION_MNIST_CLASSES)):
         members = [i for i, y in enumerate(labels_N.tolist()) if y == c]
         idx.extend(sorted(rng.sample(members, min(per_class, len(members)))))
     labels = [int(labels_N[i]) for i in idx]
-    n = evalsets.write_classification_set(
+    n = benchmark_sets.write_classification_set(
         root,
         (
             (Image.fromarray(images_N28x28[i]).convert("RGB"), y)
             for i, y in zip(idx, labels, strict=True)
         ),
-        list(sources.FASHION_MNIST_CLASSES),
+        list(builtin_data.FASHION_MNIST_CLASSES),
         FASHION_TEMPLATES,
     )
     assert n == len(idx), (n, len(idx))
-    return _class_balance(labels, list(sources.FASHION_MNIST_CLASSES))
+    return _class_balance(labels, list(builtin_data.FASHION_MNIST_CLASSES))
 
 
 def _emoji_demo(
     out: Path, *, seed: int, heldout_fraction: float, limit: int | None, samples_per_shard: int
 ) -> tuple[dict[str, Path], Path, dict[str, Any]]:
-    records = sources.parse_emoji_test()
+    records = builtin_data.parse_emoji_test()
     if limit is not None and limit < len(records):
         # An even stride keeps every group's share (tests use this to stay fast).
         stride = len(records) / limit
@@ -247,7 +247,7 @@ def _emoji_demo(
 
     def image(i: int) -> Image.Image:
         if i not in images:
-            images[i] = sources.render_emoji(records[i])
+            images[i] = builtin_data.render_emoji(records[i])
         return images[i]
 
     def train_samples() -> Iterator[Sample]:
@@ -257,18 +257,18 @@ def _emoji_demo(
             caps = emoji_captions(r)
             yield Sample(
                 key=r.codepoints.replace(" ", "_"),
-                image=sources.render_emoji(r),
+                image=builtin_data.render_emoji(r),
                 caption=cap_rng.choices(caps, weights=CAPTION_WEIGHTS)[0],
                 meta={"name": r.name, "group": r.group, "subgroup": r.subgroup, "captions": caps},
             )
 
     report = write_samples(train_samples(), out / "train", samples_per_shard=samples_per_shard)
-    retrieval_n = evalsets.write_retrieval_set(
+    retrieval_n = benchmark_sets.write_retrieval_set(
         out / "retrieval", ((image(i), [records[i].name]) for i in heldout_idx)
     )
-    classnames = list(sources.EMOJI_GROUPS)
+    classnames = list(builtin_data.EMOJI_GROUPS)
     zs_labels = [classnames.index(records[i].group) for i in zs_idx]
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         out / "zeroshot" / "emoji_groups",
         ((image(i), y) for i, y in zip(zs_idx, zs_labels, strict=True)),
         classnames,
@@ -291,7 +291,7 @@ def _shapes_demo(
     out: Path, *, seed: int, heldout_fraction: float, limit: int | None, samples_per_shard: int
 ) -> tuple[dict[str, Path], Path, dict[str, Any]]:
     n = SHAPES_TOTAL if limit is None else limit
-    scenes = sources.generate_shapes(n, seed=seed)
+    scenes = builtin_data.generate_shapes(n, seed=seed)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     n_held = max(1, round(heldout_fraction * n))
@@ -314,19 +314,19 @@ def _shapes_demo(
     # only the scenes whose caption is unique among the held-out ones (mostly pairs).
     caption_counts = Counter(scenes[i].caption for i in heldout_idx)
     unique = [i for i in heldout_idx if caption_counts[scenes[i].caption] == 1]
-    retrieval_n = evalsets.write_retrieval_set(
+    retrieval_n = benchmark_sets.write_retrieval_set(
         out / "retrieval", ((scenes[i].image, [scenes[i].caption]) for i in unique)
     )
     # One-object scenes only: in a two-object scene "the" shape or colour is ambiguous.
     single = [i for i in heldout_idx if len(scenes[i].attributes["objects"]) == 1]
     roots, balance = {}, {}
     for name, classnames, attr, templates in (
-        ("shapes", list(sources.SHAPES), "shape", SHAPES_TEMPLATES),
-        ("colors", list(sources.COLORS), "color", COLORS_TEMPLATES),
+        ("shapes", list(builtin_data.SHAPES), "shape", SHAPES_TEMPLATES),
+        ("colors", list(builtin_data.COLORS), "color", COLORS_TEMPLATES),
     ):
         labels = [classnames.index(scenes[i].attributes["objects"][0][attr]) for i in single]
         roots[name] = out / "zeroshot" / name
-        evalsets.write_classification_set(
+        benchmark_sets.write_classification_set(
             roots[name],
             ((scenes[i].image, y) for i, y in zip(single, labels, strict=True)),
             classnames,
@@ -387,7 +387,7 @@ def prepare_demo_data(
         limit=limit,
         samples_per_shard=samples_per_shard,
     )
-    if sources.emoji_available():
+    if builtin_data.emoji_available():
         source = "emoji"
         if not features.check("raqm"):
             notes.append(
@@ -400,13 +400,13 @@ def prepare_demo_data(
         source = "synthetic"
         notes.append(
             "Emoji font or names not found ("
-            f"{sources.EMOJI_FONT_PATH}, {sources.EMOJI_TEST_PATH}); using generated "
+            f"{builtin_data.EMOJI_FONT_PATH}, {builtin_data.EMOJI_TEST_PATH}); using generated "
             "shape scenes instead. For the real emoji image-text pairs run: "
-            f"{sources.EMOJI_INSTALL_HINT}"
+            f"{builtin_data.EMOJI_INSTALL_HINT}"
         )
         zeroshot_roots, train_dir, stats = _shapes_demo(out, **kwargs)
     if fashion_mnist_per_class > 0:
-        if sources.fashion_mnist_available():
+        if builtin_data.fashion_mnist_available():
             root = out / "zeroshot" / "fashion_mnist"
             stats["zeroshot"]["fashion_mnist"] = _fashion_zeroshot(
                 root, seed, fashion_mnist_per_class
@@ -415,7 +415,7 @@ def prepare_demo_data(
         else:
             notes.append(
                 "Fashion-MNIST not found; skipping its zero-shot set. To add it run: "
-                f"{sources.FASHION_MNIST_INSTALL_HINT}"
+                f"{builtin_data.FASHION_MNIST_INSTALL_HINT}"
             )
     data = DemoData(
         source=source,

@@ -1,6 +1,6 @@
 """Shard I/O: how every reader and writer of shards names, lists, opens and groups them.
 
-Training (:mod:`clipline.data.stream`), eval sets (:mod:`clipline.data.evalsets`), the
+Training (:mod:`clipline.data.stream`), eval sets (:mod:`clipline.data.benchmark_sets`), the
 doctor and ``clipline shards --index-only`` all go through this module, so one rule decides
 what a shard name means and one reader (:class:`TarSamples`) what a tar holds:
 

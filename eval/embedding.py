@@ -19,8 +19,8 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from clipline.data.benchmark_sets import ImageLoader
 from clipline.data.decode import ImageNormalizer, stack_pixels
-from clipline.data.evalsets import ImageLoader
 from clipline.data.preprocess import PreprocessConfig, eval_pixels
 from clipline.data.worker_signals import shield_worker, start_workers
 from clipline.eval.cache import PixelCache

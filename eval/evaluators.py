@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from clipline.data import classsets, evalsets
+from clipline.data import benchmark_sets, classification_sets
 from clipline.data.registry import Registry
 from clipline.eval.cache import (
     EmbeddingCache,
@@ -90,7 +90,7 @@ class _Common:
 
 @dataclass(kw_only=True)
 class _ClassificationData(_Common):
-    """Where a classification set is and how to read it (see ``clipline.data.classsets``).
+    """Where a classification set is and how to read it (see ``clipline.data.classification_sets``).
 
     Attributes:
         format: ``wds`` (CLIP_benchmark's layout), ``folder`` (``root/<class>/<image>``),
@@ -110,13 +110,13 @@ class _ClassificationData(_Common):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.format not in classsets.FORMATS:
+        if self.format not in classification_sets.FORMATS:
             raise ValueError(
-                f"{self._key('format')}={self.format!r}; use one of {list(classsets.FORMATS)}"
+                f"{self._key('format')}={self.format!r}; use one of {list(classification_sets.FORMATS)}"
             )
 
-    def open(self, split: str | None) -> classsets.ClassificationSource:
-        return classsets.open_classification_set(
+    def open(self, split: str | None) -> classification_sets.ClassificationSource:
+        return classification_sets.open_classification_set(
             self.format,
             self.root,
             split,
@@ -132,7 +132,7 @@ class ZeroShotTask(_ClassificationData):
     """Zero-shot classification (CLIP_benchmark's ``zeroshot_classification``).
 
     Attributes:
-        split: The split (``None``: the format's default, see ``clipline.data.classsets``).
+        split: The split (``None``: the format's default, see ``clipline.data.classification_sets``).
         templates: Prompt templates with ``{c}``: a list, a built-in name
             (``"openai_imagenet"``: the CLIP paper's 80; ``"simple"``: ``"a photo of a {c}."``),
             a file with one template a line, or ``None`` for the set's own
@@ -180,7 +180,7 @@ class RetrievalTask(_Common):
             exact search on a sample of queries.
     """
 
-    split: str = evalsets.SPLIT
+    split: str = benchmark_sets.SPLIT
     ks: tuple[int, ...] = (1, 5, 10)
     ranks: bool = True
     index: SearchIndexConfig = field(default_factory=SearchIndexConfig)
@@ -295,7 +295,7 @@ def resolve_templates(templates: list[str] | str | None, own: list[str], where: 
         if templates in BUILTIN_TEMPLATES:
             resolved = BUILTIN_TEMPLATES[templates]
         elif Path(templates).is_file():
-            resolved = evalsets.read_lines(Path(templates))
+            resolved = benchmark_sets.read_lines(Path(templates))
         else:
             raise ValueError(
                 f"templates={templates!r} is neither a built-in set "
@@ -305,10 +305,10 @@ def resolve_templates(templates: list[str] | str | None, own: list[str], where: 
         resolved = list(templates)
     if not resolved:
         raise ValueError(
-            f"{where} has no {evalsets.TEMPLATES_FILE} and the task gives no templates; set "
+            f"{where} has no {benchmark_sets.TEMPLATES_FILE} and the task gives no templates; set "
             "templates=, e.g. 'simple' or 'openai_imagenet'"
         )
-    evalsets.check_templates(resolved)
+    benchmark_sets.check_templates(resolved)
     return resolved
 
 
@@ -357,7 +357,7 @@ def _model_key(encoders: Encoders, model_id: str | None) -> str:
     return f"id:{model_id}" if model_id is not None else model_fingerprint(encoders)
 
 
-def _data_key(source: classsets.ClassificationSource) -> str:
+def _data_key(source: classification_sets.ClassificationSource) -> str:
     # Folder and CSV sets take labels from folder names or a column: the same image bytes
     # under other labels are another set.
     labels = getattr(source, "labels", None)
@@ -413,7 +413,7 @@ def _zeroshot_evaluator(task, *, preprocess, tokenize, distributed, model_id):
 
 @register_evaluator("retrieval", RetrievalTask)
 def _retrieval_evaluator(task, *, preprocess, tokenize, distributed, model_id):
-    retrieval_set = evalsets.read_retrieval_set(task.root, task.split)
+    retrieval_set = benchmark_sets.read_retrieval_set(task.root, task.split)
 
     def evaluate_retrieval(encoders: Encoders) -> dict[str, float]:
         rank, world_size = rank_and_world(distributed)

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 from clipline.eval.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask, build_evaluator
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def task_manifest(task: Task, cache: dict[str, list] | None = None) -> dict[str,
     elif isinstance(task, LinearProbeTask):
         manifest["classnames"] = task.open(task.train_split).classnames
     elif isinstance(task, RetrievalTask):
-        evalsets.read_retrieval_set(task.root, task.split)  # fails early on a wrong path
+        benchmark_sets.read_retrieval_set(task.root, task.split)  # fails early on a wrong path
     # A CSV set is a file: its images sit beside it, relative to its folder.
     root = Path(task.root)
     manifest["data"] = data_hash(root if root.is_dir() else root.parent, cache)

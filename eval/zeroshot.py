@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipline.data.evalsets import check_templates
+from clipline.data.benchmark_sets import check_templates
 from clipline.eval.embedding import embed_all_texts
 from clipline.eval.encoders import Encoders, embed_images
 

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the demo only writes a PNG
 import matplotlib.pyplot as plt  # noqa: E402
 
-from clipline.data import evalsets  # noqa: E402
+from clipline.data import benchmark_sets  # noqa: E402
 from clipline.data.demo_data import prepare_demo_data  # noqa: E402
 from clipline.launch.config import load_run_config, read_recipe  # noqa: E402
 from clipline.launch.run import build_evaluators, load_encoders, run_pretrain  # noqa: E402
@@ -32,12 +32,12 @@ def chance_levels(cfg) -> dict[str, float]:
     """Expected value of each metric for a model that ranks at random."""
     chance: dict[str, float] = {}
     for task in cfg.zeroshot:
-        n_classes = len(evalsets.read_classification_set(task.root).classnames)
+        n_classes = len(benchmark_sets.read_classification_set(task.root).classnames)
         chance[f"{task.name}/acc1"] = 1 / n_classes
         chance[f"{task.name}/acc5"] = min(1.0, 5 / n_classes)
         chance[f"{task.name}/mean_per_class_recall"] = 1 / n_classes
     for task in cfg.retrieval:
-        pairs = list(evalsets.read_retrieval_set(task.root).samples())
+        pairs = list(benchmark_sets.read_retrieval_set(task.root).samples())
         n_images = len(pairs)
         n_texts = sum(len(captions) for _, captions in pairs)
         for k in task.ks:

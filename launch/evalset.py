@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import PIL.Image
 
-from clipline.data import classsets, evalsets
+from clipline.data import benchmark_sets, classification_sets
 from clipline.data.hints import did_you_mean
 from clipline.data.ingest import csv_caption, table_delimiter
 from clipline.eval.evaluators import BUILTIN_TEMPLATES, resolve_templates
@@ -61,7 +61,7 @@ class EvalsetConfig:
     caption_column: str = "caption"
     classnames: str | None = None
     templates: str | None = None
-    split: str = evalsets.SPLIT
+    split: str = benchmark_sets.SPLIT
     samples_per_shard: int = 1000
     image_format: str = "png"
     overwrite: bool = False
@@ -78,7 +78,7 @@ def make_evalset(cfg: EvalsetConfig) -> dict[str, Any]:
     if not source.exists():
         raise ValueError(f"{cfg.input}: no such file or folder")
     out = Path(cfg.output_dir)
-    if (out / cfg.split / evalsets.NSHARDS_FILE).is_file() and not cfg.overwrite:
+    if (out / cfg.split / benchmark_sets.NSHARDS_FILE).is_file() and not cfg.overwrite:
         raise ValueError(
             f"{out} already holds a {cfg.split!r} split; pass --overwrite to replace it, or "
             "choose another folder"
@@ -93,18 +93,18 @@ def make_evalset(cfg: EvalsetConfig) -> dict[str, Any]:
         labelled = _open_labelled(cfg, source)
         if cfg.templates is None and not labelled.templates:
             raise ValueError(
-                f"{cfg.input} has no {evalsets.TEMPLATES_FILE}: give --templates "
+                f"{cfg.input} has no {benchmark_sets.TEMPLATES_FILE}: give --templates "
                 f"({' or '.join(sorted(BUILTIN_TEMPLATES))}, or a file of one template a line)"
             )
         templates = resolve_templates(cfg.templates, labelled.templates, cfg.input)
         samples = ((image, label) for _, image, label in _decoded(labelled, source))
-        n = evalsets.write_classification_set(
+        n = benchmark_sets.write_classification_set(
             out, samples, labelled.classnames, templates, **common
         )
         summary |= {"samples": n, "classes": len(labelled.classnames)}
     else:
         pairs = _captioned(cfg, source)
-        n = evalsets.write_retrieval_set(out, _load_pairs(pairs), **common)
+        n = benchmark_sets.write_retrieval_set(out, _load_pairs(pairs), **common)
         summary |= {"samples": n, "captions": sum(len(c) for _, c in pairs)}
     name = out.resolve().name
     flag = "--zeroshot" if cfg.kind == "zeroshot" else "--retrieval"
@@ -128,14 +128,14 @@ def _check_columns(path: Path, wanted: dict[str, str]) -> None:
             )
 
 
-def _open_labelled(cfg: EvalsetConfig, source: Path) -> classsets.ClassificationSource:
+def _open_labelled(cfg: EvalsetConfig, source: Path) -> classification_sets.ClassificationSource:
     if source.is_dir():
-        return classsets.open_classification_set(
+        return classification_sets.open_classification_set(
             "folder", source, None, classnames_file=cfg.classnames
         )
     _check_columns(source, {"--image-column": cfg.image_column, "--label-column": cfg.label_column})
     try:
-        return classsets.open_classification_set(
+        return classification_sets.open_classification_set(
             "csv",
             source,
             None,
@@ -150,7 +150,7 @@ def _open_labelled(cfg: EvalsetConfig, source: Path) -> classsets.Classification
 
 
 def _decoded(
-    labelled: classsets.ClassificationSource, source: Path
+    labelled: classification_sets.ClassificationSource, source: Path
 ) -> Iterator[tuple[int, PIL.Image.Image, int]]:
     """The set's samples; an unreadable image is one clear error, not a traceback."""
     samples = labelled.indexed_samples()
@@ -172,10 +172,12 @@ def _captioned(cfg: EvalsetConfig, source: Path) -> list[tuple[Path, list[str]]]
         images = sorted(
             p
             for p in source.rglob("*")
-            if p.is_file() and p.suffix.lower() in classsets.IMG_EXTENSIONS
+            if p.is_file() and p.suffix.lower() in classification_sets.IMG_EXTENSIONS
         )
         if not images:
-            raise ValueError(f"{source}: no image files ({', '.join(classsets.IMG_EXTENSIONS)})")
+            raise ValueError(
+                f"{source}: no image files ({', '.join(classification_sets.IMG_EXTENSIONS)})"
+            )
         pairs = []
         for image in images:
             text = image.with_suffix(".txt")
@@ -183,7 +185,9 @@ def _captioned(cfg: EvalsetConfig, source: Path) -> list[tuple[Path, list[str]]]
                 raise ValueError(
                     f"{image} has no caption file {text.name} (one caption a line) beside it"
                 )
-            pairs.append((image, [line for line in evalsets.read_lines(text) if line.strip()]))
+            pairs.append(
+                (image, [line for line in benchmark_sets.read_lines(text) if line.strip()])
+            )
         return pairs
     wanted = {"--image-column": cfg.image_column, "--caption-column": cfg.caption_column}
     _check_columns(source, wanted)

@@ -85,9 +85,9 @@ def make_shards(
     out: Path, n: int = 96, per_shard: int = 16, seed: int = 0, image_size: int = 32
 ) -> Path:
     """Writes ``n`` generated (image, caption) pairs as shards; returns the shard folder."""
+    from clipline.data.builtin_data import generate_shapes
     from clipline.data.ingest import Sample
     from clipline.data.shards import write_samples
-    from clipline.data.sources import generate_shapes
 
     scenes = generate_shapes(n, seed=seed, image_size=image_size)
     write_samples(
@@ -151,14 +151,14 @@ SHAPES = ["circle", "square", "triangle"]
 def make_shape_sets(root: Path, held_out: int) -> Path:
     """Training shards plus a retrieval set (``ret``) and a 3-class zero-shot set (``zs``) of
     ``held_out`` generated shapes, under ``root``; returns ``root``."""
-    from clipline.data import evalsets
-    from clipline.data.sources import generate_shapes
+    from clipline.data import benchmark_sets
+    from clipline.data.builtin_data import generate_shapes
 
     make_shards(root / "shards", n=48, per_shard=16)
     held = generate_shapes(held_out, seed=7, image_size=32)
-    evalsets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
+    benchmark_sets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
     labelled = [(s.image, SHAPES.index(s.shape)) for s in held if s.shape in SHAPES]
-    evalsets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
+    benchmark_sets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
     return root
 
 

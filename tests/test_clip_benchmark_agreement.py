@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from clipline.data import evalsets
-from clipline.data.sources import generate_shapes
+from clipline.data import benchmark_sets
+from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main as clipline_main
 from clipline.pretrain.export import export
 from tests.helpers import micro_model, numpy2_safe_accuracy
@@ -28,9 +28,9 @@ CB_WDS_WARNING = "ignore:WebDataset\\(shardshuffle"  # clip_benchmark's own call
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalsets")
+    root = tmp_path_factory.mktemp("benchmark_sets")
     scenes = generate_shapes(48, seed=11, image_size=32)
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         root / "shapes",
         [(s.image, SHAPES.index(s.shape)) for s in scenes],
         SHAPES,
@@ -44,7 +44,7 @@ def sets(tmp_path_factory):
         if s.caption not in seen and len(pairs) < 32:
             seen.add(s.caption)
             pairs.append((s.image, [s.caption, f"{short}, picture {len(pairs)}"]))
-    evalsets.write_retrieval_set(root / "captions", pairs, samples_per_shard=12)
+    benchmark_sets.write_retrieval_set(root / "captions", pairs, samples_per_shard=12)
     # Repeated captions, as in real sets (many images of "A frog."): images sharing a
     # caption tie exactly in image -> text search, and recall@k depends on which of the tied
     # captions the ranking puts first. Some images also have a caption of their own.
@@ -52,7 +52,7 @@ def sets(tmp_path_factory):
         (s.image, [f"a {s.shape}."] + ([f"a {s.shape}, number {i}."] if i % 3 == 0 else []))
         for i, s in enumerate(generate_shapes(40, seed=13, image_size=32))
     ]
-    evalsets.write_retrieval_set(root / "repeats", repeats, samples_per_shard=12)
+    benchmark_sets.write_retrieval_set(root / "repeats", repeats, samples_per_shard=12)
     return root
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clipline.data import evalsets
-from clipline.data.sources import generate_shapes
+from clipline.data import benchmark_sets
+from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main
 from clipline.launch.config import load_run_config, recipe_names
 from tests.helpers import make_shards, micro_recipe, to_toml
@@ -171,7 +171,9 @@ def test_dry_run_checks_what_the_start_checks(tmp_path, capsys, monkeypatch):
     """A misspelled eval-set root passed the dry run, and only the real start refused it."""
     make_shards(tmp_path / "shards", n=32, per_shard=16)
     held = generate_shapes(6, seed=1, image_size=32)
-    evalsets.write_retrieval_set(tmp_path / "sets" / "ret", ((s.image, [s.caption]) for s in held))
+    benchmark_sets.write_retrieval_set(
+        tmp_path / "sets" / "ret", ((s.image, [s.caption]) for s in held)
+    )
     recipe = to_toml(micro_recipe(Path("shards"), Path("runs/r"), steps=2))
     recipe += '\n[[retrieval]]\nname = "held"\nroot = "sets/rett"\n'  # misspelled
     (tmp_path / "r.toml").write_text(recipe)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from clipline.data.sources import generate_shapes
+from clipline.data.builtin_data import generate_shapes
 from clipline.pretrain.checkpoint import list_checkpoints
 from clipline.pretrain.console import human_count
 from tests.helpers import (

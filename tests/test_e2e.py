@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipline.data import evalsets
-from clipline.data.sources import generate_shapes
+from clipline.data import benchmark_sets
+from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main
 from clipline.launch.config import load_run_config
 from clipline.launch.run import load_encoders, run_pretrain
@@ -43,9 +43,9 @@ def workspace(tmp_path_factory) -> Path:
         == 0
     )
     held = scenes[96:]
-    evalsets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
+    benchmark_sets.write_retrieval_set(root / "ret", ((s.image, [s.caption]) for s in held))
     labelled = [(s.image, SHAPES.index(s.shape)) for s in held if s.shape in SHAPES]
-    evalsets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
+    benchmark_sets.write_classification_set(root / "zs", labelled, SHAPES, ["a {c}."])
     return root
 
 

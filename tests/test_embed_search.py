@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
-from clipline.data.sources import generate_shapes
+from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main
 from clipline.launch.run import load_encoders
 from clipline.pretrain.export_clipline import export_model

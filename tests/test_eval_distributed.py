@@ -10,7 +10,7 @@ import PIL.Image
 import torch
 from safetensors.torch import load_file
 
-from clipline.data import classsets, evalsets
+from clipline.data import benchmark_sets, classification_sets
 from clipline.eval import (
     LinearProbeTask,
     RetrievalTask,
@@ -32,11 +32,11 @@ def _image(seed: int) -> PIL.Image.Image:
 
 def write_sets(root: Path) -> None:
     """Odd sizes on purpose: 2 ranks get parts of different lengths."""
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         root / "zs", [(_image(i), i % 6) for i in range(11)], CLASSES, ["a {c}."],
         samples_per_shard=4,
     )  # fmt: skip
-    evalsets.write_retrieval_set(
+    benchmark_sets.write_retrieval_set(
         root / "ret",
         [(_image(100 + i), [f"a picture {i} of {w}" for w in CLASSES[: 1 + i % 3]]) for i in range(7)],
         samples_per_shard=3,
@@ -72,7 +72,7 @@ def evaluate_all(model, tasks: list, distributed: bool) -> dict[str, float]:
 
 def gathered_embeddings(model, root: Path, distributed: bool):
     rank, world_size = rank_and_world(distributed)
-    source = classsets.open_classification_set("wds", root / "zs")
+    source = classification_sets.open_classification_set("wds", root / "zs")
     return embed_indexed_images(
         model, source.indexed_items, model.preprocess_config(), 3,
         labels=True, rank=rank, world_size=world_size,

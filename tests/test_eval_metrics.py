@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 from clipline.eval import (
     OPENAI_IMAGENET_TEMPLATES,
     RetrievalTask,
@@ -242,7 +242,9 @@ def test_zeroshot_evaluator_equals_clip_benchmark(tmp_path, tokenize, monkeypatc
     classnames = ["cat", "dog", "sea lion", "tree", "car", "boat"]
     templates = ["a photo of a {c}.", "a blurry photo of the {c}."]
     samples = [(_image(i), i % len(classnames)) for i in range(30)]
-    evalsets.write_classification_set(tmp_path, samples, classnames, templates, samples_per_shard=8)
+    benchmark_sets.write_classification_set(
+        tmp_path, samples, classnames, templates, samples_per_shard=8
+    )
     model = RandomTowers()
 
     evaluate = build_evaluator(
@@ -280,7 +282,7 @@ def test_retrieval_evaluator_equals_clip_benchmark(tmp_path, tokenize):
         )
         for i in range(20)
     ]
-    evalsets.write_retrieval_set(tmp_path, samples, samples_per_shard=6)
+    benchmark_sets.write_retrieval_set(tmp_path, samples, samples_per_shard=6)
     model = RandomTowers(seed=1)
 
     evaluate = build_evaluator(
@@ -313,7 +315,7 @@ def test_openai_templates_equal_open_clip():
 
 
 def test_zeroshot_task_without_templates_fails_at_build(tmp_path):
-    evalsets.write_classification_set(tmp_path, [(_image(0), 0)], ["cat"], ["a {c}."])
+    benchmark_sets.write_classification_set(tmp_path, [(_image(0), 0)], ["cat"], ["a {c}."])
     (tmp_path / "zeroshot_classification_templates.txt").unlink()
     task = ZeroShotTask(name="toy", root=str(tmp_path))
     with pytest.raises(ValueError, match="templates="):
@@ -349,7 +351,7 @@ def test_bad_task_and_input_values(tmp_path):
 
 def test_eval_and_evalsets_import_no_pretrain_or_launch():
     """The import DAG: eval sees models only through the Encoders protocol."""
-    files = [*sorted((REPO / "eval").glob("*.py")), REPO / "data" / "evalsets.py"]
+    files = [*sorted((REPO / "eval").glob("*.py")), REPO / "data" / "benchmark_sets.py"]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clipline.data import classsets, evalsets, sources
+from clipline.data import benchmark_sets, builtin_data, classification_sets
 
 
 def _image(i: int, size: int = 5) -> PIL.Image.Image:
@@ -61,10 +61,10 @@ def write_image_folder(root, per_class: dict[str, int], ext: str = ".png", start
 def test_mnist_idx_files_read_back(tmp_path, gz):
     arrays = write_fake_mnist(tmp_path, gz=gz)
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images, labels = sources.load_mnist(split, tmp_path)
+        images, labels = builtin_data.load_mnist(split, tmp_path)
         np.testing.assert_array_equal(images, arrays[prefix][0])
         np.testing.assert_array_equal(labels, arrays[prefix][1])
-    source = classsets.open_classification_set("mnist", tmp_path)
+    source = classification_sets.open_classification_set("mnist", tmp_path)
     assert source.classnames == [str(d) for d in range(10)]
     assert source.templates == ['a photo of the number: "{c}".']  # clip_benchmark's
     read = list(source.indexed_samples())
@@ -77,16 +77,20 @@ def test_mnist_idx_files_read_back(tmp_path, gz):
 
 def test_idx_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz' not found; point root"):
-        sources.load_mnist("test", tmp_path)
+        builtin_data.load_mnist("test", tmp_path)
     write_fake_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x0d\x01"))
     with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
-        sources.load_mnist("test", tmp_path)
+        builtin_data.load_mnist("test", tmp_path)
 
 
-@pytest.mark.skipif(not sources.fashion_mnist_available(), reason="dataset-fashion-mnist absent")
+@pytest.mark.skipif(
+    not builtin_data.fashion_mnist_available(), reason="dataset-fashion-mnist absent"
+)
 def test_fashion_mnist_from_the_debian_package():
-    source = classsets.open_classification_set("fashion_mnist", sources.FASHION_MNIST_DIR)
+    source = classification_sets.open_classification_set(
+        "fashion_mnist", builtin_data.FASHION_MNIST_DIR
+    )
     assert source.classnames[0] == "T-shirt/top" and len(source) == 10_000
     index, image, label = next(source.indexed_samples(part=1, num_parts=5000))
     assert (index, image.size, label) == (1, (28, 28), 2)  # the 2nd test image is a pullover
@@ -97,7 +101,7 @@ def test_image_folder_matches_torchvision(tmp_path):
 
     expected = write_image_folder(tmp_path, {"dog": 2, "cat": 3, "ant": 1})
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    source = classsets.open_classification_set("folder", tmp_path)
+    source = classification_sets.open_classification_set("folder", tmp_path)
     theirs = ImageFolder(str(tmp_path))
     assert source.classnames == theirs.classes == ["ant", "cat", "dog"]
     read = list(source.indexed_samples())
@@ -110,18 +114,18 @@ def test_image_folder_matches_torchvision(tmp_path):
     # classnames.txt (CLIP_benchmark's file) renames the classes, in folder order.
     (tmp_path / "classnames.txt").write_text("an ant\na cat\na dog\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("a {c}.\n")
-    source = classsets.open_classification_set("folder", tmp_path)
+    source = classification_sets.open_classification_set("folder", tmp_path)
     assert source.classnames == ["an ant", "a cat", "a dog"] and source.templates == ["a {c}."]
     (tmp_path / "classnames.txt").write_text("one\ntwo\n")
     with pytest.raises(ValueError, match="2 class names were given but"):
-        classsets.open_classification_set("folder", tmp_path)
+        classification_sets.open_classification_set("folder", tmp_path)
 
 
 def test_image_folder_splits(tmp_path):
     write_image_folder(tmp_path / "train", {"a": 2, "b": 2})
     write_image_folder(tmp_path / "test", {"a": 1, "b": 1}, start=10)
-    train = classsets.open_classification_set("folder", tmp_path, "train")
-    test = classsets.open_classification_set("folder", tmp_path, "test")
+    train = classification_sets.open_classification_set("folder", tmp_path, "train")
+    test = classification_sets.open_classification_set("folder", tmp_path, "test")
     assert len(train) == 4 and len(test) == 2 and train.classnames == test.classnames
 
 
@@ -138,27 +142,29 @@ def test_csv(tmp_path, labels_as):
     kwargs = dict(csv_image_column="path", csv_label_column="class", csv_separator="\t")
     if labels_as == "indices":
         with pytest.raises(ValueError, match="class indices; give their names"):
-            classsets.open_classification_set("csv", tmp_path / "test.csv", **kwargs)
+            classification_sets.open_classification_set("csv", tmp_path / "test.csv", **kwargs)
         (tmp_path / "classnames.txt").write_text("ant\nbee\nzebra\n")
-    source = classsets.open_classification_set("csv", tmp_path, "test", **kwargs)
+    source = classification_sets.open_classification_set("csv", tmp_path, "test", **kwargs)
     assert source.classnames == ["ant", "bee", "zebra"]  # names: sorted, like ImageFolder
     read = list(source.indexed_samples())
     assert [label for _, _, label in read] == [2, 0, 2, 1]
     np.testing.assert_array_equal(_pixels(read[2][1]), _pixels(_image(2)))
     with pytest.raises(ValueError, match=r"not \['filepath', 'label'\]"):
-        classsets.open_classification_set("csv", tmp_path / "test.csv", csv_separator="\t")
+        classification_sets.open_classification_set(
+            "csv", tmp_path / "test.csv", csv_separator="\t"
+        )
 
 
 @pytest.mark.parametrize("fmt", ["wds", "folder"])
 def test_parts_are_disjoint_and_cover_the_set(tmp_path, fmt):
     if fmt == "wds":
         samples = [(_image(i), i % 3) for i in range(11)]
-        evalsets.write_classification_set(
+        benchmark_sets.write_classification_set(
             tmp_path, samples, ["a", "b", "c"], ["a {c}."], samples_per_shard=4
         )
     else:
         write_image_folder(tmp_path, {"a": 4, "b": 4, "c": 3})
-    source = classsets.open_classification_set(fmt, tmp_path)
+    source = classification_sets.open_classification_set(fmt, tmp_path)
     whole = [(i, _pixels(image).tobytes(), label) for i, image, label in source.indexed_samples()]
     parts = [
         [(i, _pixels(image).tobytes(), label) for i, image, label in source.indexed_samples(p, 3)]
@@ -171,4 +177,4 @@ def test_parts_are_disjoint_and_cover_the_set(tmp_path, fmt):
 
 def test_bad_format(tmp_path):
     with pytest.raises(ValueError, match="format='tfds' is not known"):
-        classsets.open_classification_set("tfds", tmp_path)
+        classification_sets.open_classification_set("tfds", tmp_path)

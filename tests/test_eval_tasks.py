@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 from clipline.eval import (
     LinearProbeTask,
     RetrievalTask,
@@ -72,7 +72,7 @@ def _retrieval_samples(n: int, start: int = 0):
 
 
 def test_retrieval_embeddings_are_cached_by_weights_and_data(tmp_path):
-    evalsets.write_retrieval_set(tmp_path / "set", _retrieval_samples(9), samples_per_shard=4)
+    benchmark_sets.write_retrieval_set(tmp_path / "set", _retrieval_samples(9), samples_per_shard=4)
     task = RetrievalTask(name="r", root=str(tmp_path / "set"), cache_dir=str(tmp_path / "c"))
     evaluate = build_evaluator(task, preprocess=preprocess, tokenize=tokenize)
     model = CountingTowers()
@@ -89,7 +89,7 @@ def test_retrieval_embeddings_are_cached_by_weights_and_data(tmp_path):
     # Other data bytes (one image changed), other key.
     samples = _retrieval_samples(9)
     samples[4] = (_image(99), samples[4][1])
-    evalsets.write_retrieval_set(tmp_path / "set", samples, samples_per_shard=4)
+    benchmark_sets.write_retrieval_set(tmp_path / "set", samples, samples_per_shard=4)
     evaluate(model)
     assert model.images_seen == 18
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 3
@@ -106,7 +106,7 @@ def test_cache_needs_a_module_or_a_model_id(tmp_path):
         def encode_text(self, x):
             return self.towers.encode_text(x)
 
-    evalsets.write_retrieval_set(tmp_path / "set", _retrieval_samples(3))
+    benchmark_sets.write_retrieval_set(tmp_path / "set", _retrieval_samples(3))
     task = RetrievalTask(name="r", root=str(tmp_path / "set"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="pass model_id="):
         build_evaluator(task, preprocess=preprocess, tokenize=tokenize)(Plain())
@@ -118,7 +118,7 @@ def test_cache_needs_a_module_or_a_model_id(tmp_path):
 
 
 def test_retrieval_task_with_an_approximate_index(tmp_path):
-    evalsets.write_retrieval_set(tmp_path, _retrieval_samples(120), samples_per_shard=50)
+    benchmark_sets.write_retrieval_set(tmp_path, _retrieval_samples(120), samples_per_shard=50)
     task = RetrievalTask(
         name="r", root=str(tmp_path), index=SearchIndexConfig(kind="ivf", nlist=3, nprobe=3)
     )
@@ -142,7 +142,7 @@ def _classification_samples(n: int):
 def test_zeroshot_formats_agree(tmp_path):
     """The same images and labels as wds shards, an image folder and a CSV: same metrics."""
     samples = _classification_samples(30)
-    evalsets.write_classification_set(tmp_path / "wds", samples, CLASSES, ["a {c}."])
+    benchmark_sets.write_classification_set(tmp_path / "wds", samples, CLASSES, ["a {c}."])
     (tmp_path / "csv").mkdir()
     rows = ["filepath,label"]
     for i, (image, label) in enumerate(samples):
@@ -178,7 +178,9 @@ def test_mnist_format_with_builtin_names_and_templates(tmp_path):
 
 
 def test_templates_by_name_file_or_list(tmp_path):
-    evalsets.write_classification_set(tmp_path, _classification_samples(6), CLASSES, ["a {c}."])
+    benchmark_sets.write_classification_set(
+        tmp_path, _classification_samples(6), CLASSES, ["a {c}."]
+    )
     model = CountingTowers()
 
     def prompts_embedded(templates) -> int:
@@ -273,9 +275,11 @@ def test_linear_probe_task_on_wds_train_and_test_splits(tmp_path):
         return out
 
     names = ["red", "green", "blue"]
-    evalsets.write_classification_set(tmp_path, samples(24, 0), names, ["a {c}."], split="train")
-    evalsets.write_classification_set(tmp_path, samples(9, 100), names, ["a {c}."])
-    assert evalsets.read_classification_set(tmp_path, "train").classnames == names
+    benchmark_sets.write_classification_set(
+        tmp_path, samples(24, 0), names, ["a {c}."], split="train"
+    )
+    benchmark_sets.write_classification_set(tmp_path, samples(9, 100), names, ["a {c}."])
+    assert benchmark_sets.read_classification_set(tmp_path, "train").classnames == names
     task = LinearProbeTask(name="p", root=str(tmp_path), c_grid=(1.0, 10.0), batch_size=5)
     metrics = build_evaluator(task, preprocess=preprocess, tokenize=tokenize)(CountingTowers())
     assert metrics["lp_acc1"] == 1.0 and metrics["lp_C"] in (1.0, 10.0)
@@ -294,13 +298,13 @@ def test_batched_eval_pixels_equal_open_clips_transform_per_image(tmp_path, work
     images = [
         PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes * 3
     ]
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path, ((im, i % 3) for i, im in enumerate(images)), ["a", "b", "c"],
         ["a {c}."], samples_per_shard=4, image_format="jpg",
     )  # fmt: skip
     model = micro_model().eval()
     transform = model.image_transform(is_train=False)
-    source = evalsets.read_classification_set(tmp_path)
+    source = benchmark_sets.read_classification_set(tmp_path)
     seen = []
 
     class Recording:
@@ -352,13 +356,15 @@ def test_pixel_cache_skips_decoding_for_the_next_checkpoint(tmp_path, monkeypatc
     images = [
         PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(9)
     ]
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path / "set", ((im, i % 3) for i, im in enumerate(images)), ["a", "b", "c"],
         ["a {c}."], samples_per_shard=4, image_format="jpg",
     )  # fmt: skip
     decoded = []
-    real = evalsets.rgb_from_bytes
-    monkeypatch.setattr(evalsets, "rgb_from_bytes", lambda data: decoded.append(1) or real(data))
+    real = benchmark_sets.rgb_from_bytes
+    monkeypatch.setattr(
+        benchmark_sets, "rgb_from_bytes", lambda data: decoded.append(1) or real(data)
+    )
     checkpoints = [micro_model(seed=s).eval() for s in (0, 1)]
     preprocess = checkpoints[0].preprocess_config()
 

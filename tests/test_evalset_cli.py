@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clipline.data.sources import generate_shapes
+from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main
 from clipline.pretrain.export_clipline import export_model
 from tests.helpers import micro_model

@@ -19,7 +19,7 @@ import PIL.Image
 import pytest
 import torch
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 from clipline.launch.cli import main
 from clipline.launch.run import load_encoders
 from clipline.pretrain.export import export, list_export_formats
@@ -343,7 +343,7 @@ def test_eval_embed_and_export_read_every_format(exported, tmp_path, monkeypatch
     """The CLI reads each folder `export --format all` wrote, and the root, as the same model
     (an HF folder used to fail with KeyError: 'model'); ONNX is read by eval and embed."""
     model, out = exported
-    evalsets.write_retrieval_set(
+    benchmark_sets.write_retrieval_set(
         tmp_path / "ret", [(im, [c]) for im, c in zip(_images(), CAPTIONS, strict=True)]
     )
     (tmp_path / "texts.txt").write_text("\n".join(CAPTIONS) + "\n")

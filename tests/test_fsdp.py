@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from clipline.data import evalsets
-from clipline.data.sources import generate_shapes
+from clipline.data import benchmark_sets
+from clipline.data.builtin_data import generate_shapes
 from tests.helpers import make_shards, torchrun
 
 DIST = Path(__file__).parent / "dist"
@@ -26,7 +26,7 @@ def _losses(run_dir):
 def test_fsdp_equals_ddp_and_resumes(tmp_path):
     shards = make_shards(tmp_path / "shards", n=64, per_shard=16)
     held = generate_shapes(12, seed=9, image_size=32)
-    evalsets.write_retrieval_set(tmp_path / "ret", ((s.image, [s.caption]) for s in held))
+    benchmark_sets.write_retrieval_set(tmp_path / "ret", ((s.image, [s.caption]) for s in held))
     script = DIST / "train_fsdp.py"
 
     torchrun(script, str(shards), str(tmp_path / "ddp"), "ddp", "4")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 from clipline.eval import score
 from clipline.eval.score import ScoreConfig
 from clipline.launch import score as score_wiring
@@ -93,7 +93,7 @@ def test_scores_each_checkpoint_once_and_matches_clipline_eval(sets, tmp_path, c
     # old rows kept; the unchanged retrieval task is not re-run.
     zs2 = tmp_path / "zs2"
     shutil.copytree(sets / "zs", zs2)
-    (zs2 / evalsets.TEMPLATES_FILE).write_text("a picture of a {c}.\n")
+    (zs2 / benchmark_sets.TEMPLATES_FILE).write_text("a picture of a {c}.\n")
     with caplog.at_level("WARNING"):
         report = score_run(ScoreConfig(run_dir=str(run), tasks=_tasks(sets, zs=zs2)))
     assert report.scored == [(2, "shapes"), (4, "shapes"), (6, "shapes")]

@@ -64,9 +64,9 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path, workers):
+    from clipline.data.builtin_data import generate_shapes
     from clipline.data.ingest import Sample
     from clipline.data.shards import write_samples
-    from clipline.data.sources import generate_shapes
 
     # Shards of 40, 4, 4 and 2 samples: a naive split gives rank 0 far more data than rank 1.
     scenes = generate_shapes(50, seed=1, image_size=32)

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
+from clipline.data.builtin_data import generate_shapes
 from clipline.data.ingest import Sample
 from clipline.data.shards import write_samples
-from clipline.data.sources import generate_shapes
 from clipline.data.stream import SourceConfig, StreamConfig, epoch_shape
 from clipline.launch.config import load_run_config
 from tests.helpers import make_shards, micro_loader, micro_recipe, sample_ids

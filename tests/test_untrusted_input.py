@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
+from clipline.data.builtin_data import generate_shapes
 from clipline.data.shard_io import shard_samples
-from clipline.data.sources import generate_shapes
 from clipline.data.stream import StreamConfig, epoch_shape
 from clipline.launch.cli import main
 from clipline.pretrain.export_clipline import IMAGE_FILE, export_model
@@ -52,8 +52,8 @@ def ws(tmp_path_factory) -> Path:
     make_shards(root / PIPE_DIR, n=16, per_shard=8)
     scenes = generate_shapes(12, seed=4, image_size=32)
     labelled = [(s.image, SHAPES.index(s.shape)) for s in scenes if s.shape in SHAPES]
-    evalsets.write_classification_set(root / "sets" / PIPE_DIR, labelled, SHAPES, ["a {c}."])
-    evalsets.write_retrieval_set(
+    benchmark_sets.write_classification_set(root / "sets" / PIPE_DIR, labelled, SHAPES, ["a {c}."])
+    benchmark_sets.write_retrieval_set(
         root / "sets" / PIPE_DIR_2, ((s.image, [s.caption]) for s in scenes)
     )
     (root / "img" / PIPE_DIR).mkdir(parents=True)

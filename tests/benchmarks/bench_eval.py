@@ -171,13 +171,13 @@ def bench_retrieval(a: argparse.Namespace) -> dict:
 
 
 def _zeroshot_set(root: Path, n: int, size: int) -> Path:
-    from clipline.data import evalsets, sources
+    from clipline.data import benchmark_sets, builtin_data
 
     name = f"zeroshot-{n}-{size}px"
     if (root / f"{name}.done").is_file():
         return root / name
     rng = np.random.default_rng(0)
-    scenes = sources.generate_shapes(n, seed=0, image_size=size)
+    scenes = builtin_data.generate_shapes(n, seed=0, image_size=size)
 
     def noisy(image):
         # Mild pixel noise: flat synthetic scenes compress to tiny JPEGs that decode much
@@ -185,10 +185,10 @@ def _zeroshot_set(root: Path, n: int, size: int) -> Path:
         pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3))
         return PIL.Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         root / name,
-        ((noisy(s.image), sources.SHAPES.index(s.shape)) for s in scenes),
-        list(sources.SHAPES),
+        ((noisy(s.image), builtin_data.SHAPES.index(s.shape)) for s in scenes),
+        list(builtin_data.SHAPES),
         ["a photo of a {c}."],
         samples_per_shard=256,
         image_format="jpg",
@@ -198,7 +198,7 @@ def _zeroshot_set(root: Path, n: int, size: int) -> Path:
 
 
 def bench_zeroshot(a: argparse.Namespace) -> dict:
-    from clipline.data import evalsets
+    from clipline.data import benchmark_sets
     from clipline.data.decode import ImageNormalizer, stack_pixels
     from clipline.data.preprocess import eval_pixels
     from clipline.eval import ZeroShotTask, build_evaluator
@@ -215,7 +215,7 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
     model = DualEncoder.from_config(ModelConfig(name=name)).eval()
     preprocess = model.preprocess_config()
     transform = model.image_transform(is_train=False)
-    source = evalsets.read_classification_set(root)
+    source = benchmark_sets.read_classification_set(root)
     images = [
         transform(image)
         for (image, _), _ in zip(source.samples(), range(a.zeroshot_batch), strict=False)

@@ -73,9 +73,9 @@ def ensure_shards(cache_dir: Path, size: int, num_pairs: int, num_shards: int) -
     """Shards of ``num_pairs`` ``size``-px JPEG pairs under ``cache_dir``, written once."""
     import numpy as np
 
+    from clipline.data.builtin_data import generate_shapes
     from clipline.data.ingest import Sample
     from clipline.data.shards import write_samples
-    from clipline.data.sources import generate_shapes
 
     out = cache_dir / f"shards-{size}px"
     spec = {"version": DATA_VERSION, "size": size, "pairs": num_pairs, "shards": num_shards}

@@ -98,9 +98,9 @@ def ensure_shards(cache_dir: Path, num_pairs: int, samples_per_shard: int, seed:
     """The benchmark shards under ``cache_dir/shards``, written once and reused."""
     import numpy as np
 
+    from clipline.data.builtin_data import generate_shapes
     from clipline.data.ingest import Sample
     from clipline.data.shards import write_samples
-    from clipline.data.sources import generate_shapes
 
     out = cache_dir / "shards"
     spec = {

@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from clipline.data import evalsets
+from clipline.data import benchmark_sets
 
 CLASSNAMES = ["cat", "dog", "sea lion"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]
@@ -38,14 +38,14 @@ def _retrieval_samples(n: int) -> list[tuple[PIL.Image.Image, list[str]]]:
 
 def test_classification_round_trip(tmp_path):
     samples = _classification_samples(7)
-    n = evalsets.write_classification_set(
+    n = benchmark_sets.write_classification_set(
         tmp_path, iter(samples), CLASSNAMES, TEMPLATES, samples_per_shard=3
     )
     assert n == 7
     assert (tmp_path / "test" / "nshards.txt").read_text().strip() == "3"
     assert sorted(p.name for p in (tmp_path / "test").glob("*.tar")) == ["0.tar", "1.tar", "2.tar"]
 
-    dataset = evalsets.read_classification_set(str(tmp_path))
+    dataset = benchmark_sets.read_classification_set(str(tmp_path))
     assert dataset.classnames == CLASSNAMES
     assert dataset.templates == TEMPLATES
     read = list(dataset.samples())
@@ -57,8 +57,8 @@ def test_classification_round_trip(tmp_path):
 
 def test_retrieval_round_trip(tmp_path):
     samples = _retrieval_samples(5)
-    assert evalsets.write_retrieval_set(tmp_path, samples, samples_per_shard=2) == 5
-    read = list(evalsets.read_retrieval_set(tmp_path).samples())
+    assert benchmark_sets.write_retrieval_set(tmp_path, samples, samples_per_shard=2) == 5
+    read = list(benchmark_sets.read_retrieval_set(tmp_path).samples())
     assert [captions for _, captions in read] == [captions for _, captions in samples]
     for (image, _), (original, _) in zip(read, samples, strict=True):
         np.testing.assert_array_equal(_pixels(image), _pixels(original))
@@ -67,12 +67,12 @@ def test_retrieval_round_trip(tmp_path):
 @pytest.mark.parametrize("image_format", ["jpg", "jpeg", "webp"])
 def test_lossy_formats_round_trip(tmp_path, image_format):
     samples = _classification_samples(3)
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path, samples, CLASSNAMES, TEMPLATES, image_format=image_format
     )
     ext = "jpg" if image_format == "jpeg" else image_format
     assert {p.suffix for p in _tar_members(tmp_path / "test" / "0.tar")} == {f".{ext}", ".cls"}
-    read = list(evalsets.read_classification_set(tmp_path).samples())
+    read = list(benchmark_sets.read_classification_set(tmp_path).samples())
     assert [label for _, label in read] == [0, 1, 2]
     assert [image.size for image, _ in read] == [image.size for image, _ in samples]
 
@@ -82,7 +82,9 @@ def test_clip_benchmark_reads_our_classification_set(tmp_path):
     from clip_benchmark.datasets.builder import build_wds_dataset
 
     samples = _classification_samples(7)
-    evalsets.write_classification_set(tmp_path, samples, CLASSNAMES, TEMPLATES, samples_per_shard=3)
+    benchmark_sets.write_classification_set(
+        tmp_path, samples, CLASSNAMES, TEMPLATES, samples_per_shard=3
+    )
     dataset = build_wds_dataset("wds/ours", transform=_pixels, data_dir=str(tmp_path))
     assert dataset.classes == CLASSNAMES
     assert dataset.templates == TEMPLATES
@@ -97,7 +99,7 @@ def test_clip_benchmark_reads_our_retrieval_set(tmp_path):
     from clip_benchmark.datasets.builder import build_wds_dataset
 
     samples = _retrieval_samples(5)
-    evalsets.write_retrieval_set(tmp_path, samples, samples_per_shard=2, image_format="webp")
+    benchmark_sets.write_retrieval_set(tmp_path, samples, samples_per_shard=2, image_format="webp")
     dataset = build_wds_dataset("wds/ours", transform=_pixels, data_dir=str(tmp_path))
     read = list(dataset)
     assert [captions for _, captions in read] == [captions for _, captions in samples]
@@ -105,42 +107,44 @@ def test_clip_benchmark_reads_our_retrieval_set(tmp_path):
 
 
 def test_rewrite_with_fewer_shards_removes_stale_shards(tmp_path):
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path, _classification_samples(6), CLASSNAMES, TEMPLATES, samples_per_shard=2
     )
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path, _classification_samples(3), CLASSNAMES, TEMPLATES, samples_per_shard=2
     )
     assert sorted(p.name for p in (tmp_path / "test").glob("*.tar")) == ["0.tar", "1.tar"]
-    assert len(list(evalsets.read_classification_set(tmp_path).samples())) == 3
+    assert len(list(benchmark_sets.read_classification_set(tmp_path).samples())) == 3
 
 
 def test_missing_pieces_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
-        evalsets.read_classification_set(tmp_path / "nowhere")
+        benchmark_sets.read_classification_set(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nshards.txt"):
-        evalsets.read_retrieval_set(tmp_path)
+        benchmark_sets.read_retrieval_set(tmp_path)
 
-    evalsets.write_classification_set(
+    benchmark_sets.write_classification_set(
         tmp_path / "c", _classification_samples(2), CLASSNAMES, TEMPLATES
     )
     (tmp_path / "c" / "classnames.txt").unlink()
     with pytest.raises(ValueError, match="classnames.txt"):
-        evalsets.read_classification_set(tmp_path / "c")
+        benchmark_sets.read_classification_set(tmp_path / "c")
 
-    evalsets.write_retrieval_set(tmp_path / "r", _retrieval_samples(2))
+    benchmark_sets.write_retrieval_set(tmp_path / "r", _retrieval_samples(2))
     with pytest.raises(ValueError, match="read_retrieval_set"):
-        evalsets.read_classification_set(tmp_path / "r")
+        benchmark_sets.read_classification_set(tmp_path / "r")
     (tmp_path / "r" / "test" / "0.tar").unlink()
     with pytest.raises(ValueError, match="0.tar is missing"):
-        evalsets.read_retrieval_set(tmp_path / "r")
+        benchmark_sets.read_retrieval_set(tmp_path / "r")
 
 
 def test_templates_file_is_optional(tmp_path):
-    evalsets.write_classification_set(tmp_path, _classification_samples(2), CLASSNAMES, TEMPLATES)
+    benchmark_sets.write_classification_set(
+        tmp_path, _classification_samples(2), CLASSNAMES, TEMPLATES
+    )
     (tmp_path / "zeroshot_classification_templates.txt").unlink()
     (tmp_path / "dataset_type.txt").unlink()  # absent means classification, as in clip_benchmark
-    assert evalsets.read_classification_set(tmp_path).templates == []
+    assert benchmark_sets.read_classification_set(tmp_path).templates == []
 
 
 @pytest.mark.parametrize(
@@ -160,7 +164,7 @@ def test_templates_file_is_optional(tmp_path):
 def test_bad_classification_input(tmp_path, classnames, templates, labels, match):
     samples = [(_image(i), label) for i, label in enumerate(labels)]
     with pytest.raises(ValueError, match=match):
-        evalsets.write_classification_set(tmp_path, samples, classnames, templates)
+        benchmark_sets.write_classification_set(tmp_path, samples, classnames, templates)
     assert not (tmp_path / "test" / "nshards.txt").exists()
 
 
@@ -175,17 +179,17 @@ def test_bad_classification_input(tmp_path, classnames, templates, labels, match
 )
 def test_bad_retrieval_input(tmp_path, captions, match):
     with pytest.raises(ValueError, match=match):
-        evalsets.write_retrieval_set(tmp_path, [(_image(0), captions)])
+        benchmark_sets.write_retrieval_set(tmp_path, [(_image(0), captions)])
 
 
 def test_bad_options(tmp_path):
     samples = _classification_samples(1)
     with pytest.raises(ValueError, match="image_format='bmp'"):
-        evalsets.write_classification_set(
+        benchmark_sets.write_classification_set(
             tmp_path, samples, CLASSNAMES, TEMPLATES, image_format="bmp"
         )
     with pytest.raises(ValueError, match="samples_per_shard=0"):
-        evalsets.write_classification_set(
+        benchmark_sets.write_classification_set(
             tmp_path, samples, CLASSNAMES, TEMPLATES, samples_per_shard=0
         )
 

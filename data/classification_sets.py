@@ -2,7 +2,7 @@
 
 Formats (``open_classification_set(format, root, split)``):
 
-- ``wds``: CLIP_benchmark's webdataset layout (:mod:`clipline.data.evalsets`);
+- ``wds``: CLIP_benchmark's webdataset layout (:mod:`clipline.data.benchmark_sets`);
   ``split`` is the shard folder under ``root`` (default ``test``).
 - ``folder``: torchvision's ``ImageFolder`` layout, ``root/<class>/<image>``; class folders
   sorted by name give labels ``0..C-1`` and files are read in sorted order, as torchvision
@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 import PIL.Image
 
-from clipline.data import evalsets, sources
+from clipline.data import benchmark_sets, builtin_data
 
 FORMATS = ("wds", "folder", "csv", "mnist", "fashion_mnist")
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -60,7 +60,7 @@ class ClassificationSource(Protocol):
 
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+    ) -> Iterator[tuple[int, benchmark_sets.ImageLoader, int]]:
         """Like ``indexed_samples``, with a function that decodes the image when called."""
         ...
 
@@ -70,7 +70,7 @@ class ClassificationSource(Protocol):
 
 
 @dataclass(kw_only=True)
-class ImageListSet(evalsets.IndexedImages):
+class ImageListSet(benchmark_sets.IndexedImages):
     """Images on disk listed with their labels (the ``folder`` and ``csv`` formats).
 
     Attributes:
@@ -92,7 +92,7 @@ class ImageListSet(evalsets.IndexedImages):
 
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+    ) -> Iterator[tuple[int, benchmark_sets.ImageLoader, int]]:
         """``(index, image loader, label)`` for samples with ``index % num_parts == part``."""
         _check_part(part, num_parts)
         for index in range(part, len(self.paths), num_parts):
@@ -104,7 +104,7 @@ class ImageListSet(evalsets.IndexedImages):
 
 
 @dataclass(kw_only=True)
-class ArraySet(evalsets.IndexedImages):
+class ArraySet(benchmark_sets.IndexedImages):
     """Images held as a ``uint8`` array (the IDX formats).
 
     Attributes:
@@ -126,7 +126,7 @@ class ArraySet(evalsets.IndexedImages):
 
     def indexed_items(
         self, part: int = 0, num_parts: int = 1
-    ) -> Iterator[tuple[int, evalsets.ImageLoader, int]]:
+    ) -> Iterator[tuple[int, benchmark_sets.ImageLoader, int]]:
         """``(index, image loader, label)`` for samples with ``index % num_parts == part``."""
         _check_part(part, num_parts)
         for index in range(part, len(self.labels_N), num_parts):
@@ -179,19 +179,21 @@ def open_classification_set(
         raise ValueError(f"format={format!r} is not known; use one of {list(FORMATS)}")
     explicit = _read_classnames(Path(classnames_file)) if classnames_file is not None else None
     if format == "wds":
-        wds_set = evalsets.read_classification_set(root, split or evalsets.SPLIT)
+        wds_set = benchmark_sets.read_classification_set(root, split or benchmark_sets.SPLIT)
         if explicit is not None:
-            _check_count(explicit, len(wds_set.classnames), f"{root}/{evalsets.CLASSNAMES_FILE}")
+            _check_count(
+                explicit, len(wds_set.classnames), f"{root}/{benchmark_sets.CLASSNAMES_FILE}"
+            )
             wds_set.classnames = explicit
         return wds_set
     if format in ("mnist", "fashion_mnist"):
         return _open_idx(format, root, split or "test", explicit)
     base = root if root.is_dir() else root.parent
-    if explicit is None and (base / evalsets.CLASSNAMES_FILE).is_file():
-        classnames_file = base / evalsets.CLASSNAMES_FILE
+    if explicit is None and (base / benchmark_sets.CLASSNAMES_FILE).is_file():
+        classnames_file = base / benchmark_sets.CLASSNAMES_FILE
         explicit = _read_classnames(classnames_file)
-    templates_path = base / evalsets.TEMPLATES_FILE
-    templates = evalsets.read_lines(templates_path) if templates_path.is_file() else []
+    templates_path = base / benchmark_sets.TEMPLATES_FILE
+    templates = benchmark_sets.read_lines(templates_path) if templates_path.is_file() else []
     metadata = [Path(p) for p in (classnames_file,) if p is not None]
     if templates:
         metadata.append(templates_path)
@@ -213,11 +215,11 @@ def open_classification_set(
 
 def _open_idx(format: str, root: Path, split: str, explicit: list[str] | None) -> ArraySet:
     if format == "mnist":
-        images, labels = sources.load_mnist(split, root)
-        classnames, templates = list(sources.MNIST_CLASSES), MNIST_TEMPLATES
+        images, labels = builtin_data.load_mnist(split, root)
+        classnames, templates = list(builtin_data.MNIST_CLASSES), MNIST_TEMPLATES
     else:
-        images, labels = sources.load_fashion_mnist(split, root)
-        classnames, templates = list(sources.FASHION_MNIST_CLASSES), FASHION_MNIST_TEMPLATES
+        images, labels = builtin_data.load_fashion_mnist(split, root)
+        classnames, templates = list(builtin_data.FASHION_MNIST_CLASSES), FASHION_MNIST_TEMPLATES
     if explicit is not None:
         _check_count(explicit, len(classnames), format)
         classnames = explicit
@@ -288,7 +290,7 @@ def _open_csv(
         if explicit is None:
             raise ValueError(
                 f"{path} gives class indices; give their names in {path.parent}/"
-                f"{evalsets.CLASSNAMES_FILE} or classnames_file= (one a line, in label order)"
+                f"{benchmark_sets.CLASSNAMES_FILE} or classnames_file= (one a line, in label order)"
             )
         classnames = explicit
         bad = [label for label in labels if not 0 <= label < len(classnames)]
@@ -319,7 +321,7 @@ def _open_csv(
 def _read_classnames(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"class names file {path} not found; write one class name a line")
-    names = evalsets.read_lines(path)
+    names = benchmark_sets.read_lines(path)
     if not names:
         raise ValueError(f"class names file {path} is empty")
     return names

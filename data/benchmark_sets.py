@@ -429,7 +429,7 @@ def _check_layout(root: Path, split: str) -> str:
     if not root.is_dir():
         raise ValueError(
             f"eval set root {root} is not a folder; expected {root}/{split}/{NSHARDS_FILE} and "
-            f"{root}/{split}/0.tar ... as written by clipline.data.evalsets"
+            f"{root}/{split}/0.tar ... as written by clipline.data.benchmark_sets"
         )
     nshards = _num_shards(root, split)
     missing = [p for i in range(nshards) if not (p := root / split / f"{i}.tar").is_file()]
