@@ -28,6 +28,7 @@ from typing import Any
 from torchvision import transforms as T
 
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
+from clipline.data.loader import build_train_loader
 from clipline.data.shard_io import (
     is_remote,
     iter_tar_samples,
@@ -35,7 +36,7 @@ from clipline.data.shard_io import (
     read_manifest,
 )
 from clipline.data.shards import IMAGE_KEYS, ShardScan, scan_shard
-from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
+from clipline.data.stream import StreamConfig, epoch_shape
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 
-from clipline.data.stream import EpochShape, build_train_loader, epoch_shape
+from clipline.data.loader import build_train_loader
+from clipline.data.stream import EpochShape, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
 from clipline.launch.lock import LOCK_FILE, DirLock

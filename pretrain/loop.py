@@ -27,8 +27,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 from torch.utils.tensorboard import SummaryWriter
 
+from clipline.data.loader import TrainLoader
 from clipline.data.progress import progress
-from clipline.data.stream import CONVERSIONS, SKIP_REASONS, TrainLoader
+from clipline.data.stream import CONVERSIONS, SKIP_REASONS
 from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
     full_state_dicts,
