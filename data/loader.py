@@ -3,20 +3,27 @@
 :class:`TrainLoader` runs :class:`~clipline.data.stream.ContrastiveStream` in dataloader
 workers and records, per batch the training loop takes, how far each worker got, so that a
 checkpoint can resume the stream without reading the consumed samples again.
+
+Batches arrive model-ready (timm's ``PrefetchLoader`` idea): workers decode to uint8 (a
+quarter of the bytes through shared memory and the host-to-device copy), the loader copies
+them to the device and normalises them there (:class:`ModelReady`), and the skip and
+colour-conversion counts of the batches taken add up in one :class:`LoaderStats`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipline.data.decode import CONVERSIONS, SKIP_REASONS
 from clipline.data.stream import ContrastiveStream, StreamConfig, _fresh_link, _layout
 from clipline.data.worker_signals import shield_worker, start_workers
 
@@ -24,6 +31,83 @@ log = logging.getLogger(__name__)
 
 # 2: links record each worker's place in its repeats (fill) and its unusable rows (failed).
 STATE_VERSION = 2
+
+
+@dataclass
+class LoaderStats:
+    """Samples dropped (by reason) and colour-converted in the batches the loop took.
+
+    Counts of this rank; a checkpoint holds their sum over ranks (:meth:`total`), which
+    rank 0 carries on after a resume (:meth:`load_state_dict`), so that the sum the metrics
+    report stays the run's total.
+    """
+
+    rank: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)
+
+    def add(self, batch: dict[str, Any]) -> None:
+        """Counts what the workers reported with ``batch``."""
+        self.skipped.update(batch["skipped"])
+        self.converted.update(batch["converted"])
+
+    def vector(self) -> list[int]:
+        """The counts in a fixed order (every rank the same), for a cross-rank sum."""
+        return [self.skipped[r] for r in SKIP_REASONS] + [self.converted[k] for k in CONVERSIONS]
+
+    @staticmethod
+    def as_metrics(vector: list[float]) -> dict[str, float]:
+        """``data/skipped/<reason>`` and ``data/converted/<kind>`` of a (summed) :meth:`vector`."""
+        names = [f"data/skipped/{r}" for r in SKIP_REASONS]
+        names += [f"data/converted/{k}" for k in CONVERSIONS]
+        return dict(zip(names, vector, strict=True))
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"skipped": dict(self.skipped), "converted": dict(self.converted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Takes a checkpoint's counts (summed over ranks) on rank 0; other ranks start at 0."""
+        if self.rank == 0:
+            self.skipped = Counter(state.get("skipped", {}))
+            self.converted = Counter(state.get("converted", {}))  # absent in older checkpoints
+
+    @staticmethod
+    def total(states: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+        """The sum of several ranks' state dicts (what a checkpoint holds)."""
+        return {
+            kind: dict(sum((Counter(s[kind]) for s in states), Counter()))
+            for kind in ("skipped", "converted")
+        }
+
+
+class ModelReady:
+    """A worker's batch -> the model's inputs on ``device``: images normalised, text moved.
+
+    uint8 images are copied to the device (non-blocking from pinned memory) and normalised
+    there by the decoder, each into one of ``buffers`` reused buffers taken in turn: the
+    training loop holds ``accum_steps`` micro-batches of a step at once, so it needs that
+    many (a step's graph, which saved its inputs, is gone before the next step's batches).
+    """
+
+    def __init__(
+        self,
+        normalize: Callable[[torch.Tensor, int], torch.Tensor],
+        device: torch.device | str,
+        buffers: int = 1,
+    ):
+        if buffers < 1:
+            raise ValueError(f"buffers must be >= 1 (one per micro-batch of a step), got {buffers}")
+        self.normalize, self.device, self.buffers = normalize, torch.device(device), buffers
+        self._taken = 0
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        slot, self._taken = self._taken % self.buffers, self._taken + 1
+        image = batch["image"].to(self.device, non_blocking=True)
+        return {
+            **batch,
+            "image": self.normalize(image, slot),  # f32[B,3,H,W]
+            "text": batch["text"].to(self.device, non_blocking=True),  # i64[B,L]
+        }
 
 
 @dataclass
@@ -55,14 +139,20 @@ class TrainLoader:
     workers: int
     batches_per_epoch: int
     num_samples: int
+    # Makes batches model-ready; None: batches as the workers made them (uint8 on the CPU).
+    ready: ModelReady | None = None
+    stats: LoaderStats = field(default_factory=LoaderStats)
     _loader: DataLoader | None = None
     _state: dict[str, Any] | None = None  # the epoch being read, updated per batch taken
     _saved: dict[str, Any] | None = None  # a loaded state, for the next epoch() call
 
-    def model_input(self, image_BCHW: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """A batch's images, moved to the device, as the model takes them (uint8 batches
-        are normalised there; see :meth:`Decoder.model_input` for ``slot``)."""
-        return self.stream.decoder.model_input(image_BCHW, slot)
+    def __post_init__(self) -> None:
+        self.stats.rank = self.stream.rank
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank."""
+        return self.stream.cfg.batch_size
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """An iterator over epoch ``epoch`` from its batch ``start`` on.
@@ -114,7 +204,12 @@ class TrainLoader:
         batches = self._track(start_workers(self._loader), self._state)
         for _ in range(replay):
             next(batches)
-        return batches
+        return self._taken(batches)
+
+    def _taken(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            self.stats.add(batch)
+            yield batch if self.ready is None else self.ready(batch)
 
     @staticmethod
     def _track(it: Iterator[dict[str, Any]], state: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -182,8 +277,21 @@ def build_train_loader(
     tokenize: Callable[[list[str]], torch.Tensor],
     rank: int,
     world_size: int,
+    device: torch.device | str | None = None,
+    accum_steps: int = 1,
 ) -> TrainLoader:
-    """This rank's loader, after :func:`epoch_shape`'s checks of the run shape."""
+    """This rank's loader, after :func:`epoch_shape`'s checks of the run shape.
+
+    Args:
+        cfg: The stream's settings.
+        preprocess: The training transform of one PIL image.
+        tokenize: Captions -> ``i64[B,L]``, run in the workers on whole batches.
+        rank: This process's rank.
+        world_size: Number of ranks.
+        device: Where batches go, normalised (the training loop's device); None: batches
+            as the workers made them (uint8 images on the CPU), for inspecting the data.
+        accum_steps: Micro-batches the loop holds at once (one reused buffer each).
+    """
     shape, layout = _layout(cfg, world_size)
     stream = ContrastiveStream(
         cfg, layout, preprocess=preprocess, tokenize=tokenize, rank=rank, world_size=world_size
@@ -193,4 +301,7 @@ def build_train_loader(
         workers=cfg.workers,
         batches_per_epoch=shape.batches_per_epoch,
         num_samples=shape.samples_read,
+        ready=None
+        if device is None
+        else ModelReady(stream.decoder.model_input, device, buffers=accum_steps),
     )

@@ -86,8 +86,6 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from clipline.data.decode import CONVERSIONS as CONVERSIONS  # re-exported for the loop
-from clipline.data.decode import SKIP_REASONS as SKIP_REASONS
 from clipline.data.decode import DecodeConfig, Decoder
 from clipline.data.shard_io import check_url as _check_url
 from clipline.data.shard_io import list_shards, open_shard

@@ -26,7 +26,7 @@ from clipline.pretrain.checkpoint import (
     read_config,
     resolve_resume,
 )
-from clipline.pretrain.console import write_final_metrics
+from clipline.pretrain.console import model_description, write_final_metrics
 from clipline.pretrain.export import FORMATS as EXPORT_FORMATS
 from clipline.pretrain.export import META_FILE as EXPORT_META_FILE
 from clipline.pretrain.export import load_export
@@ -181,6 +181,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         tokenize=model.tokenize,  # a picklable Tokenize: workers tokenise whole batches
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        device=accelerator.device,  # batches arrive normalised on the device
+        accum_steps=cfg.loop.accum_steps,
     )
     # The loop runs the evaluators on every rank. Under DDP each rank embeds its share; under
     # FSDP every forward is a collective, so all ranks must run the same forwards: each
@@ -203,7 +205,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             optim_cfg=cfg.optim,
             loop_cfg=cfg.loop,
             run_dir=run_dir,
-            run_config=cfg.to_dict(),
+            config_blob=cfg.to_dict(),
+            model_description=model_description(cfg.to_dict()["model"]),
             evaluators=evaluators,
             resume=resume,
         )
