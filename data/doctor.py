@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from clipline.data.decode import IMAGE_EXTS, DecodeConfig, Decoder
+from clipline.data.loader import build_train_loader
 from clipline.data.preprocess import PreprocessConfig
 from clipline.data.shard_index import IMAGE_KEYS, ShardScan, scan_shard
 from clipline.data.shard_io import (
@@ -37,7 +38,7 @@ from clipline.data.shard_io import (
     read_manifest,
     shard_samples,
 )
-from clipline.data.stream import StreamConfig, build_train_loader, epoch_shape
+from clipline.data.stream import StreamConfig, epoch_shape
 
 log = logging.getLogger(__name__)
 

@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipline {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        # pretrain.loop's Preempted (SIGTERM/SIGUSR1: 143, which Slurm requeues; Ctrl-C: 130;
+        # pretrain.signals' Preempted (SIGTERM/SIGUSR1: 143, which Slurm requeues; Ctrl-C: 130;
         # a checkpoint was saved) and NonFiniteLossError (1), known by their exit code rather
         # than imported: importing the loop here would load the training stack for every
         # command. Their messages say what happened and what to do, in one line.

@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 
-from clipline.data.stream import EpochShape, build_train_loader, epoch_shape
+from clipline.data.loader import build_train_loader
+from clipline.data.stream import EpochShape, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
 from clipline.launch.lock import LOCK_FILE, DirLock
@@ -26,7 +27,7 @@ from clipline.pretrain.checkpoint import (
     resolve_checkpoint,
     resolve_resume,
 )
-from clipline.pretrain.console import write_final_metrics
+from clipline.pretrain.console import model_description, write_final_metrics
 from clipline.pretrain.export import find_export, load_exported
 from clipline.pretrain.loop import train
 from clipline.pretrain.loss import LossConfig, model_overrides
@@ -178,6 +179,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
         tokenize=model.tokenize,  # a picklable Tokenize: workers tokenise whole batches
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        device=accelerator.device,  # batches arrive normalised on the device
+        accum_steps=cfg.loop.accum_steps,
     )
     # The loop runs the evaluators on every rank. Under DDP each rank embeds its share; under
     # FSDP every forward is a collective, so all ranks must run the same forwards: each
@@ -200,7 +203,8 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
             optim_cfg=cfg.optim,
             loop_cfg=cfg.loop,
             run_dir=run_dir,
-            run_config=cfg.to_dict(),
+            config_blob=cfg.to_dict(),
+            model_description=model_description(cfg.to_dict()["model"]),
             evaluators=evaluators,
             resume=resume,
         )

@@ -6,7 +6,7 @@ Layout of one checkpoint:
                       full state dict: the same file under DDP, FSDP or one process;
                       tensors and plain types, loaded with weights_only=True)
   state.json          step, epoch and counters of the loop; "stream": each rank's stream
-                      position (epoch, per-worker list positions; data.stream.TrainLoader)
+                      position (epoch, per-worker list positions; data.loader.TrainLoader)
   config.json         the resolved run config
 
 A checkpoint is assembled in ``step_N.tmp`` and renamed into place, so a process killed

@@ -30,7 +30,7 @@ def micro_model(seed: int = 0, loss: str = "infonce") -> DualEncoder:
 
 def micro_loader(cfg, rank: int = 0, world_size: int = 1):
     """The real training loader for ``cfg`` with the micro model's transform and tokenizer."""
-    from clipline.data.stream import build_train_loader
+    from clipline.data.loader import build_train_loader
 
     model = micro_model()
     return build_train_loader(

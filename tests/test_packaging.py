@@ -151,3 +151,17 @@ def test_export_formats_do_not_import_each_other():
             assert imported == formats | {"export_base"}, imported
         else:
             assert imported <= {"export_base"}, f"{path.name} imports {imported - {'export_base'}}"
+
+
+MAX_LINES = 600  # a file a newcomer can read in one sitting (issue 12)
+
+
+def test_no_source_file_exceeds_the_size_limit():
+    """Files grow one feature at a time; a limit checked in CI keeps them single-concern."""
+    long = {
+        str(p.relative_to(REPO)): n
+        for part in ALLOWED
+        for p in sorted((REPO / part).rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"split these by concern (over {MAX_LINES} lines): {long}"

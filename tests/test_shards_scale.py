@@ -355,8 +355,9 @@ def test_index_existing_shards_in_place(img2dataset_dir: Path) -> None:
     assert json.loads((d / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 2}
 
     # The stream reads them as they are: png samples included, the caption-less one dropped.
+    from clipline.data.loader import build_train_loader
     from clipline.data.preprocess import PreprocessConfig
-    from clipline.data.stream import StreamConfig, build_train_loader
+    from clipline.data.stream import StreamConfig
 
     cfg = StreamConfig(shards=str(d), batch_size=2, workers=0, shuffle_buffer=1)
     loader = build_train_loader(

@@ -144,7 +144,8 @@ def _open_clip_loader(spec: dict):
 
 def _clipline_loader(spec: dict):
     from clipline.data.decode import DecodeConfig
-    from clipline.data.stream import StreamConfig, build_train_loader
+    from clipline.data.loader import build_train_loader
+    from clipline.data.stream import StreamConfig
     from clipline.pretrain.model import Tokenize, open_clip_preprocess_config
 
     _, tokenizer = _transform_and_tokenizer()

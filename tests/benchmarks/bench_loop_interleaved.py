@@ -35,6 +35,7 @@ from fixed_batch import feed_one_batch
 
 import clipline.launch.run as run
 import clipline.pretrain.loop as loop
+import clipline.pretrain.periodic as periodic
 from clipline.launch.config import load_run_config
 from clipline.pretrain.host_memory import keep_freed_memory
 from clipline.pretrain.model import DualEncoder, ModelConfig
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     loaders = feed_one_batch(run)
     marks: list[tuple[float, int]] = []
 
-    real_progress = loop.progress
+    real_progress = periodic.progress
 
     def progress(**kwargs):  # the loop's bar, marking the end of every step
         bar = real_progress(**kwargs)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         bar.update = update
         return bar
 
-    loop.progress = progress
+    periodic.progress = progress
     run_dir = Path(tempfile.mkdtemp(prefix="clipline-interleaved-"))
     cfg = load_run_config(
         "cpu-debug",
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         model = DualEncoder.from_config(ModelConfig(name=a.model)).train()
         opt = build_optimizer(model, cfg.optim)
         first = loaders[0].batch  # every loop block feeds the same shards' first batch
-        image = loaders[0].model_input(first["image"]).clone()
-        text = first["text"]
+        ready = loaders[0].ready(first)
+        image, text = ready["image"].clone(), ready["text"]
         labels = torch.arange(len(text))
         steps, faults = [], []
         for _ in range(a.steps):

@@ -191,6 +191,7 @@ _CLIPLINE_CHILD = textwrap.dedent(
         import torch
         import torch.nn.functional as F
         import clipline.pretrain.loop as loop
+        import clipline.pretrain.periodic as periodic
         from accelerate import Accelerator
         from accelerate.optimizer import AcceleratedOptimizer
         spans = {"forward_backward": [], "clip": [], "optimizer": [], "zero_grad": []}
@@ -222,7 +223,7 @@ _CLIPLINE_CHILD = textwrap.dedent(
         AcceleratedOptimizer.step = timed("optimizer", optimizer_step)
         AcceleratedOptimizer.zero_grad = timed("zero_grad", AcceleratedOptimizer.zero_grad)
 
-        real_progress = loop.progress
+        real_progress = periodic.progress
 
         def progress(**kwargs):  # the loop's bar, marking the end of every step
             bar = real_progress(**kwargs)
@@ -235,7 +236,7 @@ _CLIPLINE_CHILD = textwrap.dedent(
             bar.update = update
             return bar
 
-        loop.progress = progress
+        periodic.progress = progress
 
     cfg = load_run_config(sys.argv[1], json.loads(sys.argv[2]))
     run.run_pretrain(cfg)

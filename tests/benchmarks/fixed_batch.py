@@ -14,16 +14,16 @@ class FixedBatchLoader:
     """What the training loop asks of a ``TrainLoader``, serving one real batch forever."""
 
     def __init__(self, loader: Any):
-        self.stream, self.num_samples = loader.stream, loader.num_samples
-        self.batches_per_epoch = loader.batches_per_epoch
+        self.num_samples, self.batch_size = loader.num_samples, loader.batch_size
+        self.batches_per_epoch, self.stats = loader.batches_per_epoch, loader.stats
+        # The worker's batch (uint8 on the CPU), made model-ready again for every step as the
+        # real loader does: the copy to the device and the normalisation are the loader's cost.
+        self.ready, loader.ready = loader.ready, None
         self.batch = next(iter(loader.epoch(0)))  # the loader and its worker go after this
 
     def epoch(self, epoch: int, start: int = 0):
         while True:
-            yield self.batch
-
-    def model_input(self, image, slot: int = 0):
-        return self.stream.decoder.model_input(image, slot)
+            yield self.ready(self.batch)
 
     def state_dict(self) -> None:
         return None

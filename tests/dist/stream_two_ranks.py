@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from clipline.data.stream import StreamConfig, build_train_loader
+from clipline.data.loader import build_train_loader
+from clipline.data.stream import StreamConfig
 from tests.helpers import micro_model
 
 spec, out = sys.argv[1], Path(sys.argv[2])
