@@ -226,7 +226,7 @@ def _cmd_score_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evalset(args: argparse.Namespace) -> int:
-    from clipline.launch.evalset import EvalsetConfig, make_evalset
+    from clipline.eval.evalset import EvalsetConfig, make_evalset
 
     summary = make_evalset(
         EvalsetConfig(
