@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_shards)
 
-    p = sub.add_parser("data", help="data tools: `clipline data doctor SHARDS`")
+    p = sub.add_parser(
+        "data", help="data tools: `clipline data doctor SHARDS`, `clipline data ledger RUN`"
+    )
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser(
         "doctor",
@@ -144,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=commands.cmd_data_doctor)
+
+    p = data_sub.add_parser(
+        "ledger",
+        help="which samples a run trained on: per epoch, samples seen 0/1/2+ times and skipped "
+        "ones by reason (needs loop.sample_ledger=true)",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=commands.cmd_data_ledger)
 
     p = sub.add_parser(
         "pretrain", help="train a dual encoder (use under accelerate launch/torchrun)"

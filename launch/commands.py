@@ -74,6 +74,14 @@ def cmd_data_doctor(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_data_ledger(args: argparse.Namespace) -> int:
+    from clipline.data.ledger import read_ledger
+
+    report = read_ledger(args.run)
+    print(report.to_json() if args.json else report.to_text())
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from clipline.launch.config import load_run_config
     from clipline.launch.run import finished_run, plan, run_pretrain

@@ -26,6 +26,7 @@ from clipline.data.loader import TrainLoader
 from clipline.pretrain.checkpoint import list_checkpoints
 from clipline.pretrain.flops import count_model_flops
 from clipline.pretrain.host_memory import keep_freed_memory
+from clipline.pretrain.ledger import SampleLedger
 from clipline.pretrain.loss import LossConfig, build_loss
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import FiniteStepGuard, OptimConfig, build_optimizer, lr_at
@@ -63,6 +64,9 @@ class LoopConfig:
         wandb_project: Also log metrics to this Weights & Biases project (needs
             ``pip install wandb``; the run id is kept in the run directory, so a resumed
             run continues the same W&B run).
+        sample_ledger: Append every step's sample keys (all ranks, all micro-batches) to
+            ``run_dir/ledger/`` (:mod:`clipline.pretrain.ledger`), for
+            ``clipline data ledger RUN``.
     """
 
     steps: int | None = None
@@ -79,6 +83,7 @@ class LoopConfig:
     compile: bool = False
     peak_tflops: float | None = None
     wandb_project: str | None = None
+    sample_ledger: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self, "loop")
@@ -303,6 +308,7 @@ def train(
     )
     loss_fn = build_loss(loss_cfg)
     evaluator = EvalRunner(accelerator, model, evaluators or {}, loop_cfg.eval_every)
+    ledger = SampleLedger(loop_cfg, loader, accelerator, run_dir, start_step=step)
     batches = _batches_from(loader, step, accum)
     ddp_model.train()
     try:
@@ -326,6 +332,7 @@ def train(
                     step=step,
                 )
                 step += 1
+                ledger.record(step, micro)  # before the step's checkpoint
                 last_step = step == total_steps
                 logger.log(step, lr, out)
                 if evaluator.should_evaluate(step, last_step=last_step):
