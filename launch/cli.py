@@ -260,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip model-config name of the open_clip format (default: the output "
         "folder's name)",
     )
+    p.add_argument(
+        "--weights",
+        default="raw",
+        choices=["raw", "ema"],
+        help="raw: the trained weights (default); ema: the checkpoint's exponential moving "
+        "average (trained with loop.ema_decay > 0)",
+    )
     p.set_defaults(func=commands.cmd_export)
 
     p = sub.add_parser(

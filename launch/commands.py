@@ -259,10 +259,16 @@ def cmd_evalset(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from clipline.launch.run import load_encoders
     from clipline.pretrain.checkpoint import read_config, read_step, resolve_checkpoint
+    from clipline.pretrain.ema import load_ema_weights
     from clipline.pretrain.export import export, find_export, load_exported
     from clipline.pretrain.export_clipline import read_export_meta
 
     found = find_export(args.checkpoint)
+    if found is not None and args.weights == "ema":
+        raise ValueError(
+            f"--weights ema: {found[1]} is a {found[0]} export, which holds one set of weights; "
+            "export the EMA from the checkpoint or run directory it came from"
+        )
     if found is not None and found[0] == "onnx":
         raise ValueError(
             f"{found[1]} is an ONNX export, which cannot be converted to other formats; export "
@@ -280,6 +286,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         source = resolve_checkpoint(args.checkpoint)
         model = load_encoders(source)
+        if args.weights == "ema":
+            load_ema_weights(model, source)
         run_config = read_config(source)
         step = read_step(source)
     written = export(

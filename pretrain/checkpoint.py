@@ -8,6 +8,7 @@ Layout of one checkpoint:
   state.json          step, epoch and counters of the loop; "stream": each rank's stream
                       position (epoch, per-worker list positions; data.loader.TrainLoader)
   config.json         the resolved run config
+  ema.safetensors     the EMA of the weights (pretrain/ema.py), when loop.ema_decay > 0
 
 A checkpoint is assembled in ``step_N.tmp`` and renamed into place, so a process killed
 while saving never leaves a directory that ``resume="latest"`` would pick.
@@ -77,10 +78,12 @@ def save_checkpoint(
     state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Writes checkpoint ``step`` (call on the main process only) and prunes old ones.
 
-    ``model_state`` and ``optimizer_state`` come from :func:`full_state_dicts`.
+    ``model_state`` and ``optimizer_state`` come from :func:`full_state_dicts`;
+    ``extra_weights`` are more full state dicts, each saved as ``<name>.safetensors``.
     """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:09d}"
@@ -90,6 +93,10 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+    for name, tensors in (extra_weights or {}).items():
+        save_file(
+            tensors, tmp / f"{name}.safetensors", metadata={"format": "pt", "step": str(step)}
+        )
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -121,7 +121,8 @@ def eval_lines(step: int, results: dict[str, float]) -> list[str]:
     """One line per task, e.g. ``eval step 10 shapes: acc1 0.250, acc5 1.000``."""
     tasks: dict[str, dict[str, float]] = {}
     for key, value in results.items():
-        _, task, metric = key.split("/", 2)  # eval/<task>/<metric>
+        prefix, task, metric = key.split("/", 2)  # eval/<task>/<metric> or eval_ema/...
+        task = task if prefix == "eval" else f"{task} (ema)"
         tasks.setdefault(task, {})[metric] = value
     return [f"eval step {step} {task}: {_compact(m)}" for task, m in tasks.items()]
 

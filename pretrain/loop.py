@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType
 from clipline.data.hints import check_choices
 from clipline.data.loader import TrainLoader
 from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.ema import build_ema
 from clipline.pretrain.flops import count_model_flops
 from clipline.pretrain.host_memory import keep_freed_memory
 from clipline.pretrain.ledger import SampleLedger
@@ -67,6 +68,14 @@ class LoopConfig:
         sample_ledger: Append every step's sample keys (all ranks, all micro-batches) to
             ``run_dir/ledger/`` (:mod:`clipline.pretrain.ledger`), for
             ``clipline data ledger RUN``.
+        ema_decay: Keep an exponential moving average of the weights with this decay
+            (timm's ``ModelEmaV3``; pretrain/ema.py), checkpointed, evaluated as
+            ``eval_ema/...`` and exported with ``--weights ema``; 0: off.
+        ema_warmup: timm's EMA decay warmup: ``1 - (1 + step / gamma) ** -power``, capped at
+            ``ema_decay``, so early weights are not averaged in for long.
+        ema_warmup_gamma: timm's ``warmup_gamma`` (inverse multiplicative factor).
+        ema_warmup_power: timm's ``warmup_power`` (2/3 for runs of a million steps or more,
+            3/4 for shorter ones).
     """
 
     steps: int | None = None
@@ -84,6 +93,10 @@ class LoopConfig:
     peak_tflops: float | None = None
     wandb_project: str | None = None
     sample_ledger: bool = False
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
+    ema_warmup_gamma: float = 1.0
+    ema_warmup_power: float = 2 / 3
 
     def __post_init__(self) -> None:
         check_choices(self, "loop")
@@ -96,6 +109,13 @@ class LoopConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"loop.{key} must be > 0, got {value}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(
+                f"loop.ema_decay must be in [0, 1) (0: no EMA; e.g. 0.999), got {self.ema_decay}"
+            )
+        for key in ("ema_warmup_gamma", "ema_warmup_power"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"loop.{key} must be > 0, got {getattr(self, key)}")
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run, given micro-batches per epoch on each rank."""
@@ -288,7 +308,8 @@ def train(
     step = state["step"]
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     _check_sharding(accelerator, model)
-    checkpointer.wrap(ddp_model, optimizer)  # the optimizer state after wrapping
+    ema = build_ema(loop_cfg, model, accelerator, checkpointer.resumed_from)  # None: off
+    checkpointer.wrap(ddp_model, optimizer, ema)  # the optimizer state after wrapping
     if checkpointer.resumed_from is not None:
         log.info("resumed from %s at step %d", checkpointer.resumed_from, step)
     # On every rank: the guard measures the (resumed) optimizer state.
@@ -307,8 +328,8 @@ def train(
         resumed_from=checkpointer.resumed_from,
     )
     loss_fn = build_loss(loss_cfg)
-    evaluator = EvalRunner(accelerator, model, evaluators or {}, loop_cfg.eval_every)
     ledger = SampleLedger(loop_cfg, loader, accelerator, run_dir, start_step=step)
+    evaluator = EvalRunner(accelerator, model, evaluators or {}, loop_cfg.eval_every, ema)
     batches = _batches_from(loader, step, accum)
     ddp_model.train()
     try:
@@ -333,6 +354,8 @@ def train(
                 )
                 step += 1
                 ledger.record(step, micro)  # before the step's checkpoint
+                if ema is not None:  # timm's warmup counts optimizer steps, 1-based
+                    ema.update(model, step)
                 last_step = step == total_steps
                 logger.log(step, lr, out)
                 if evaluator.should_evaluate(step, last_step=last_step):

@@ -39,10 +39,13 @@ from clipline.pretrain.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from clipline.pretrain.ema import ema_state_dict
 from clipline.pretrain.flops import ModelFlops, peak_tflops
 from clipline.pretrain.model import DualEncoder
 
 if TYPE_CHECKING:  # loop.py imports this module
+    from timm.utils import ModelEmaV3
+
     from clipline.pretrain.loop import LoopConfig
 from clipline.pretrain.signals import Preempted, StopSignals
 
@@ -293,7 +296,8 @@ class MetricLogger:
 
 
 class EvalRunner:
-    """Runs the evaluators every ``every`` steps (0: never) and after the last step.
+    """Runs the evaluators every ``every`` steps (0: never) and after the last step, on the
+    raw weights and, when the run keeps one, on the EMA's (``eval_ema/<name>/<metric>``).
 
     Every rank runs them: under FSDP each forward needs all ranks, and a rank-0-only path
     is how runs deadlock. Evaluators that split their data by rank gather the results;
@@ -306,6 +310,7 @@ class EvalRunner:
         model: DualEncoder,
         evaluators: dict[str, Evaluator],
         every: int,
+        ema: ModelEmaV3 | None = None,
     ):
         self.accelerator, self.model, self.evaluators, self.every = (
             accelerator,
@@ -313,6 +318,7 @@ class EvalRunner:
             evaluators,
             every,
         )
+        self.ema = ema
 
     def should_evaluate(self, step: int, *, last_step: bool) -> bool:
         return is_due(step, self.every) or (last_step and bool(self.evaluators))
@@ -324,6 +330,10 @@ class EvalRunner:
         with torch.no_grad(), self.accelerator.autocast():
             for name, fn in self.evaluators.items():
                 results.update({f"eval/{name}/{k}": v for k, v in fn(self.model).items()})
+                if self.ema is not None:  # the same evaluator on the averaged weights
+                    results.update(
+                        {f"eval_ema/{name}/{k}": v for k, v in fn(self.ema.module).items()}
+                    )
         self.model.train()
         if hasattr(
             self.model, "reshard"
@@ -357,6 +367,7 @@ class Checkpointer:
         self.resumed_from: Path | None = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: ModelEmaV3 | None = None
         self._last_save = time.perf_counter()
 
     def load(self, resume: str | None, model: DualEncoder) -> dict[str, Any]:
@@ -372,10 +383,16 @@ class Checkpointer:
         self.resumed_from = ckpt
         return {"nonfinite_steps": 0, **state, "step": int(state.get("step", 0))}
 
-    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def wrap(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: ModelEmaV3 | None = None,
+    ) -> None:
         """After ``accelerator.prepare``: the optimizer state (FSDP re-creates the parameters),
-        and the wrapped model and optimizer that later checkpoints save."""
-        self.model, self.optimizer = model, optimizer
+        and the wrapped model, optimizer and EMA (restored by pretrain/ema.py) that later
+        checkpoints save."""
+        self.model, self.optimizer, self.ema = model, optimizer, ema
         if self.resumed_from is not None:
             load_optimizer_state(self.resumed_from, model, optimizer)
         self._last_save = time.perf_counter()
@@ -439,6 +456,7 @@ class Checkpointer:
                 },
                 config=self.config_blob,
                 keep_last=self.keep_last,
+                extra_weights={"ema": ema_state_dict(self.ema)} if self.ema is not None else {},
             )
         self.accelerator.wait_for_everyone()
         self._last_save = time.perf_counter()
