@@ -16,7 +16,7 @@ import copy
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from clipline.data.decode import CONVERSIONS, SKIP_REASONS
 from clipline.data.preprocess import PreprocessConfig
 from clipline.data.stream import ContrastiveStream, StreamConfig, _layout
-from clipline.data.stream_plan import _fresh_link
+from clipline.data.stream_plan import _elastic_left_out, _fresh_link
 from clipline.data.worker_signals import shield_worker, start_workers
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,10 @@ class TrainLoader:
     suffixes are concatenated and cut into whole batches for the new workers (a new link
     in the state's ``chain``, which a later resume replays as arithmetic), so every
     remaining sample is still emitted exactly once and the rank still yields its fixed
-    number of batches.
+    number of batches. With a different world size, all old ranks' states are read: their
+    unread rows are re-divided among the new ranks in equal whole batches (a *hop* in the
+    state's ``history``; the tail short of a batch on every rank is reported in
+    :attr:`left_out`).
     """
 
     stream: ContrastiveStream
@@ -146,6 +149,9 @@ class TrainLoader:
     _loader: DataLoader | None = None
     _state: dict[str, Any] | None = None  # the epoch being read, updated per batch taken
     _saved: dict[str, Any] | None = None  # a loaded state, for the next epoch() call
+    # (shard URL, index in shard) of the samples a resume on another world size left out
+    # of its epoch: they fill no whole batch on every new rank
+    left_out: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.stats.rank = self.stream.rank
@@ -154,6 +160,14 @@ class TrainLoader:
     def batch_size(self) -> int:
         """Samples per batch on this rank."""
         return self.stream.cfg.batch_size
+
+    def start_of(self, micro_batches: int) -> tuple[int, int]:
+        """The (epoch, batch) that ``micro_batches`` batches taken since the run began lead
+        to: the loaded stream state's own position when there is one (after a change of world
+        size, epochs had other lengths than ``batches_per_epoch``), else by division."""
+        if self._saved is not None:
+            return self._saved["epoch"], self._saved["batches"]
+        return divmod(micro_batches, self.batches_per_epoch)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """An iterator over epoch ``epoch`` from its batch ``start`` on.
@@ -167,10 +181,16 @@ class TrainLoader:
         fresh = _fresh_link(readers)
         saved, self._saved = self._saved, None
         replay = start
-        chain = [fresh]
+        chain: list[dict[str, Any]] = [fresh]
+        history: list[dict[str, Any]] = []
         if start and saved is not None and (saved["epoch"], saved["batches"]) == (epoch, start):
             chain, replay = copy.deepcopy(saved["chain"]), 0
-            if chain[-1]["workers"] != readers:
+            history = copy.deepcopy(saved.get("history", []))
+            if "hop" in saved:  # another world size: its ranks' unread rows are shared out
+                history.append(saved["hop"])
+                chain = [fresh]
+                self._report_left_out(epoch, history)
+            elif chain[-1]["workers"] != readers:
                 log.info(
                     "resuming epoch %d with %d workers instead of %d: the remaining samples "
                     "are shared among the new workers",
@@ -181,7 +201,7 @@ class TrainLoader:
                 chain.append(fresh)
             if self._loader is not None:
                 raise RuntimeError("load_state_dict() must come before the first epoch()")
-            self.stream.resume = (epoch, copy.deepcopy(chain))
+            self.stream.resume = (epoch, copy.deepcopy(chain), copy.deepcopy(history))
         elif start:
             log.warning(
                 "no saved stream position for batch %d of epoch %d: reading and discarding "
@@ -202,6 +222,8 @@ class TrainLoader:
                 worker_init_fn=shield_worker,  # a stop signal is the trainer's to handle
             )
         self._state = {"epoch": epoch, "batches": start - replay, "chain": chain}
+        if history:
+            self._state["history"] = history
         batches = self._track(start_workers(self._loader), self._state)
         for _ in range(replay):
             next(batches)
@@ -224,14 +246,38 @@ class TrainLoader:
             state["batches"] += 1
             yield batch
 
+    def _report_left_out(self, epoch: int, history: list[dict[str, Any]]) -> None:
+        hop = history[-1]
+        self.left_out = _elastic_left_out(
+            self.stream.layout, epoch, self.stream.world_size, history
+        )
+        log.info(
+            "resuming epoch %d on %d ranks instead of %d: the samples the old ranks had not "
+            "read are shared among the new ranks in equal whole batches",
+            epoch,
+            self.stream.world_size,
+            hop["world_size"],
+        )
+        if self.left_out:
+            log.warning(
+                "%d samples of epoch %d fill no whole batch on every one of the %d ranks: "
+                "left out of this epoch (first: %s)",
+                len(self.left_out),
+                epoch,
+                self.stream.world_size,
+                self.left_out[0],
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        """This rank's stream position: epoch, batches taken, per-worker list positions."""
+        """This rank's stream position: epoch, batches taken, per-worker list positions,
+        and the world-size changes of the epoch (``history``)."""
         assert self._state is not None, "state_dict() before the first epoch()"
         return {
             "version": STATE_VERSION,
             "fingerprint": self.stream.fingerprint,
             "rank": self.stream.rank,
             "world_size": self.stream.world_size,
+            "rank_batches": self.stream.layout.rank_batches,
             **copy.deepcopy(self._state),
         }
 
@@ -244,15 +290,10 @@ class TrainLoader:
         rank, world = self.stream.rank, self.stream.world_size
         if not states:
             return
-        state = states[rank] if len(states) == world else None
-        if state is None:
-            log.warning(
-                "the checkpoint's stream state is for %d ranks, this run has %d: the stream "
-                "position is recomputed by replay",
-                len(states),
-                world,
-            )
+        if len(states) != world:
+            self._saved = self._elastic(states)
             return
+        state = states[rank]
         if state.get("version") != STATE_VERSION:
             log.warning(
                 "the checkpoint's stream state has version %s, this clipline reads %d: the "
@@ -269,6 +310,44 @@ class TrainLoader:
             )
             return
         self._saved = state
+
+    def _elastic(self, states: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A state for :meth:`epoch` from all ranks of a run on another world size: their
+        chains become a hop of the epoch's ``history`` (see
+        :func:`~clipline.data.stream_plan._elastic_plan`), or None (replay) with a warning."""
+        world, layout = self.stream.world_size, self.stream.layout
+        why = None
+        if any(s.get("version") != STATE_VERSION or "rank_batches" not in s for s in states):
+            why = "was written by an older clipline"
+        elif any(
+            replace(layout, rank_batches=s["rank_batches"]).fingerprint(s["world_size"])
+            != s["fingerprint"]
+            for s in states
+        ):
+            why = "has other data settings (only the ranks and data.workers may change)"
+        elif len({(s["epoch"], s["batches"]) for s in states}) != 1:
+            why = "has ranks at different batches"
+        if why:
+            log.warning(
+                "the checkpoint's stream state is for %d ranks, this run has %d, and it %s: "
+                "the stream position is recomputed by replay (samples may repeat or be missed)",
+                len(states),
+                world,
+                why,
+            )
+            return None
+        first = states[0]
+        return {
+            "epoch": first["epoch"],
+            "batches": first["batches"],
+            "chain": [],
+            "history": first.get("history", []),
+            "hop": {
+                "world_size": len(states),
+                "rank_batches": first["rank_batches"],
+                "chains": [s["chain"] for s in states],
+            },
+        }
 
 
 def build_train_loader(

@@ -56,6 +56,7 @@ from clipline.data.hints import check_choices
 from clipline.data.preprocess import PreprocessConfig
 from clipline.data.shard_io import TarSamples, open_retrying, shard_sizes
 from clipline.data.stream_plan import (
+    _elastic_plan,
     _follow_chain,
     _fresh_link,
     _known_failed,
@@ -321,8 +322,9 @@ class ContrastiveStream(IterableDataset):
         self.fingerprint = layout.fingerprint(world_size)
         # Shared memory, so persistent workers see the epoch the owner sets before iter().
         self._epoch = multiprocessing.Value("i", 0, lock=False)
-        # (epoch, chain) of a resumed epoch; workers are started after it is set.
-        self.resume: tuple[int, list[dict[str, Any]]] | None = None
+        # (epoch, chain, history of world-size changes) of a resumed epoch; workers are
+        # started after it is set.
+        self.resume: tuple[int, list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     @property
     def epoch(self) -> int:
@@ -332,22 +334,27 @@ class ContrastiveStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.value = value
 
-    def plan(self, epoch: int, chain: list[dict[str, Any]]) -> _RankPlan:
-        """This rank's plan for ``epoch`` after the worker-count changes in ``chain``."""
-        base = self.layout.plan(epoch, self.rank, self.world_size, chain[0]["workers"])
+    def plan(
+        self, epoch: int, chain: list[dict[str, Any]], history: list[dict[str, Any]] | None = None
+    ) -> _RankPlan:
+        """This rank's plan for ``epoch`` after the world-size changes in ``history`` and
+        the worker-count changes in ``chain``."""
+        workers = chain[0]["workers"]
+        base = _elastic_plan(self.layout, epoch, self.rank, self.world_size, workers, history or [])
         return _follow_chain(base, chain, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         dl_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.epoch
+        history: list[dict[str, Any]] = []
         if self.resume is not None and self.resume[0] == epoch:
-            chain = self.resume[1]
+            _, chain, history = self.resume
         else:
             chain = [_fresh_link(num_workers)]
         link = chain[-1]
         assert link["workers"] == num_workers, (link, num_workers)
-        plan = self.plan(epoch, chain)
+        plan = self.plan(epoch, chain, history)
         # The DataLoader asks its workers round-robin from worker 0; a resumed epoch must
         # go on with the worker whose turn it was, so logical workers are rotated.
         worker = (dl_worker + link["batches"]) % num_workers

@@ -32,7 +32,9 @@ known without reading, which is what makes an O(1) resume possible.
 A plan is a list of *lanes* (shard pieces read back to back) and, per worker, the rows
 ``(lane, index in lane)`` it emits in order; :class:`~clipline.data.stream.ContrastiveStream`
 reads them. A change of worker count on resume is a *chain* of links (each worker's
-position when it changed), replayed as arithmetic by :func:`_follow_chain`.
+position when it changed), replayed as arithmetic by :func:`_follow_chain`; a change of
+world size is a *hop* (every old rank's chain), after which the rows no old rank emitted
+are re-divided in equal whole batches among the new ranks (:func:`_elastic_plan`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -301,3 +303,81 @@ def _known_failed(chain: list[dict[str, Any]], worker: int) -> set[tuple[int, in
     and all of the earlier links' workers' (whose rows it took over)."""
     links = [(link, range(link["workers"])) for link in chain[:-1]] + [(chain[-1], [worker])]
     return {(int(a), int(b)) for link, ws in links for w in ws for a, b in link["failed"][w]}
+
+
+def _remaining(plan: _RankPlan, chain: list[dict[str, Any]], B: int) -> _RankPlan:
+    """The rows a rank had not emitted when it stopped: per worker of the chain's last
+    link, the suffix of its list after its saved position (a worker in its repeats has
+    none). Returned as a one-worker plan over the rank's lanes."""
+    followed = _follow_chain(plan, chain, B)
+    positions = chain[-1]["positions"]
+    rest = [it[p:] for it, p in zip(followed.items, positions, strict=True)]
+    rows = np.concatenate(rest) if rest else np.empty((0, 2), dtype=np.int64)
+    return _RankPlan(followed.lanes, [rows], [0])
+
+
+def _elastic_rest(
+    layout: _Layout, epoch: int, history: list[dict[str, Any]]
+) -> tuple[list[_Lane], np.ndarray]:
+    """The lanes of all ranks of ``history``'s last hop side by side, and the rows none of
+    them emitted, in (rank, worker) order (see :func:`_elastic_plan`)."""
+    hop = history[-1]
+    old = replace(layout, rank_batches=hop["rank_batches"])
+    lanes: list[_Lane] = []
+    rests = []
+    for r, chain in enumerate(hop["chains"]):
+        base = _elastic_plan(old, epoch, r, hop["world_size"], chain[0]["workers"], history[:-1])
+        part = _remaining(base, chain, layout.batch_size)
+        rows = part.items[0].copy()
+        rows[:, 0] += len(lanes)
+        lanes += part.lanes
+        rests.append(rows)
+    return lanes, np.concatenate(rests)
+
+
+def _elastic_plan(
+    layout: _Layout,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    history: list[dict[str, Any]],
+) -> _RankPlan:
+    """Rank ``rank`` of ``world_size``'s plan for ``epoch``, before its own chain of worker
+    changes, after the changes of world size recorded in ``history``.
+
+    Each hop is ``{"world_size": W, "rank_batches": R, "chains": [chain per rank]}``: W
+    ranks (R batches each when the epoch was planned for them) emitted their lists up to
+    their chains' last positions, then the run came back on another number of ranks. The
+    rows none of them emitted are joined in (rank, worker) order, over all their lanes, and
+    cut into equal whole-batch shares, one per new rank (DDP needs equal batch counts); the
+    last ``len(rows) mod (world_size x batch)`` rows fill no batch on every rank and are
+    left out of the epoch (:func:`_elastic_left_out`). The plan is arithmetic on the hops
+    alone, so a second change of world size in the same epoch nests one more hop.
+    """
+    if not history:
+        return layout.plan(epoch, rank, world_size, workers)
+    B = layout.batch_size
+    lanes, rest = _elastic_rest(layout, epoch, history)
+    per_rank = len(rest) // (world_size * B)
+    mine = rest[rank * per_rank * B : (rank + 1) * per_rank * B]
+    quotas = _split(per_rank, workers)
+    bounds = np.cumsum([0, *quotas]) * B
+    items = [mine[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return _RankPlan(lanes, items, quotas)
+
+
+def _elastic_left_out(
+    layout: _Layout, epoch: int, world_size: int, history: list[dict[str, Any]]
+) -> list[tuple[str, int]]:
+    """The (shard URL, index in shard) of the rows left after ``history``'s last hop that
+    fill no whole batch on every one of ``world_size`` ranks: left out of the epoch."""
+    lanes, rest = _elastic_rest(layout, epoch, history)
+    tail = rest[len(rest) - len(rest) % (world_size * layout.batch_size) :]
+    out = []
+    for lane, idx in tail.tolist():
+        offsets = lanes[lane].offsets
+        seg = int(np.searchsorted(offsets, idx, side="right")) - 1
+        url, first, _ = lanes[lane].segments[seg]
+        out.append((url, first + idx - int(offsets[seg])))
+    return out

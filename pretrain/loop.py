@@ -260,7 +260,7 @@ def train_step(
 
 def _batches_from(loader: TrainLoader, step: int, accum: int) -> Iterator[dict[str, Any]]:
     """The micro-batches from optimizer step ``step`` on, across epochs."""
-    epoch, offset = divmod(step * accum, loader.batches_per_epoch)
+    epoch, offset = loader.start_of(step * accum)
     while True:
         yield from loader.epoch(epoch, start=offset)  # continues a loaded stream state
         epoch, offset = epoch + 1, 0
