@@ -68,14 +68,21 @@ def _own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Timed:
     """Wall time of a block, and the share of all CPUs that other processes used meanwhile."""
 
     def __enter__(self):
+        _sync()
         self.busy0, self.own0, self.t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        _sync()  # queued GPU work belongs to the block
         self.s = time.perf_counter() - self.t0
         # DataLoader workers are our children but are only counted once reaped; fine here,
         # since the evaluator joins its workers before returning.
@@ -212,7 +219,7 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
     )
     root = _zeroshot_set(Path(a.cache_dir), a.zeroshot_images, a.image_size)
     torch.manual_seed(0)
-    model = DualEncoder.from_config(ModelConfig(name=name)).eval()
+    model = DualEncoder.from_config(ModelConfig(name=name)).eval().to(a.device)
     preprocess = model.preprocess_config()
     transform = model.image_transform(is_train=False)
     source = benchmark_sets.read_classification_set(root)
@@ -220,7 +227,7 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
         transform(image)
         for (image, _), _ in zip(source.samples(), range(a.zeroshot_batch), strict=False)
     ]
-    batch_BCHW = torch.stack(images)
+    batch_BCHW = torch.stack(images).to(a.device)
     num_batches = -(-a.zeroshot_images // a.zeroshot_batch)
     pixel_dir = Path(a.cache_dir) / f"zeroshot-cache-{os.getpid()}"
 
@@ -250,6 +257,12 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
         assert set(metrics) >= {"acc1", "acc5"}
         return a.zeroshot_images / t.s, t.others
 
+    # Every forward below under the precision asked for (the evaluators run the model as
+    # given; a training run evaluates under its own autocast).
+    autocast = torch.autocast(
+        torch.device(a.device).type, dtype=torch.bfloat16, enabled=a.precision == "bf16"
+    )
+    autocast.__enter__()
     # CPU cost per image of each side, on one thread (what they compete for).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -300,6 +313,7 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
                 f"[others used {100 * others:.0f}% of CPUs]",
                 flush=True,
             )
+    autocast.__exit__(None, None, None)
     shutil.rmtree(pixel_dir, ignore_errors=True)
     median = {k: statistics.median(x for x, _ in v) for k, v in runs.items()}
     forward = median["forward"]
@@ -312,6 +326,8 @@ def bench_zeroshot(a: argparse.Namespace) -> dict:
     )
     return {
         "model": name,
+        "device": a.device,
+        "precision": a.precision,
         "images": a.zeroshot_images,
         "batch": a.zeroshot_batch,
         "workers": a.workers,
@@ -374,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         "faster choice on a CPU-only machine)",
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="where the zero-shot model runs (cuda)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="zero-shot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="/tmp/clipline-bench")
     p.add_argument("--json", help="also write the results here")

@@ -170,10 +170,13 @@ _OPENCLIP_CHILD = textwrap.dedent(
 
 _CLIPLINE_CHILD = textwrap.dedent(
     """
-    import json, logging, sys
+    import json, logging, os, sys
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import clipline.launch.run as run
     from clipline.launch.config import load_run_config
+
+    # loop.compile's backend: gpu_check.py's CPU smoke takes dynamo's "eager" (no codegen).
+    run.COMPILE_BACKEND = os.environ.get("CLIPLINE_BENCH_COMPILE_BACKEND", run.COMPILE_BACKEND)
 
     if sys.argv[3] == "in-memory":
         # The loop alone: the real loader delivers one batch, which is then fed again and
@@ -501,7 +504,7 @@ def run_open_clip(a: argparse.Namespace, shards: Path, cfg_path: Path, tag: str)
         "--epochs", "1",
         "--model", cfg_path.stem,
         "--precision", "amp_bf16" if a.precision == "bf16" else "fp32",
-        "--device", "cpu",
+        "--device", a.device,
         "--lr", "1e-3", "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--warmup", "2",
         "--grad-clip-norm", "1.0",  # clipline clips at 1.0 by default: same work per step
@@ -545,10 +548,17 @@ def run_open_clip(a: argparse.Namespace, shards: Path, cfg_path: Path, tag: str)
     }
 
 
-def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "stream") -> dict:
+def run_clipline(
+    a: argparse.Namespace,
+    shards: Path,
+    tag: str,
+    data: str = "stream",
+    extra: tuple[str, ...] = (),
+) -> dict:
     """One clipline run; per-window figures read from its metrics.jsonl.
 
     ``data="in-memory"`` feeds one real batch again and again: the loop without the loader.
+    ``extra`` overrides come last (e.g. ``loop.compile=true``).
     """
     run_dir = a.cache_dir / "runs" / tag
     overrides = [
@@ -571,6 +581,7 @@ def run_clipline(a: argparse.Namespace, shards: Path, tag: str, data: str = "str
         "optim.grad_clip_norm=1.0",
         "optim.schedule=cosine",
         f"run_dir={run_dir}",
+        *extra,
     ]
     log_path = a.cache_dir / "runs" / f"{tag}.log"
     t0 = time.perf_counter()
@@ -812,6 +823,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"re-measure a run during which other processes used > {100 * CONTAMINATED:.0f}%% "
         "of the CPUs, at most this many times",
     )
+    p.add_argument("--device", default="cpu", help="open_clip_train's --device (cuda on a GPU)")
     p.add_argument("--json", type=Path, help="also write all figures to this JSON file")
     a = p.parse_args(argv)
     if a.steps % a.log_every or a.steps < 4 * a.log_every:
