@@ -279,7 +279,7 @@ def train(
     checkpointer = Checkpointer(
         accelerator, loop_cfg, loader, run_dir=run_dir, config_blob=config_blob
     )
-    state = checkpointer.load(resume, model)  # weights before wrapping
+    state = checkpointer.load(resume, model)  # the loop state; the weights in wrap()
     step = state["step"]
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     _check_sharding(accelerator, model)
