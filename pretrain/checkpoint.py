@@ -1,44 +1,68 @@
-"""Checkpoints: ``run_dir/checkpoints/step_000123/`` written atomically.
+"""Checkpoints: ``run_dir/checkpoints/step_000123/``, sharded with torch.distributed.checkpoint.
 
 Layout of one checkpoint:
-  model.safetensors   the DualEncoder's full (unsharded) weights
-  optimizer.pt        full optimizer state keyed by parameter name (torch.distributed's
-                      full state dict: the same file under DDP, FSDP or one process;
-                      tensors and plain types, loaded with weights_only=True)
+  dcp/.metadata       DCP's index of the tensors below (which rank wrote which slice)
+  dcp/__R_0.distcp    rank R's part: its shards of the model and of the optimizer state
+                      (``model.*``, ``optim.*``) and of any extra state (``ema.*``, ...);
+                      under DDP the replicated tensors are written once, spread over ranks
   state.json          step, epoch and counters of the loop; "stream": each rank's stream
                       position (epoch, per-worker list positions; data.loader.TrainLoader)
   config.json         the resolved run config
-  ema.safetensors     the EMA of the weights (pretrain/ema.py), when loop.ema_decay > 0
 
-A checkpoint is assembled in ``step_N.tmp`` and renamed into place, so a process killed
-while saving never leaves a directory that ``resume="latest"`` would pick.
+Every rank writes its own part (``get_state_dict(full_state_dict=False)``: no rank ever
+holds the full optimizer state); the parts are written into ``step_N.tmp`` and the
+directory is renamed into place by rank 0 after DCP committed ``.metadata`` and every file
+is on disk, so a process killed while saving never leaves a directory that
+``resume="latest"`` would pick. The run directory must be on a filesystem every rank sees.
+
+A checkpoint resumes on any number of ranks: DCP plans the reads of each rank's shards from
+the saved slices (resharding). One process reads the whole model back with DCP's own
+no-process-group load (:func:`consolidated_state`) for export and eval.
+
+Unpickling: DCP's ``.metadata`` is a pickle. It is read here by :class:`_SafeReader`, whose
+unpickler builds only DCP's metadata classes and torch's size/dtype types (anything else is
+refused); the non-tensor values of the state (optimizer step counts, hyper-parameters) are
+read by DCP itself with ``torch.load(weights_only=True)``, the tensors as raw bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-
-from clipline.pretrain.safe_load import load_safetensors, load_weights_only
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+DCP_DIR = "dcp"
+# Each rank's own shards (DTensor under FSDP2, the local replica under DDP): never gathered.
+_SHARDED = StateDictOptions(full_state_dict=False)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -54,62 +78,180 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def full_state_dicts(
-    model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full model and optimizer state on CPU, gathered from any wrapping (DDP, FSDP2, compile).
+class ModelState(Stateful):
+    """A (wrapped) model's sharded state for DCP: saved and loaded in place on every rank."""
 
-    A collective under FSDP: call it on every rank. Rank 0 gets the states; under FSDP the
-    other ranks get empty dicts.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (
-        get_model_state_dict(model, options=options),
-        get_optimizer_state_dict(model, optimizer, options=options),
-    )
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model, options=_SHARDED)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=_SHARDED)
+
+
+class OptimizerState(Stateful):
+    """An optimizer's sharded state keyed by parameter name (so it reshards with the model)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=_SHARDED)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=_SHARDED)
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Stateful] | None = None,
+) -> dict[str, Stateful]:
+    """What a checkpoint holds: ``model``, ``optim`` and ``extra`` (e.g. ``{"ema": ...}``),
+    each a :class:`Stateful` whose ``state_dict()`` is a (nested) dict of tensors and plain
+    values, sharded or not."""
+    extra = extra or {}
+    clash = {"model", "optim"} & set(extra)
+    assert not clash, f"extra checkpoint state may not be named {clash}"
+    return {"model": ModelState(model), "optim": OptimizerState(model, optimizer), **extra}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns that it assumes one process whenever no process group exists: meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def save_checkpoint(
     run_dir: str | Path,
     *,
     step: int,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    states: dict[str, Stateful],
     state: dict[str, Any],
     config: dict[str, Any],
     keep_last: int,
-    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Writes checkpoint ``step`` (call on the main process only) and prunes old ones.
+    """Writes checkpoint ``step`` and prunes old ones; a collective: call it on every rank.
 
-    ``model_state`` and ``optimizer_state`` come from :func:`full_state_dicts`;
-    ``extra_weights`` are more full state dicts, each saved as ``<name>.safetensors``.
+    Args:
+        run_dir: The run directory (shared by all ranks).
+        step: The step just taken.
+        states: From :func:`training_state`; each rank writes its own shards.
+        state: The loop's small JSON state (rank 0's is written).
+        config: The resolved run config.
+        keep_last: Complete checkpoints kept (0: all).
     """
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
-    for stale in root.glob("*.tmp"):  # left by a process killed while saving
-        shutil.rmtree(stale)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
-    for name, tensors in (extra_weights or {}).items():
-        save_file(
-            tensors, tmp / f"{name}.safetensors", metadata={"format": "pt", "step": str(step)}
-        )
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for f in tmp.iterdir():  # the rename is only atomic for data already on disk
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
-    log.info("saved checkpoint %s", final)
+    if _is_main():
+        for stale in root.glob("*.tmp"):  # left by a process killed while saving
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    _barrier()
+    # A collective: every rank writes its shards; the coordinator writes .metadata last.
+    with _single_process_ok():
+        dcp.save(states, checkpoint_id=tmp / DCP_DIR, no_dist=not _distributed())
+    if _is_main():
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _fsync_tree(tmp)  # the rename is only atomic for data already on disk
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    _barrier()
     return final
+
+
+def load_training_state(ckpt: Path, states: dict[str, Stateful]) -> None:
+    """Restores ``states`` (from :func:`training_state`, after wrapping) in place on every
+    rank, from a checkpoint written by any number of ranks; a collective."""
+    with _single_process_ok():
+        dcp.load(states, storage_reader=_reader(ckpt), no_dist=not _distributed())
+
+
+def _reader(ckpt: Path) -> _SafeReader:
+    """A reader whose metadata was checked here: DCP would wrap the refusal's ValueError
+    into a multi-line ``CheckpointException``."""
+    reader = _SafeReader(ckpt / DCP_DIR)
+    reader.read_metadata()
+    return reader
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what DCP's metadata is made of; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint.") or (
+            module == "torch" and name == "Size"
+        ):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
+            return getattr(torch, name)
+        allowed = {
+            ("collections", "OrderedDict"),
+            ("builtins", "set"),
+            ("torch.serialization", "_get_layout"),  # maps a name to a torch.layout only
+            ("pathlib", "PosixPath"),  # the checkpoint_id DCP records; built from a str
+            ("pathlib", "WindowsPath"),
+        }
+        if (module, name) in allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of DCP metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with a restricted unpickler for ``.metadata`` (see module doc)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise ValueError(
+                f"checkpoint metadata {str(path)!r} was refused ({type(e).__name__}: {e}); "
+                "clipline's checkpoints hold only DCP metadata there, so the file was replaced "
+                "or damaged: restore it from the run, or use another checkpoint"
+            ) from e
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"checkpoint metadata {str(path)!r} is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / DCP_DIR / ".metadata").is_file() and (path / "state.json").is_file()
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
@@ -124,31 +266,47 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "model.safetensors").is_file():
+    if not _is_checkpoint(path):
         raise ValueError(
-            f"resume={resume!r} is not a checkpoint directory (no model.safetensors); "
-            f"pass 'latest' or one of {[str(p) for p in list_checkpoints(run_dir)]}"
+            f"resume={resume!r} is not a checkpoint directory (no {DCP_DIR}/.metadata and "
+            f"state.json); pass 'latest' or one of {[str(p) for p in list_checkpoints(run_dir)]}"
         )
     return path
 
 
+def saved_parts(ckpt: Path) -> set[str]:
+    """The top-level parts (``model``, ``optim``, ``ema``, ...) a checkpoint holds, from its
+    DCP metadata (read by the restricted reader)."""
+    return {key.split(".", 1)[0] for key in _reader(ckpt).read_metadata().state_dict_metadata}
+
+
+def consolidated_state(ckpt: Path, key: str = "model") -> dict[str, Any]:
+    """One part (``model``, ``optim``, ``ema``, ...) of a sharded checkpoint, whole, in this
+    process (no process group): DCP's own planner reads every rank's slices into full
+    tensors."""
+    loaded: dict[str, Any] = {}
+    # What dcp's _load_state_dict_from_keys does, with no_dist even where a process group
+    # exists (dcp.load would keep only keys the empty dict already had).
+    with _single_process_ok():
+        _load_state_dict(
+            loaded,
+            storage_reader=_reader(ckpt),
+            planner=_EmptyStateDictLoadPlanner(keys={key}),
+            no_dist=True,
+        )
+    if key not in loaded:
+        raise ValueError(f"checkpoint {ckpt} holds no {key!r} state (it holds {sorted(loaded)})")
+    return loaded[key]
+
+
 def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Loads ``model.safetensors`` into an unwrapped model (strict)."""
-    model.load_state_dict(load_safetensors(ckpt / "model.safetensors", "checkpoint"), strict=True)
+    """Loads a checkpoint's weights into an unwrapped model (strict), in one process."""
+    model.load_state_dict(consolidated_state(ckpt, "model"), strict=True)
 
 
-def load_checkpoint(ckpt: Path, *, model: nn.Module) -> dict[str, Any]:
-    """Restores the (unwrapped) model's weights in place; returns the saved loop state."""
-    load_weights(model, ckpt)
+def read_loop_state(ckpt: Path) -> dict[str, Any]:
+    """The loop's saved state (``state.json``): step, counters, stream positions."""
     return json.loads((ckpt / "state.json").read_text())
-
-
-def load_optimizer_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restores the optimizer of a wrapped model (DDP, FSDP2 or none); on every rank."""
-    saved = load_weights_only(ckpt / "optimizer.pt", "optimizer state", map_location="cpu")
-    set_optimizer_state_dict(
-        model, optimizer, saved, options=StateDictOptions(full_state_dict=True)
-    )
 
 
 def read_config(ckpt: Path) -> dict[str, Any]:
@@ -164,12 +322,12 @@ def checkpoint_step(ckpt: Path) -> int:
 
 def read_step(ckpt: Path) -> int:
     """The training step a checkpoint was saved at."""
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    return read_loop_state(ckpt)["step"]
 
 
 def model_files(ckpt: Path) -> list[Path]:
-    """The files a checkpoint's model is read from: its weights and its run config."""
-    return [ckpt / "model.safetensors", ckpt / "config.json"]
+    """The files a checkpoint's model is read from: its shards, their index and the config."""
+    return sorted((ckpt / DCP_DIR).iterdir()) + [ckpt / "config.json"]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -184,11 +342,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if not found:
             raise ValueError(f"run directory {path} has no complete checkpoint yet")
         path = found[-1]
-    if not (path / "model.safetensors").is_file():
+    if not _is_checkpoint(path):
         raise ValueError(
             f"{path} is neither an export (clipline_export.json, open_clip_config.json, a "
             "transformers CLIP config.json or onnx_export.json, or the folder `clipline export "
-            "--format all` wrote), a checkpoint (model.safetensors) nor a run directory "
+            f"--format all` wrote), a checkpoint ({DCP_DIR}/.metadata) nor a run directory "
             "(checkpoints/)"
         )
     return path

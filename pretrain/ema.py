@@ -6,13 +6,13 @@ decay warmup), not a re-implementation. What clipline adds is where it lives:
 * it is built from the unwrapped model after ``accelerator.prepare`` (the same device),
   and updated after every optimizer step with the 1-based step just taken, so the decay
   warmup is a pure function of the step and a resumed run continues it exactly;
-* it is saved as ``ema.safetensors`` beside the checkpoint's ``model.safetensors`` and
-  restored from there (:func:`ema_state_dict`, :func:`load_ema`);
+* it is part of the sharded checkpoint (the ``ema`` part, beside ``model`` and ``optim``),
+  saved and restored by ``pretrain.periodic.Checkpointer``;
 * it is evaluated beside the raw weights (``eval_ema/<task>/<metric>``) and exported with
   ``clipline export --weights ema`` (:func:`load_ema_weights`).
 
 Under DDP every rank holds the same average (every rank applies the same update to the
-same weights), so only the main process writes it. FSDP2 shards the parameters as
+same weights). FSDP2 shards the parameters as
 DTensors; ``ModelEmaV3`` deep-copies the module and lerps its ``state_dict`` tensors
 pairwise, which would copy FSDP's hooks and mix sharded and plain tensors, so FSDP2 runs
 are refused with a :class:`ValueError` (:func:`build_ema`).
@@ -24,29 +24,26 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from clipline.pretrain.safe_load import load_safetensors
+from clipline.pretrain.checkpoint import consolidated_state, saved_parts
 
 if TYPE_CHECKING:  # loop.py imports this module
     from clipline.pretrain.loop import LoopConfig
 
 log = logging.getLogger(__name__)
 
-EMA_FILE = "ema.safetensors"  # in a checkpoint directory, beside model.safetensors
-
 
 def build_ema(
     loop_cfg: LoopConfig,
     model: nn.Module,
     accelerator: Accelerator,
-    resumed_from: Path | None,
 ) -> ModelEmaV3 | None:
-    """The run's EMA (None when ``loop.ema_decay`` is 0), restored from ``resumed_from``.
+    """The run's EMA (None when ``loop.ema_decay`` is 0); a resumed run's is restored by
+    ``Checkpointer.wrap``.
 
     Args:
         loop_cfg: ``ema_decay`` and its warmup (timm's ``use_warmup``, ``warmup_gamma``,
@@ -54,7 +51,6 @@ def build_ema(
             ``ema_decay``, instead of ``ema_decay`` from the second step on).
         model: The unwrapped model, after ``accelerator.prepare`` (and the checkpoint load).
         accelerator: Its distributed type decides whether an EMA can be kept.
-        resumed_from: The checkpoint the run resumes from, or None.
 
     Raises:
         ValueError: an FSDP2 run (sharded parameters), with the settings that work.
@@ -76,27 +72,7 @@ def build_ema(
         warmup_power=loop_cfg.ema_warmup_power,
     )
     ema.requires_grad_(False)
-    if resumed_from is not None:
-        load_ema(ema, resumed_from)
-    return ema
-
-
-def ema_state_dict(ema: ModelEmaV3) -> dict[str, torch.Tensor]:
-    """The averaged weights as the checkpoint stores them: the model's keys, on the CPU."""
-    return {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()}
-
-
-def load_ema(ema: ModelEmaV3, ckpt: Path) -> None:
-    """Restores the average from checkpoint ``ckpt``; one without (a run that had the EMA
-    off) starts the average from the resumed weights, with a warning."""
-    if not (ckpt / EMA_FILE).is_file():
-        log.warning(
-            "%s has no %s (saved with loop.ema_decay=0): the EMA starts from its weights",
-            ckpt,
-            EMA_FILE,
-        )
-        return
-    ema.module.load_state_dict(load_safetensors(ckpt / EMA_FILE, "EMA weights"), strict=True)
+    return ema  # a resumed run's average is restored with the checkpoint (Checkpointer.wrap)
 
 
 def load_ema_weights(model: nn.Module, ckpt: Path) -> None:
@@ -105,10 +81,10 @@ def load_ema_weights(model: nn.Module, ckpt: Path) -> None:
     Raises:
         ValueError: the checkpoint holds no EMA, with the fix.
     """
-    if not (ckpt / EMA_FILE).is_file():
+    if "ema" not in saved_parts(ckpt):
         raise ValueError(
-            f"--weights ema: checkpoint {ckpt} has no {EMA_FILE} (it was trained with "
+            f"--weights ema: checkpoint {ckpt} has no EMA (it was trained with "
             "loop.ema_decay=0); export its raw weights (--weights raw), or train with "
             "loop.ema_decay=0.999 (for example)"
         )
-    model.load_state_dict(load_safetensors(ckpt / EMA_FILE, "EMA weights"), strict=True)
+    model.load_state_dict(consolidated_state(ckpt, "ema"), strict=True)

@@ -304,12 +304,12 @@ def train(
     checkpointer = Checkpointer(
         accelerator, loop_cfg, loader, run_dir=run_dir, config_blob=config_blob
     )
-    state = checkpointer.load(resume, model)  # weights before wrapping
+    state = checkpointer.load(resume, model)  # the loop state; the weights in wrap()
     step = state["step"]
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     _check_sharding(accelerator, model)
-    ema = build_ema(loop_cfg, model, accelerator, checkpointer.resumed_from)  # None: off
-    checkpointer.wrap(ddp_model, optimizer, ema)  # the optimizer state after wrapping
+    ema = build_ema(loop_cfg, model, accelerator)  # None: off
+    checkpointer.wrap(ddp_model, optimizer, ema)  # restores weights, optimizer (and EMA)
     if checkpointer.resumed_from is not None:
         log.info("resumed from %s at step %d", checkpointer.resumed_from, step)
     # On every rank: the guard measures the (resumed) optimizer state.

@@ -27,19 +27,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.tensorboard import SummaryWriter
 
 from clipline.data.loader import LoaderStats, TrainLoader
 from clipline.data.progress import progress
 from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
-    full_state_dicts,
-    load_checkpoint,
-    load_optimizer_state,
+    ModelState,
+    load_training_state,
+    read_loop_state,
     resolve_resume,
     save_checkpoint,
+    saved_parts,
+    training_state,
 )
-from clipline.pretrain.ema import ema_state_dict
 from clipline.pretrain.flops import ModelFlops, peak_tflops
 from clipline.pretrain.model import DualEncoder
 
@@ -367,17 +369,17 @@ class Checkpointer:
         self.resumed_from: Path | None = None
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.ema: ModelEmaV3 | None = None
+        self.states: dict[str, Stateful] = {}
         self._last_save = time.perf_counter()
 
     def load(self, resume: str | None, model: DualEncoder) -> dict[str, Any]:
-        """Before wrapping: the weights (every rank reads the full file), the stream position
-        and the data counts of the checkpoint ``resume`` names; returns its state (step 0 and
-        no skipped steps without one)."""
+        """Before wrapping: the stream position and the data counts of the checkpoint
+        ``resume`` names; returns its state (step 0 and no skipped steps without one). The
+        weights follow in :meth:`wrap`, sharded."""
         ckpt = resolve_resume(self.run_dir, resume)
         if ckpt is None:
             return {"step": 0, "nonfinite_steps": 0}
-        state = load_checkpoint(ckpt, model=model)
+        state = read_loop_state(ckpt)
         self.loader.load_state_dict(state.get("stream"))  # per-rank stream positions: O(1) resume
         self.loader.stats.load_state_dict(state)
         self.resumed_from = ckpt
@@ -389,12 +391,24 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         ema: ModelEmaV3 | None = None,
     ) -> None:
-        """After ``accelerator.prepare``: the optimizer state (FSDP re-creates the parameters),
-        and the wrapped model, optimizer and EMA (restored by pretrain/ema.py) that later
-        checkpoints save."""
-        self.model, self.optimizer, self.ema = model, optimizer, ema
+        """After ``accelerate.prepare``: what later checkpoints save (the wrapped model, the
+        optimizer and the EMA's copy, under ``ema``), restored from the resumed checkpoint;
+        each rank reads only its own shards, from any saved world size. A checkpoint saved
+        without an EMA (``loop.ema_decay`` was 0) starts the average from its weights."""
+        self.model, self.optimizer = model, optimizer
+        extra = {"ema": ModelState(ema.module)} if ema is not None else None
+        self.states = training_state(model, optimizer, extra)
         if self.resumed_from is not None:
-            load_optimizer_state(self.resumed_from, model, optimizer)
+            saved = saved_parts(self.resumed_from)
+            load_training_state(
+                self.resumed_from, {k: v for k, v in self.states.items() if k in saved}
+            )
+            if ema is not None and "ema" not in saved:
+                log.warning(
+                    "%s has no EMA (saved with loop.ema_decay=0): the EMA starts from its weights",
+                    self.resumed_from,
+                )
+                ema.set(self.accelerator.unwrap_model(model))
         self._last_save = time.perf_counter()
 
     def __enter__(self) -> Checkpointer:
@@ -439,24 +453,19 @@ class Checkpointer:
         return due
 
     def _save(self, step: int, nonfinite_steps: int) -> None:
-        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)  # all ranks
         # One small gather per checkpoint: each rank's stream position and counts.
         gathered = gather_object([(self.loader.state_dict(), self.loader.stats.state_dict())])
-        if self.accelerator.is_main_process:
-            save_checkpoint(
-                self.run_dir,
-                step=step,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-                state={
-                    "epoch": step * self._accum // self.loader.batches_per_epoch,
-                    "nonfinite_steps": nonfinite_steps,
-                    **LoaderStats.total([stats for _, stats in gathered]),
-                    "stream": [stream for stream, _ in gathered],
-                },
-                config=self.config_blob,
-                keep_last=self.keep_last,
-                extra_weights={"ema": ema_state_dict(self.ema)} if self.ema is not None else {},
-            )
-        self.accelerator.wait_for_everyone()
+        save_checkpoint(  # a collective: each rank writes its shards, rank 0 the JSON
+            self.run_dir,
+            step=step,
+            states=self.states,
+            state={
+                "epoch": step * self._accum // self.loader.batches_per_epoch,
+                "nonfinite_steps": nonfinite_steps,
+                **LoaderStats.total([stats for _, stats in gathered]),
+                "stream": [stream for stream, _ in gathered],
+            },
+            config=self.config_blob,
+            keep_last=self.keep_last,
+        )
         self._last_save = time.perf_counter()

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from clipline.data import benchmark_sets
 from clipline.data.builtin_data import generate_shapes
 from clipline.launch.cli import main
 from clipline.launch.config import load_run_config
 from clipline.launch.run import load_encoders, run_pretrain
-from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from tests.helpers import micro_recipe
 
 SHAPES = ["circle", "square", "triangle"]
@@ -82,8 +81,8 @@ def test_train_resume_export_eval(workspace, tmp_path):
     assert losses_a.keys() == losses_b.keys() == {1, 2, 3, 4}
     for step in losses_a:
         assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-6, abs=1e-6), step
-    final_a = load_file(list_checkpoints(cfg_a.run_dir)[-1] / "model.safetensors")
-    final_b = load_file(list_checkpoints(cfg_b.run_dir)[-1] / "model.safetensors")
+    final_a = consolidated_state(list_checkpoints(cfg_a.run_dir)[-1])
+    final_b = consolidated_state(list_checkpoints(cfg_b.run_dir)[-1])
     for k in final_a:
         torch.testing.assert_close(final_a[k], final_b[k], rtol=1e-5, atol=1e-6, msg=k)
 
@@ -147,8 +146,8 @@ def test_accumulation_in_the_loop_equals_the_large_batch(workspace, tmp_path):
     assert losses_big.keys() == losses_acc.keys() == {1, 2, 3}
     for step in losses_big:
         assert losses_acc[step] == pytest.approx(losses_big[step], rel=1e-5), step
-    w_big = load_file(list_checkpoints(tmp_path / "big")[-1] / "model.safetensors")
-    w_acc = load_file(list_checkpoints(tmp_path / "acc")[-1] / "model.safetensors")
+    w_big = consolidated_state(list_checkpoints(tmp_path / "big")[-1])
+    w_acc = consolidated_state(list_checkpoints(tmp_path / "acc")[-1])
     for k in w_big:
         torch.testing.assert_close(w_acc[k], w_big[k], rtol=1e-4, atol=1e-5, msg=k)
 

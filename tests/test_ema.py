@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from clipline.data import benchmark_sets
 from clipline.data.builtin_data import generate_shapes
-from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from clipline.pretrain.export import find_export, load_exported
 from clipline.pretrain.loop import LoopConfig
-from tests.helpers import make_shards, torchrun
+from tests.helpers import make_shards, micro_recipe, to_toml, torchrun
 
 SCRIPT = Path(__file__).parent / "dist" / "train_ema.py"
 
@@ -45,8 +44,8 @@ def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
     full = tmp_path / "full"
     torchrun(SCRIPT, str(data), str(full), "ddp", "4")
     assert [p.name for p in list_checkpoints(full)] == [_ckpt(full, s).name for s in (1, 2, 3, 4)]
-    ema = {s: load_file(_ckpt(full, s) / "ema.safetensors") for s in (1, 2, 3, 4)}
-    raw = {s: load_file(_ckpt(full, s) / "model.safetensors") for s in (1, 2, 3, 4)}
+    ema = {s: consolidated_state(_ckpt(full, s), "ema") for s in (1, 2, 3, 4)}
+    raw = {s: consolidated_state(_ckpt(full, s), "model") for s in (1, 2, 3, 4)}
     assert ema[4].keys() == raw[4].keys()
 
     # timm's warmup, counted in 1-based optimizer steps: step 1 copies the weights, step 2
@@ -71,7 +70,7 @@ def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(_ckpt(full, 2), _ckpt(resumed, 2))
     torchrun(SCRIPT, str(data), str(resumed), "ddp", "4", "latest")
-    ema_resumed = load_file(_ckpt(resumed, 4) / "ema.safetensors")
+    ema_resumed = consolidated_state(_ckpt(resumed, 4), "ema")
     for k in ema[4]:
         assert torch.equal(ema_resumed[k], ema[4][k]), k
 
@@ -85,13 +84,15 @@ def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
         for k in want:
             assert torch.equal(exported[k], want[k]), (weights, k)
 
-    # A checkpoint without an EMA: one line naming the fix, exit 2.
-    no_ema = tmp_path / "no_ema"
-    shutil.copytree(_ckpt(full, 4), no_ema)
-    (no_ema / "ema.safetensors").unlink()
+    # A checkpoint without an EMA (a run with loop.ema_decay=0): one line naming the fix, exit 2.
+    recipe = tmp_path / "no_ema.toml"
+    recipe.write_text(to_toml(micro_recipe(data, tmp_path / "no_ema", steps=2)))
+    cmd = [sys.executable, "-m", "clipline", "pretrain", "--recipe", str(recipe)]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    no_ema = _ckpt(tmp_path / "no_ema", 2)
     res = _export(str(no_ema), str(tmp_path / "never"), "--weights", "ema", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
-    assert "has no ema.safetensors" in res.stderr and "--weights raw" in res.stderr
+    assert "has no EMA" in res.stderr and "--weights raw" in res.stderr
     # An export holds one set of weights: --weights ema on it is refused the same way.
     res = _export(
         str(tmp_path / "export_ema"), str(tmp_path / "x"), "--weights", "ema", cwd=tmp_path

@@ -13,7 +13,7 @@ from clipline.launch.cli import main
 from clipline.launch.config import load_run_config
 from clipline.launch.run import run_pretrain
 from clipline.pretrain import loop
-from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from clipline.pretrain.loss import InfoNCELoss, LossConfig
 from clipline.pretrain.model import DualEncoder
 from clipline.pretrain.optim import FiniteStepGuard, OptimConfig, build_optimizer
@@ -44,7 +44,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeyp
     saved = list_checkpoints(tmp_path / "run")
     assert saved, "checkpoints of the finite steps are kept"
     for ckpt in saved:
-        for name, tensor in load_file(ckpt / "model.safetensors").items():
+        for name, tensor in consolidated_state(ckpt).items():
             assert torch.isfinite(tensor).all(), f"{ckpt.name}: {name} is not finite"
 
 
@@ -71,9 +71,9 @@ def test_bf16_autocast_trains_with_fp32_loss(shards, tmp_path, monkeypatch):
 
 
 def _all_finite(ckpt) -> None:
-    for name, tensor in load_file(ckpt / "model.safetensors").items():
+    for name, tensor in consolidated_state(ckpt).items():
         assert torch.isfinite(tensor).all(), f"{ckpt.name}: {name} is not finite"
-    optimizer_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer_state = consolidated_state(ckpt, "optim")
     for key, moments in optimizer_state.get("state", {}).items():
         for name, tensor in moments.items():
             assert torch.isfinite(tensor).all(), f"{ckpt.name}: optimizer {key}.{name}"
@@ -186,7 +186,7 @@ def test_fsdp_ranks_agree_when_one_shard_overflows(shards, tmp_path):
     assert [c.name for c in saved] == ["step_000000001", "step_000000002"]
     for ckpt in saved:  # every step skipped: the gathered weights are the initial ones
         _all_finite(ckpt)
-        weights = load_file(ckpt / "model.safetensors")
+        weights = consolidated_state(ckpt)
         assert weights.keys() == initial.keys()
         for name, tensor in initial.items():
             assert torch.equal(weights[name], tensor), (ckpt.name, name)

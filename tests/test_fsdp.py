@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from clipline.data import benchmark_sets
 from clipline.data.builtin_data import generate_shapes
+from clipline.pretrain.checkpoint import consolidated_state
 from tests.helpers import make_shards, torchrun
 
 DIST = Path(__file__).parent / "dist"
@@ -41,8 +41,8 @@ def test_fsdp_equals_ddp_and_resumes(tmp_path):
     assert [r["step"] for r in evals] == [2, 4]
 
     # Checkpoints hold the full, unsharded weights: the same tensors as DDP's.
-    ddp_w = load_file(tmp_path / "ddp" / "checkpoints" / "step_000000004" / "model.safetensors")
-    fsdp_w = load_file(tmp_path / "fsdp" / "checkpoints" / "step_000000004" / "model.safetensors")
+    ddp_w = consolidated_state(tmp_path / "ddp" / "checkpoints" / "step_000000004")
+    fsdp_w = consolidated_state(tmp_path / "fsdp" / "checkpoints" / "step_000000004")
     assert ddp_w.keys() == fsdp_w.keys()
     for k in ddp_w:
         torch.testing.assert_close(fsdp_w[k], ddp_w[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from clipline.pretrain.checkpoint import consolidated_state
 from tests.helpers import make_shards
 
 GOLDEN = Path(__file__).parent / "golden" / "cpu_debug.json"
@@ -34,8 +34,8 @@ def _platform() -> dict[str, str]:
     return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
-def _weights_digest(path: Path) -> tuple[str, float]:
-    weights = load_file(path)
+def _weights_digest(ckpt: Path) -> tuple[str, float]:
+    weights = consolidated_state(ckpt)  # the sharded checkpoint's model, whole
     h = hashlib.sha256()
     norm_sq = 0.0
     for name in sorted(weights):
@@ -68,9 +68,7 @@ def _golden_run(tmp_path: Path) -> dict:
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    digest, norm = _weights_digest(
-        run_dir / "checkpoints" / f"step_{STEPS:09d}" / "model.safetensors"
-    )
+    digest, norm = _weights_digest(run_dir / "checkpoints" / f"step_{STEPS:09d}")
     return {"losses": losses, "weights_sha256": digest, "weights_norm": norm}
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from tests.helpers import make_shards, micro_recipe, to_toml
 
 STEPS = 60  # room to signal mid-run; tests/test_signals.py covers process groups
@@ -62,7 +61,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
-    w_full = load_file(list_checkpoints(tmp_path / "full")[-1] / "model.safetensors")
-    w_resumed = load_file(list_checkpoints(tmp_path / "killed")[-1] / "model.safetensors")
+    w_full = consolidated_state(list_checkpoints(tmp_path / "full")[-1])
+    w_resumed = consolidated_state(list_checkpoints(tmp_path / "killed")[-1])
     for k in w_full:
         torch.testing.assert_close(w_resumed[k], w_full[k], rtol=1e-5, atol=1e-6, msg=k)

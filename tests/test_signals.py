@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from clipline.launch.lock import LOCK_FILE, DirLock
-from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from tests.helpers import free_port, make_shards, micro_recipe, to_toml
 
 TIMEOUT = 240  # seconds for one run on a loaded 2-core machine; never a measured figure
@@ -114,8 +113,8 @@ def _same_run(run_a: Path, run_b: Path, steps: int) -> None:
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
-    w_a = load_file(list_checkpoints(run_a)[-1] / "model.safetensors")
-    w_b = load_file(list_checkpoints(run_b)[-1] / "model.safetensors")
+    w_a = consolidated_state(list_checkpoints(run_a)[-1])
+    w_b = consolidated_state(list_checkpoints(run_b)[-1])
     for k in w_a:
         torch.testing.assert_close(w_b[k], w_a[k], rtol=1e-5, atol=1e-6, msg=k)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from collections import Counter
@@ -187,23 +188,23 @@ def _one_line_refusal(capsys, path: Path) -> str:
     return err
 
 
-def test_a_pickled_optimizer_state_is_refused_on_resume(tmp_path, monkeypatch, capsys) -> None:
+def test_a_pickled_checkpoint_metadata_is_refused_on_resume(tmp_path, monkeypatch, capsys) -> None:
     shards = make_shards(tmp_path / "shards", n=32, per_shard=8)
     recipe = tmp_path / "r.toml"
     recipe.write_text(to_toml(micro_recipe(shards, tmp_path / "run", steps=2, checkpoint_every=2)))
     assert main(["pretrain", "--recipe", str(recipe)]) == 0
     (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
     sentinel = tmp_path / SENTINEL
-    torch.save({"state": Evil(sentinel), "param_groups": []}, ckpt / "optimizer.pt")
+    # DCP's metadata is a pickle: one that builds anything but DCP's metadata is refused.
+    metadata = ckpt / "dcp" / ".metadata"
+    metadata.write_bytes(pickle.dumps(Evil(sentinel)))
     capsys.readouterr()
     assert main(["pretrain", "--recipe", str(recipe), "loop.steps=4", "--resume", "latest"]) == 2
-    err = _one_line_refusal(capsys, ckpt / "optimizer.pt")
-    assert "not a weights-only torch file" in err
+    assert "was refused" in _one_line_refusal(capsys, metadata)
     assert not sentinel.exists()
-    # The weights themselves replaced by a pickle: the eval and export commands say so.
-    torch.save(Evil(sentinel), ckpt / "model.safetensors")
+    # The eval and export commands, which read the checkpoint in one process, say so too.
     assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2
-    assert "a torch.save zip archive" in _one_line_refusal(capsys, ckpt / "model.safetensors")
+    assert "was refused" in _one_line_refusal(capsys, metadata)
     assert not sentinel.exists()
 
 
