@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from clipline.pretrain.layer_decay import layer_ids, lr_scales
 from clipline.pretrain.loss import LossConfig, model_overrides
 from clipline.pretrain.model import DualEncoder, ModelConfig
 from clipline.pretrain.optim import param_groups
-from tests.helpers import MICRO_CFG, SHAPES, make_shards, micro_recipe, to_toml
+from tests.helpers import MICRO_CFG, SHAPES, free_port, make_shards, micro_recipe, to_toml
 
 # Two blocks per tower, so that every kind of layer (embeddings, a middle block, the last
 # block with the final norm, the projection) is there.
@@ -304,3 +305,28 @@ def test_finetune_recipe_validates_and_trains(tmp_path):
     assert main(argv) == 0
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["step"] == 2 and "eval/reference/delta" in final
+
+
+def test_forgetting_guard_stops_every_rank_of_a_torchrun(tmp_path):
+    """2 gloo ranks: both evaluate, agree, save the one checkpoint together and exit 3; rank
+    0 alone says why."""
+    shards = make_shards(tmp_path / "shards", n=64, per_shard=16)
+    recipe = micro_recipe(shards, tmp_path / "run", steps=4, eval_every=1, checkpoint_every=100)
+    recipe["optim"]["lr"] = 1e-2
+    recipe["zeroshot"] = [{"name": "ref", "root": "ref", "reference": True}]
+    recipe["loop"]["max_reference_drop"] = 0.001
+    _reference_set(tmp_path / "ref", recipe["model"])
+    (tmp_path / "r.toml").write_text(to_toml(recipe))
+    rank = 'python -m clipline pretrain --recipe r.toml; echo $? > "rc.$RANK"'
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={free_port()}", "--no-python", "bash", "-c", rank]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]  # bash's status: the ranks' are in rc.*
+    assert [(tmp_path / f"rc.{r}").read_text() for r in (0, 1)] == ["3\n"] * 2, res.stderr[-3000:]
+    (saved,) = list_checkpoints(tmp_path / "run")
+    lines = [x for x in res.stderr.splitlines() if "max_reference_drop" in x]
+    assert len(lines) == 1 and f"checkpoint kept: {saved}" in lines[0], res.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["step"] == int(saved.name.removeprefix("step_")) and final["eval/ref/delta"] < 0
