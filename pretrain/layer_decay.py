@@ -94,12 +94,14 @@ def text_layers(clip: nn.Module) -> LayerGroups:
     text = getattr(clip, "text", None)
     text = clip if text is None else text
     if isinstance(text, HFTextEncoder):
-        names = arch_dict[text.config.model_type]["config_names"]
+        # open_clip 3.3 names these for some model types only (not BERT's): BERT's names
+        # are the default, as in open_clip's main branch.
+        names = arch_dict.get(text.config.model_type, {}).get("config_names", {})
         encoder = getattr(text.transformer, "encoder", text.transformer)
-        embeddings = getattr(text.transformer, names["token_embeddings_attr"])
+        embeddings = getattr(text.transformer, names.get("token_embeddings_attr", "embeddings"))
         pooler = getattr(text.transformer, "pooler", None)
         head = [m for m in (pooler, text.pooler, text.proj) if _has_params(m)]
-        return _blocks([embeddings], getattr(encoder, names["layer_attr"]), None, head)
+        return _blocks([embeddings], getattr(encoder, names.get("layer_attr", "layer")), None, head)
     embeddings = _present(
         getattr(text, "token_embedding", None),
         getattr(text, "positional_embedding", None),

@@ -73,8 +73,8 @@ class ModelConfig:
             only the image side of a pretrained model.
         lock_text_unlocked_layers: With ``lock_text``, leave this many top layer groups of
             the text tower trainable (open_clip's count: 1 is the projection, 2 adds the
-            last block with the final norm, then one block each; an HF tower counts its
-            encoder layers and never freezes its projection).
+            last block with the final norm, then one block each; an HF tower never freezes
+            its projection and counts encoder layers where open_clip knows them, not BERT's).
     """
 
     name: str = "clipline:tiny"
@@ -342,7 +342,14 @@ class DualEncoder(nn.Module):
         Raises:
             ValueError: the image tower is frozen too: nothing but the temperature would train.
         """
-        self.clip.lock_text_tower(unlocked_layers=unlocked_layers)
+        try:
+            self.clip.lock_text_tower(unlocked_layers=unlocked_layers)
+        except KeyError as e:  # open_clip 3.3 names the layers of some HF model types only
+            raise ValueError(
+                f"model.lock_text_unlocked_layers={unlocked_layers}: open_clip cannot find the "
+                f"layers of this HF text tower (no {e} for its model type); use 0 (the encoder "
+                "frozen whole, its projection trains)"
+            ) from None
         towers = [
             p for n, p in self.clip.named_parameters() if n not in ("logit_scale", "logit_bias")
         ]

@@ -330,3 +330,35 @@ def test_forgetting_guard_stops_every_rank_of_a_torchrun(tmp_path):
     assert len(lines) == 1 and f"checkpoint kept: {saved}" in lines[0], res.stderr[-3000:]
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["step"] == int(saved.name.removeprefix("step_")) and final["eval/ref/delta"] < 0
+
+
+def test_layers_of_an_hf_text_tower_and_a_resnet(tmp_path):
+    from tests.test_towers import tiny_bert
+
+    model = DualEncoder.from_config(_custom(text_tower=f"hf:{tiny_bert(tmp_path / 'bert')}"))
+    ids = layer_ids(model)
+    text = {n: v for n, v in ids.items() if v[0] == "text"}
+    assert text["clip.text.transformer.embeddings.word_embeddings.weight"] == ("text", 0, 4)
+    assert text["clip.text.transformer.encoder.layer.1.output.dense.weight"] == ("text", 2, 4)
+    head = {n for n in text if n.startswith("clip.text.proj.")}
+    assert head and all(text[n] == ("text", 3, 4) for n in head)
+    assert set(text) == {n for n, _ in model.named_parameters() if n.startswith("clip.text.")}
+    # Its projection starts at random on the loaded encoder: the new head.
+    assert model.new_head_params() == head
+    bert = f"hf:{tmp_path / 'bert'}"
+    locked = DualEncoder.from_config(_custom(text_tower=bert, lock_text=True))
+    trains = {
+        n for n, p in locked.named_parameters() if p.requires_grad and n.startswith("clip.text.")
+    }
+    assert trains == head  # open_clip's HF lock freezes the encoder, never the projection
+    with pytest.raises(ValueError, match="model.lock_text_unlocked_layers=1: open_clip cannot"):
+        DualEncoder.from_config(
+            _custom(text_tower=bert, lock_text=True, lock_text_unlocked_layers=1)
+        )
+
+    resnet = DualEncoder.from_config(ModelConfig(name="open_clip:RN50"))
+    image = {n: v for n, v in layer_ids(resnet).items() if v[0] == "image"}
+    assert set(image) == {n for n, _ in resnet.named_parameters() if n.startswith("clip.visual.")}
+    assert image["clip.visual.bn3.weight"] == ("image", 0, 6)
+    assert image["clip.visual.layer4.0.conv1.weight"] == ("image", 4, 6)
+    assert image["clip.visual.attnpool.c_proj.weight"] == ("image", 5, 6)
