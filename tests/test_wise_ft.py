@@ -183,10 +183,14 @@ def test_cli_sweeps_scores_plots_and_exports_the_best(ws, monkeypatch, capsys):
     want = _interpolated(ws, picked["alpha"])
     exported = load_encoders("sweep/export")
     assert all(torch.equal(v, want[k]) for k, v in exported.clip.state_dict().items())
+    by_hand = load_encoders("run")
+    by_hand.clip.load_state_dict(want)
     oc_model = open_clip.create_model_and_transforms("local-dir:sweep/export")[0].eval()
     assert oc_model.logit_scale.item() == exported.logit_scale.item()
     images, texts = parity_inputs(exported)
     with torch.no_grad():
+        assert torch.equal(exported.encode_image(images), by_hand.encode_image(images))
+        assert torch.equal(exported.encode_text(texts), by_hand.encode_text(texts))
         torch.testing.assert_close(
             oc_model.encode_image(images, normalize=True), exported.encode_image(images)
         )
