@@ -136,12 +136,12 @@ class WiseFTReport:
     def table(self) -> str:
         """Alpha by main metric (each task's, and their mean); ``*`` marks the chosen alpha."""
         columns = [*self.rows[0]["main"], "mean"]
-        width = max(8, *(len(c) for c in columns))
-        lines = ["alpha    " + "  ".join(c.rjust(width) for c in columns)]
+        widths = [max(6, len(c)) for c in columns]
+        lines = ["alpha    " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
         for row in self.rows:
             values = [*row["main"].values(), row["mean"]]
             mark = "*" if row["alpha"] == self.picked["alpha"] else " "
-            cells = "  ".join(f"{v:.4f}".rjust(width) for v in values)
+            cells = "  ".join(f"{v:.4f}".rjust(w) for v, w in zip(values, widths, strict=True))
             lines.append(f"{row['alpha']:<7g}{mark} {cells}")
         return "\n".join(lines)
 
