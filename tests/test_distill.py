@@ -216,6 +216,11 @@ def test_distill_config_from_recipes_and_its_bad_values(tmp_path):
     for override, message in bad:
         with pytest.raises(ValueError, match=message):
             load_run_config("cpu-debug", ["data.shards=/d", override])
+    # distilling without a teacher, on batches that bring no teacher features
+    loss_fn = build_loss(LossConfig(distill=DistillConfig(weight=0.5)))
+    images, texts = global_batch(2)
+    with pytest.raises(ValueError, match="set loss.distill.teacher=EXPORT_DIR .* or train on"):
+        loss_fn.step_inputs([{"image": images, "text": texts}], micro_model().preprocess_config())
 
 
 # ------------------------------------------------------------------------- online teacher
@@ -261,6 +266,14 @@ def test_online_teacher_features_equal_the_exports_own_encoders(tmp_path):
     torch.testing.assert_close(ready["teacher_text"], want_txt)
     encoders = teacher.encoders
     assert not encoders.training and not any(p.requires_grad for p in encoders.parameters())
+    # bf16: the same features to bf16's precision, unit norm again in fp32
+    bf16 = OnlineTeacher(str(path), precision="bf16")
+    again = dict(ready, image=ready["image"].clone())
+    bf16.complete([again], student.preprocess_config())
+    for key in ("teacher_image", "teacher_text"):
+        assert again[key].dtype == torch.float32
+        torch.testing.assert_close(again[key].norm(dim=-1), torch.ones(4))
+        torch.testing.assert_close(again[key], ready[key], rtol=0, atol=0.05)
 
 
 def _clipline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
