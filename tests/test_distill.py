@@ -34,6 +34,7 @@ from clipline.pretrain.loss import DistillConfig, InfoNCELoss, LossConfig, SigLi
 from clipline.pretrain.model import DualEncoder
 from tests.helpers import (
     MICRO_CFG,
+    free_port,
     global_batch,
     make_shards,
     micro_loader,
@@ -276,23 +277,25 @@ def test_online_teacher_features_equal_the_exports_own_encoders(tmp_path):
         torch.testing.assert_close(again[key], ready[key], rtol=0, atol=0.05)
 
 
-def _clipline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "clipline", *args]
+def _python_m(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_training_with_an_online_teacher_through_the_cli(tmp_path):
     """A teacher export with another size, normalisation, width and tokenizer length, named
-    by a relative path: training runs, logs both terms, and no checkpoint holds the teacher
+    by a relative path: training on 2 ranks runs, logs both terms, and no checkpoint holds the teacher
     (weights or optimizer state). A missing teacher stops the start with one line."""
-    shards = make_shards(tmp_path / "shards", n=32, per_shard=16)
+    shards = make_shards(tmp_path / "shards", n=64, per_shard=16)
     _export_teacher(tmp_path / "teacher", image_size=48)
     recipe = micro_recipe(shards, tmp_path / "run", steps=3, checkpoint_every=3, accum_steps=2)
     recipe["loss"] = {"distill": {"weight": 0.5, "teacher": "teacher", "temperature": 2.0}}
     (tmp_path / "r.toml").write_text(to_toml(recipe))
-    res = _clipline("pretrain", "--recipe", "r.toml", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-4000:]
+    # 2 gloo ranks, each with its own teacher; the CLI as a user launches it
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    res = _python_m(*launcher, "-m", "clipline", "pretrain", "--recipe", "r.toml", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
 
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "train/loss" in r][-1]
@@ -305,7 +308,7 @@ def test_training_with_an_online_teacher_through_the_cli(tmp_path):
     assert len(optim) == sum(p.requires_grad for p in student.parameters())
 
     missing = ["loss.distill.teacher=nowhere", "run_dir=run2"]
-    res = _clipline("pretrain", "--recipe", "r.toml", *missing, cwd=tmp_path)
+    res = _python_m("clipline", "pretrain", "--recipe", "r.toml", *missing, cwd=tmp_path)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "loss.distill.teacher='nowhere' does not exist" in err[0], err
