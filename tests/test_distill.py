@@ -159,14 +159,14 @@ def test_accumulated_equals_one_large_batch(k):
 
     big = micro_model()
     whole = [{"teacher_image": t_img, "teacher_text": t_txt}]
-    extra = loss_fn.step_inputs(whole, big.preprocess_config())
+    extra = loss_fn.step_inputs(whole, big)
     big_loss, _ = contrastive_step(big, loss_fn, [(images, texts)], accelerator, **extra)
     acc = micro_model()
     micro = [
         {"teacher_image": i, "teacher_text": t}
         for i, t in zip(t_img.chunk(k), t_txt.chunk(k), strict=True)
     ]
-    extra = loss_fn.step_inputs(micro, acc.preprocess_config())
+    extra = loss_fn.step_inputs(micro, acc)
     inputs = list(zip(images.chunk(k), texts.chunk(k), strict=True))
     acc_loss, _ = contrastive_step(acc, loss_fn, inputs, accelerator, **extra)
 
@@ -221,7 +221,7 @@ def test_distill_config_from_recipes_and_its_bad_values(tmp_path):
     loss_fn = build_loss(LossConfig(distill=DistillConfig(weight=0.5)))
     images, texts = global_batch(2)
     with pytest.raises(ValueError, match="set loss.distill.teacher=EXPORT_DIR .* or train on"):
-        loss_fn.step_inputs([{"image": images, "text": texts}], micro_model().preprocess_config())
+        loss_fn.step_inputs([{"image": images, "text": texts}], micro_model())
 
 
 # ------------------------------------------------------------------------- online teacher
@@ -236,9 +236,13 @@ TEACHER_CFG = {
 TEACHER_NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 
 
-def _export_teacher(out: Path, image_size: int = 32) -> Path:
+def _export_teacher(out: Path, image_size: int = 32, context_length: int = 24) -> Path:
     torch.manual_seed(7)
-    cfg = {**TEACHER_CFG, "vision_cfg": {**TEACHER_CFG["vision_cfg"], "image_size": image_size}}
+    cfg = {
+        **TEACHER_CFG,
+        "vision_cfg": {**TEACHER_CFG["vision_cfg"], "image_size": image_size},
+        "text_cfg": {**TEACHER_CFG["text_cfg"], "context_length": context_length},
+    }
     teacher = DualEncoder(cfg, TEACHER_NORM)
     export(teacher, out, format="clipline", run_config={"model": {"name": "custom"}})
     return out
@@ -255,8 +259,8 @@ def test_online_teacher_features_equal_the_exports_own_encoders(tmp_path):
     ready = dict(raw, image=loader.stream.decoder.model_input(raw["image"]))
 
     teacher = OnlineTeacher(str(path))
-    teacher.complete([ready], student.preprocess_config())
-    assert teacher.spec.dims == [24]
+    teacher.complete([ready], student)
+    assert teacher.spec.dims == [24] and teacher.same_tokens is False  # 24 tokens, not 16
     own = load_exported(*find_export(path))
     assert teacher.spec.logit_scales == [pytest.approx(float(own.logit_scale.detach().exp()))]
     mean, std = (torch.tensor(v)[:, None, None] for v in TEACHER_NORM.values())
@@ -270,11 +274,20 @@ def test_online_teacher_features_equal_the_exports_own_encoders(tmp_path):
     # bf16: the same features to bf16's precision, unit norm again in fp32
     bf16 = OnlineTeacher(str(path), precision="bf16")
     again = dict(ready, image=ready["image"].clone())
-    bf16.complete([again], student.preprocess_config())
+    bf16.complete([again], student)
     for key in ("teacher_image", "teacher_text"):
         assert again[key].dtype == torch.float32
         torch.testing.assert_close(again[key].norm(dim=-1), torch.ones(4))
         torch.testing.assert_close(again[key], ready[key], rtol=0, atol=0.05)
+    # A teacher with the student's tokenizer takes the student's tokens: the same features
+    path = _export_teacher(tmp_path / "teacher16", context_length=16)
+    same = OnlineTeacher(str(path))
+    same.complete([again], student)
+    assert same.same_tokens is True
+    with torch.no_grad():
+        own = load_exported(*find_export(path))
+        want_txt = own.encode_text(own.tokenize(raw["caption"]))
+    torch.testing.assert_close(again["teacher_text"], want_txt)
 
 
 def _python_m(*args: str, cwd: Path) -> subprocess.CompletedProcess:

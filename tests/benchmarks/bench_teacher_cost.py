@@ -1,8 +1,9 @@
 """What an online teacher adds to a training step (README, "Distillation").
 
 Times, on one batch of generated shards, the student's forward and backward
-(``contrastive_step``) and the online teacher's forward (``OnlineTeacher.complete``, its own
-tokenisation and preprocessing included), interleaved step by step so that both see the
+(``contrastive_step``) and the online teacher's forward (``OnlineTeacher.complete``: its
+preprocessing included, and its tokenisation where its tokenizer is not the student's),
+interleaved step by step so that both see the
 same machine load; prints their medians and the ratio. The teacher is a randomly
 initialised export of ``--teacher`` (its cost does not depend on its weights).
 
@@ -67,7 +68,7 @@ def main() -> None:
         t0 = time.perf_counter()
         contrastive_step(student, loss_fn, inputs, accelerator)
         t1 = time.perf_counter()
-        teacher.complete([dict(batch)], student.preprocess_config())
+        teacher.complete([dict(batch)], student)
         t2 = time.perf_counter()
         student.zero_grad()
         if i:

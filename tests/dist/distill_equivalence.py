@@ -35,7 +35,7 @@ for case in args.cases:
     inputs = list(zip(chunks[0], chunks[1], strict=True))
     micro = [{"teacher_image": i, "teacher_text": t} for i, t in zip(*chunks[2:], strict=True)]
     micro[0]["teacher_spec"] = {"dims": SPEC_TWO.dims, "logit_scales": SPEC_TWO.logit_scales}
-    extra = loss_fn.step_inputs(micro, model.preprocess_config())
+    extra = loss_fn.step_inputs(micro, model)
     loss, _ = contrastive_step(ddp, loss_fn, inputs, accelerator, **extra)
     results[f"{case}/loss"] = accelerator.reduce(loss.detach(), reduction="mean").reshape(1)
     for name, p in model.named_parameters():
