@@ -3,8 +3,8 @@
 Times, on one batch of generated shards, the student's forward and backward
 (``contrastive_step``) and the online teacher's forward (``OnlineTeacher.complete``: its
 preprocessing included, and its tokenisation where its tokenizer is not the student's),
-interleaved step by step so that both see the
-same machine load; prints their medians and the ratio. The teacher is a randomly
+interleaved step by step so that both see the same machine load; prints their medians and
+the ratio. The teacher is a randomly
 initialised export of ``--teacher`` (its cost does not depend on its weights).
 
     .venv/bin/python -m tests.benchmarks.bench_teacher_cost --threads 1
