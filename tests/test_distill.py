@@ -236,7 +236,9 @@ TEACHER_CFG = {
 TEACHER_NORM = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
 
 
-def _export_teacher(out: Path, image_size: int = 32, context_length: int = 24) -> Path:
+def _export_teacher(
+    out: Path, image_size: int = 32, context_length: int = 24, format: str = "clipline"
+) -> Path:
     torch.manual_seed(7)
     cfg = {
         **TEACHER_CFG,
@@ -244,7 +246,7 @@ def _export_teacher(out: Path, image_size: int = 32, context_length: int = 24) -
         "text_cfg": {**TEACHER_CFG["text_cfg"], "context_length": context_length},
     }
     teacher = DualEncoder(cfg, TEACHER_NORM)
-    export(teacher, out, format="clipline", run_config={"model": {"name": "custom"}})
+    export(teacher, out, format=format, run_config={"model": {"name": "custom"}})
     return out
 
 
@@ -280,10 +282,11 @@ def test_online_teacher_features_equal_the_exports_own_encoders(tmp_path):
         torch.testing.assert_close(again[key].norm(dim=-1), torch.ones(4))
         torch.testing.assert_close(again[key], ready[key], rtol=0, atol=0.05)
     # A teacher with the student's tokenizer takes the student's tokens: the same features
-    path = _export_teacher(tmp_path / "teacher16", context_length=16)
+    # (and another export format: open_clip's)
+    path = _export_teacher(tmp_path / "teacher16", context_length=16, format="open_clip")
     same = OnlineTeacher(str(path))
     same.complete([again], student)
-    assert same.same_tokens is True
+    assert same.same_tokens is True and find_export(path)[0] == "open_clip"
     with torch.no_grad():
         own = load_exported(*find_export(path))
         want_txt = own.encode_text(own.tokenize(raw["caption"]))
