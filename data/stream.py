@@ -395,6 +395,7 @@ class ContrastiveStream(IterableDataset):
                     # with decoder.model_input), else normalised f32[B,3,H,W]
                     "image": self.decoder.collate(images),
                     "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
+                    "caption": list(captions),  # for a teacher with its own tokenizer
                     "key": list(keys),  # with "url", identifies each sample across sources
                     "url": list(urls),
                     "skipped": dict(skipped),
