@@ -31,7 +31,7 @@ from tests.test_reshard import _assert_same_checkpoint, _flat
 
 DIST = Path(__file__).parent / "dist"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-STEPS = 12
+STEPS = 8
 
 
 def _complete(ckpt: Path, ranks: int) -> bool:
