@@ -243,18 +243,16 @@ class AsyncCheckpointWriter:
         self._pending_commit: Callable[[], None] | None = None
 
     def start(
-        self,
-        run_dir: str | Path,
-        *,
-        step: int,
-        states: dict[str, Stateful],
-        state: dict[str, Any],
-        config: dict[str, Any],
-        keep_last: int,
+        self, run_dir: str | Path, *, step: int, states: dict[str, Stateful], **commit: Any
     ) -> Path:
         """Finishes the write in flight (:meth:`wait`), then starts writing checkpoint
-        ``step`` (arguments as :func:`save_checkpoint`); returns its final directory. A
-        collective: call it on every rank."""
+        ``step``; returns its final directory. A collective: call it on every rank.
+
+        Args:
+            run_dir, step, states: As :func:`save_checkpoint`.
+            **commit: ``state``, ``config`` and ``keep_last`` of :func:`save_checkpoint`,
+                written and applied when the write is committed.
+        """
         self.wait()
         tmp, final = _begin_save(run_dir, step)
         self._future = dcp.async_save(
@@ -263,9 +261,7 @@ class AsyncCheckpointWriter:
             process_group=self._group,
             no_dist=not _distributed(),
         )
-        self._pending_commit = functools.partial(
-            _commit, run_dir, tmp, final, step=step, state=state, config=config, keep_last=keep_last
-        )
+        self._pending_commit = functools.partial(_commit, run_dir, tmp, final, step=step, **commit)
         return final
 
     def poll(self) -> None:
