@@ -2,7 +2,7 @@
 
 A kill -9 of a real 2-rank torchrun run while a checkpoint is being written never leaves one
 that ``--resume latest`` picks, and the run resumed (async again) equals the uninterrupted
-(synchronous) run bit for bit; under FSDP2 the background writes hold the same state as
+(synchronous) run bit for bit: weights, optimizer state, EMA, stream positions and ledger; under FSDP2 the background writes hold the same state as
 DDP's; in one process, keep-K counts only committed checkpoints.
 """
 
@@ -23,10 +23,12 @@ from clipline.pretrain.checkpoint import (
     DCP_DIR,
     consolidated_state,
     list_checkpoints,
+    read_loop_state,
     read_step,
     resolve_resume,
 )
 from tests.helpers import free_port, make_shards, micro_recipe, to_toml, torchrun
+from tests.test_ledger import _per_epoch
 from tests.test_reshard import _assert_same_checkpoint, _flat
 
 DIST = Path(__file__).parent / "dist"
@@ -62,7 +64,8 @@ def _kill_9(proc: subprocess.Popen) -> None:
 
 def _recipe(tmp_path: Path, shards: Path, name: str, **loop) -> Path:
     path = tmp_path / f"{name}.toml"
-    loop = {"steps": STEPS, **loop}
+    # With an EMA and the ledger: every part of a checkpoint must name the same step.
+    loop = {"steps": STEPS, "ema_decay": 0.9, "sample_ledger": True, **loop}
     path.write_text(to_toml(micro_recipe(shards, tmp_path / name, **loop)))
     return path
 
@@ -113,7 +116,14 @@ def test_kill_9_during_an_async_write_then_resume_equals_uninterrupted(tmp_path)
     names = sorted(p.name for p in run.iterdir())
     assert names == [f"step_{STEPS - 1:09d}", f"step_{STEPS:09d}"], names
     for name in names:  # a background write (STEPS - 1) and the last, synchronous one
-        _assert_same_checkpoint(tmp_path / "full" / "checkpoints" / name, run / name)
+        want = tmp_path / "full" / "checkpoints" / name
+        _assert_same_checkpoint(want, run / name)
+        ema = _flat(consolidated_state(want, "ema"))
+        assert ema.keys() == _flat(consolidated_state(run / name, "ema")).keys()
+        for key, value in _flat(consolidated_state(run / name, "ema")).items():
+            assert torch.equal(value, ema[key]), key
+        assert read_loop_state(run / name)["stream"] == read_loop_state(want)["stream"]
+    assert _per_epoch(tmp_path / "killed") == _per_epoch(tmp_path / "full")
 
     # FSDP2: the background writes of the DTensor shards hold DDP's state at their step.
     steps = [read_step(c) for c in list_checkpoints(fsdp)]
