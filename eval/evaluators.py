@@ -137,10 +137,15 @@ class ZeroShotTask(_ClassificationData):
             (``"openai_imagenet"``: the CLIP paper's 80; ``"simple"``: ``"a photo of a {c}."``),
             a file with one template a line, or ``None`` for the set's own
             (``zeroshot_classification_templates.txt``, or the data set's built-ins).
+        reference: A reference task of the forgetting guard during training: its ``acc1``
+            is measured before the first step, its change is logged as
+            ``eval/<name>/delta``, and ``loop.max_reference_drop`` stops the run when it
+            falls further. Other uses of the task ignore it.
     """
 
     split: str | None = None
     templates: list[str] | str | None = None
+    reference: bool = False
 
 
 @dataclass(kw_only=True)
@@ -408,6 +413,8 @@ def _zeroshot_evaluator(task, *, preprocess, tokenize, distributed, model_id):
         logits_NC = LOGIT_SCALE * data["image"] @ classifier_CD.T
         return same_on_all_ranks(classification_metrics(logits_NC, data["label"]), world_size)
 
+    if task.reference:  # the metric the training loop's forgetting guard watches
+        evaluate_zeroshot.reference_metric = "acc1"
     return evaluate_zeroshot
 
 

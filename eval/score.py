@@ -63,8 +63,9 @@ MANIFESTS_DIR = "manifests"
 HASH_CACHE = "hash_cache.json"
 CSV_COLUMNS = ("step", "task", "metric", "value", "manifest_hash", "checkpoint", "scored_at")
 # Task fields that do not change the numbers: they stay out of the manifest, so that renaming
-# a task, moving its set or changing the batch size does not start a new series.
-_NOT_IN_MANIFEST = ("name", "root", "batch_size")
+# a task, moving its set, changing the batch size or making it a training run's reference task
+# does not start a new series.
+_NOT_IN_MANIFEST = ("name", "root", "batch_size", "reference")
 
 
 @dataclass(kw_only=True)

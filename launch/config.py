@@ -4,7 +4,8 @@ A recipe is a TOML file with one table per component (``[data]``, ``[model]``, `
 ``[optim]``, ``[loop]``) and arrays of tables for evaluations (``[[zeroshot]]``,
 ``[[retrieval]]``, ``[[linear_probe]]``). The command line adds ``section.key=value`` overrides, whose values are
 read as TOML literals (``loop.steps=200``, ``optim.betas=[0.9,0.95]``) or, failing that, as
-plain strings (``data.shards=/data/cc3m``). Unknown keys and ill-typed values are rejected
+plain strings (``data.shards=/data/cc3m``); entries of an array of tables go by index
+(``zeroshot.0.root=/data/imagenet``). Unknown keys and ill-typed values are rejected
 with the valid choices before anything runs.
 """
 
@@ -63,6 +64,12 @@ class RunConfig:
         names = [t.name for t in self.tasks()]
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation names must be unique, got {names}")
+        if self.loop.max_reference_drop > 0 and not any(t.reference for t in self.zeroshot):
+            raise ValueError(
+                f"loop.max_reference_drop={self.loop.max_reference_drop} watches reference tasks, "
+                "but no [[zeroshot]] task has reference = true; mark the task(s) the model must "
+                "not forget (e.g. zeroshot.0.reference=true), or set loop.max_reference_drop=0"
+            )
         # Unknown model and tower names fail here, before any data is read. Not in
         # ModelConfig.__post_init__: resolving runs the towers' builders (a plugin's too),
         # which should run once per model built, and DualEncoder.from_config resolves anyway.
@@ -210,9 +217,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # an array of tables, by index: zeroshot.0.root=...
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(
+                        f"override {item!r}: {part!r} is not an index of the {len(node)} "
+                        "entries there (0-based)"
+                    )
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
                 raise ValueError(f"override {item!r}: {part!r} is not a config section")
+        if isinstance(node, list):
+            where = ".".join(parents)
+            raise ValueError(f"override {item!r}: name an entry, e.g. {where}.0.{leaf}=...")
         node[leaf] = _parse_value(text)
     return out
 

@@ -80,6 +80,11 @@ class LoopConfig:
         ema_warmup_gamma: timm's ``warmup_gamma`` (inverse multiplicative factor).
         ema_warmup_power: timm's ``warmup_power`` (2/3 for runs of a million steps or more,
             3/4 for shorter ones).
+        max_reference_drop: The forgetting guard: stop the run (a checkpoint kept, exit
+            code 3) when a reference task (``[[zeroshot]]`` with ``reference = true``) has
+            lost more than this much of its main metric (absolute, e.g. 0.05 of acc1) since
+            the start of the run; 0: never stop (the change is still logged as
+            ``eval/<task>/delta``).
     """
 
     steps: int | None = None
@@ -102,6 +107,7 @@ class LoopConfig:
     ema_warmup: bool = False
     ema_warmup_gamma: float = 1.0
     ema_warmup_power: float = 2 / 3
+    max_reference_drop: float = 0.0
 
     def __post_init__(self) -> None:
         check_choices(self, "loop")
@@ -121,6 +127,11 @@ class LoopConfig:
         for key in ("ema_warmup_gamma", "ema_warmup_power"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"loop.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_reference_drop < 0:
+            raise ValueError(
+                f"loop.max_reference_drop must be >= 0 (0: never stop; e.g. 0.05), got "
+                f"{self.max_reference_drop}"
+            )
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run, given micro-batches per epoch on each rank."""
@@ -334,7 +345,7 @@ def train(
     )
     loss_fn = build_loss(loss_cfg)
     ledger = SampleLedger(loop_cfg, loader, accelerator, run_dir, start_step=step)
-    evaluator = EvalRunner(accelerator, model, evaluators or {}, loop_cfg.eval_every, ema)
+    evaluator = EvalRunner(accelerator, model, evaluators, loop_cfg, ema, checkpointer, logger)
     batches = _batches_from(loader, step, accum)
     ddp_model.train()
     try:
@@ -345,7 +356,7 @@ def train(
                 logger.waited(time.perf_counter() - t0)
                 lr = lr_at(step, optim_cfg, total_steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 out = train_step(
                     ddp_model,
                     model,
@@ -364,7 +375,7 @@ def train(
                 last_step = step == total_steps
                 logger.log(step, lr, out)
                 if evaluator.should_evaluate(step, last_step=last_step):
-                    logger.write(step, evaluator.run(step))
+                    logger.write(step, evaluator.run(step, finite.total))
                     logger.restart_clock()  # eval time is not training throughput
                 if checkpointer.save(step, last_step=last_step, nonfinite_steps=finite.total):
                     logger.restart_clock()

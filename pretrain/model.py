@@ -69,6 +69,12 @@ class ModelConfig:
             transformers encoder (BERT-like: ``config.json``, weights and tokenizer files,
             as ``save_pretrained`` writes them), mean-pooled and projected by a small MLP as
             in open_clip's HF-text configs. Nothing is downloaded: the path must exist.
+        lock_text: Freeze the text tower (open_clip's ``lock_text_tower``), e.g. to tune
+            only the image side of a pretrained model.
+        lock_text_unlocked_layers: With ``lock_text``, leave this many top layer groups of
+            the text tower trainable (open_clip's count: 1 is the projection, 2 adds the
+            last block with the final norm, then one block each; an HF tower never freezes
+            its projection and counts encoder layers where open_clip knows them, not BERT's).
     """
 
     name: str = "clipline:tiny"
@@ -81,6 +87,8 @@ class ModelConfig:
     image_tower: str | None = None
     image_tower_weights: str | None = None
     text_tower: str | None = None
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -88,6 +96,15 @@ class ModelConfig:
         if self.lock_image_unlocked_groups and not self.lock_image:
             raise ValueError(
                 "model.lock_image_unlocked_groups is only read with model.lock_image=true"
+            )
+        if self.lock_text_unlocked_layers and not self.lock_text:
+            raise ValueError(
+                "model.lock_text_unlocked_layers is only read with model.lock_text=true"
+            )
+        if self.lock_text_unlocked_layers < 0:
+            raise ValueError(
+                f"model.lock_text_unlocked_layers must be >= 0 (0: the whole text tower is "
+                f"frozen), got {self.lock_text_unlocked_layers}"
             )
 
     def resolve(self) -> dict[str, Any]:
@@ -245,6 +262,17 @@ def count_clip_tokens(captions: list[str]) -> list[int]:
     return [len(_clip_bpe().encode(c)) for c in captions]
 
 
+def _new_heads(model: DualEncoder, cfg: ModelConfig) -> frozenset[str]:
+    """What :meth:`DualEncoder.new_head_params` declares for a model built from ``cfg``."""
+    heads = []
+    if cfg.image_tower_weights is not None:  # a loaded timm trunk under open_clip's new head
+        heads.append("clip.visual.head.")
+    if model.model_cfg["text_cfg"].get("hf_model_pretrained"):  # an HF encoder, projected anew
+        heads.append("clip.text.proj.")
+    names = [n for n, _ in model.named_parameters()]
+    return frozenset(n for n in names if heads and n.startswith(tuple(heads)))
+
+
 class DualEncoder(nn.Module):
     """Image tower + text tower + learnable temperature, around an open_clip CLIP model.
 
@@ -297,9 +325,49 @@ class DualEncoder(nn.Module):
             model.load_image_tower_weights(cfg.image_tower_weights)
         if cfg.lock_image:
             model.clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups)
+        if cfg.lock_text:
+            model.lock_text_tower(cfg.lock_text_unlocked_layers)
+        model.new_heads = _new_heads(model, cfg)
         if cfg.grad_checkpointing:
             model.clip.set_grad_checkpointing(True)
         return model
+
+    # Parameters that start at random on top of pretrained weights (see new_head_params).
+    new_heads: frozenset[str] = frozenset()
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freezes the text tower but its top ``unlocked_layers`` groups (open_clip's
+        ``lock_text_tower``).
+
+        Raises:
+            ValueError: the image tower is frozen too: nothing but the temperature would train.
+        """
+        try:
+            self.clip.lock_text_tower(unlocked_layers=unlocked_layers)
+        except KeyError as e:  # open_clip 3.3 names the layers of some HF model types only
+            raise ValueError(
+                f"model.lock_text_unlocked_layers={unlocked_layers}: open_clip cannot find the "
+                f"layers of this HF text tower (no {e} for its model type); use 0 (the encoder "
+                "frozen whole, its projection trains)"
+            ) from None
+        towers = [
+            p for n, p in self.clip.named_parameters() if n not in ("logit_scale", "logit_bias")
+        ]
+        if not any(p.requires_grad for p in towers):
+            raise ValueError(
+                "model.lock_image and model.lock_text freeze both towers whole: only the "
+                "temperature would train; leave layers trainable with "
+                "model.lock_image_unlocked_groups or model.lock_text_unlocked_layers, or lock "
+                "one tower"
+            )
+
+    def new_head_params(self) -> set[str]:
+        """Names of the new heads: parameters that start at random on top of pretrained
+        weights, which ``optim.head_lr_scale`` speeds up. They are the projection of a timm
+        image tower whose trunk comes from ``model.image_tower_weights``
+        (``clip.visual.head.*``) and of an HF text tower (``clip.text.proj.*``). A model
+        built at random has none (everything in it is new)."""
+        return set(self.new_heads)
 
     def load_image_tower_weights(self, path: str) -> None:
         """Loads timm weights (safetensors) into the timm image tower; the head is not used."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clipline.data.hints import check_choices
+from clipline.pretrain.layer_decay import lr_scales
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,17 @@ class OptimConfig:
         cooldown_steps: Length of the final decay of ``constant_cooldown``.
         grad_clip_norm: Max global gradient norm; 0 disables clipping (the norm is still
             computed and logged, and a non-finite norm still skips the step).
+        layer_decay: Layer-wise learning-rate decay for fine-tuning, in (0, 1] (1: off): a
+            parameter ``k`` layers below its tower's projection head learns at
+            ``lr * layer_decay ** k`` (OpenCLIP main's and timm's scheme; layers as in
+            :mod:`clipline.pretrain.layer_decay`), so early layers move least.
+        head_lr_scale: The new heads learn at ``lr * head_lr_scale`` (times any layer
+            decay); new heads are the parameters that start at random on top of pretrained
+            weights (``DualEncoder.new_head_params()``: the projection of a timm image tower
+            loaded from ``model.image_tower_weights``, of an HF text tower), or those
+            ``head_params`` names.
+        head_params: Globs over parameter names (``clip.visual.head.*``, ``clip.logit_bias``)
+            naming the new heads instead of the model's declaration.
     """
 
     lr: float = 5e-4
@@ -55,11 +67,23 @@ class OptimConfig:
     schedule: Literal["cosine", "constant", "constant_cooldown"] = "cosine"
     cooldown_steps: int = 0
     grad_clip_norm: float = 1.0
+    layer_decay: float = 1.0
+    head_lr_scale: float = 1.0
+    head_params: list[str] | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, "optim")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(
+                f"optim.layer_decay must be in (0, 1] (1: off; 0.65-0.75 is usual for "
+                f"fine-tuning), got {self.layer_decay}"
+            )
+        if self.head_lr_scale <= 0:
+            raise ValueError(f"optim.head_lr_scale must be > 0 (1: off), got {self.head_lr_scale}")
+        if self.head_params is not None and self.head_lr_scale == 1.0:
+            log.warning("optim.head_params is ignored: optim.head_lr_scale is 1")
         if self.schedule == "constant_cooldown" and self.cooldown_steps <= 0:
             raise ValueError(
                 "optim.schedule='constant_cooldown' needs optim.cooldown_steps > 0, got "
@@ -78,6 +102,10 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     rule: Literal["clipline", "open_clip"] = "clipline",
+    *,
+    layer_decay: float = 1.0,
+    head_lr_scale: float = 1.0,
+    head_params: list[str] | None = None,
 ) -> list[dict]:
     """Splits trainable parameters into decayed and non-decayed groups.
 
@@ -89,9 +117,15 @@ def param_groups(
             declares (e.g. positional embeddings) get no decay. ``open_clip`` reproduces
             open_clip's trainer, which decays every tensor with ndim >= 2 whose name has no
             ``bn``, ``ln``, ``bias`` or ``logit_scale`` in it (positional embeddings too).
+        layer_decay: Layer-wise LR decay (see :class:`OptimConfig`); 1: off.
+        head_lr_scale: The new heads' LR factor; 1: off.
+        head_params: Globs naming the new heads (None: the model's declaration).
 
     Returns:
-        ``[decayed group, non-decayed group]`` as AdamW param groups.
+        ``[decayed group, non-decayed group]`` as AdamW param groups; with layer decay or a
+        head LR, one such pair per learning-rate factor (OpenCLIP main's
+        ``layer_decay_param_groups``), largest factor first, each group carrying its
+        ``lr_scale`` (the loop sets ``lr * lr_scale``).
     """
     if rule == "open_clip":
         exempt = _open_clip_exempt
@@ -101,6 +135,19 @@ def param_groups(
         def exempt(name: str, p: nn.Parameter) -> bool:
             return p.ndim < 2 or name in declared
 
+    if layer_decay != 1.0 or head_lr_scale != 1.0:
+        scales = lr_scales(model, layer_decay, head_lr_scale, head_params)
+        groups: dict[tuple[float, bool], dict] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_wd = exempt(name, p)
+            key = (round(scales[name], 8), no_wd)
+            if key not in groups:
+                wd = 0.0 if no_wd else weight_decay
+                groups[key] = {"params": [], "weight_decay": wd, "lr_scale": scales[name]}
+            groups[key]["params"].append(p)
+        return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -119,8 +166,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     them (measured on CPU for the 20 M-parameter tiny-224: 6 ms per step instead of 48).
     The device is only known at step time (``accelerator.prepare`` moves the model later).
     """
+    groups = param_groups(
+        model,
+        cfg.weight_decay,
+        cfg.weight_decay_rule,
+        layer_decay=cfg.layer_decay,
+        head_lr_scale=cfg.head_lr_scale,
+        head_params=cfg.head_params,
+    )
+    if len(groups) > 2:
+        scales = [g["lr_scale"] for g in groups]
+        log.info(
+            "%d parameter groups, lr x %.3g .. %.3g (optim.layer_decay=%g, optim.head_lr_scale=%g)",
+            len(groups), min(scales), max(scales), cfg.layer_decay, cfg.head_lr_scale,
+        )  # fmt: skip
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.weight_decay_rule),
+        groups,
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,

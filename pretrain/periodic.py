@@ -9,7 +9,7 @@ whether its work is due (:func:`is_due`, the last step, a signal, the clock).
 * :class:`Checkpointer`: resume, the per-step stop-signal agreement, timed and periodic
   checkpoints with every rank's stream position (written in the background with
   ``loop.async_checkpoint``), and :class:`Preempted` after a signal;
-* :class:`EvalRunner`: the evaluators, on every rank.
+* :class:`EvalRunner`: the evaluators, on every rank, and the forgetting guard.
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
     AsyncCheckpointWriter,
     ModelState,
+    list_checkpoints,
     load_training_state,
     read_loop_state,
+    read_step,
     resolve_resume,
     save_checkpoint,
     saved_parts,
     training_state,
 )
 from clipline.pretrain.flops import ModelFlops, peak_tflops
+from clipline.pretrain.forgetting import ForgettingGuard, ReferenceDropError
 from clipline.pretrain.model import DualEncoder
 
 if TYPE_CHECKING:  # loop.py imports this module
@@ -306,35 +309,56 @@ class EvalRunner:
     Every rank runs them: under FSDP each forward needs all ranks, and a rank-0-only path
     is how runs deadlock. Evaluators that split their data by rank gather the results;
     all ranks return the same numbers.
+
+    The forgetting guard (:mod:`clipline.pretrain.forgetting`): reference tasks are
+    measured here, before the first step (a resumed run reads their start back from the
+    run directory), their change is logged as ``eval/<task>/delta`` at every evaluation,
+    and a drop past ``loop.max_reference_drop`` saves a checkpoint of that step, writes
+    the final metrics and raises :class:`ReferenceDropError`.
     """
 
     def __init__(
         self,
         accelerator: Accelerator,
         model: DualEncoder,
-        evaluators: dict[str, Evaluator],
-        every: int,
+        evaluators: dict[str, Evaluator] | None,
+        loop_cfg: LoopConfig,
         ema: ModelEmaV3 | None = None,
+        checkpointer: Checkpointer | None = None,
+        logger: MetricLogger | None = None,
     ):
-        self.accelerator, self.model, self.evaluators, self.every = (
-            accelerator,
-            model,
-            evaluators,
-            every,
-        )
-        self.ema = ema
+        self.accelerator, self.model, self.evaluators = accelerator, model, evaluators or {}
+        self.every, self.ema = loop_cfg.eval_every, ema
+        self.checkpointer, self.logger = checkpointer, logger
+        self.guard = ForgettingGuard(self.evaluators, loop_cfg.max_reference_drop)
+        self._started = time.monotonic()
+        if self.guard.metric:
+            self._measure_start()
+
+    def _measure_start(self) -> None:
+        assert self.checkpointer is not None and self.logger is not None, "the guard needs both"
+        ckpt, run_dir = self.checkpointer.resumed_from, self.checkpointer.run_dir
+        missing = self.guard.restore(None if ckpt is None else ckpt.parent.parent)
+        if missing:
+            step = 0 if ckpt is None else read_step(ckpt)
+            results = self._evaluate({name: self.evaluators[name] for name in missing}, ema=False)
+            self.guard.record(step, results)
+            self.logger.write(step, {**results, **self.guard.deltas(results)})
+            self.logger.restart_clock()  # not training time
+        if self.accelerator.is_main_process:
+            self.guard.save(run_dir)
+            log.info("forgetting guard: %s", "; ".join(self.guard.describe_start()))
 
     def should_evaluate(self, step: int, *, last_step: bool) -> bool:
         return is_due(step, self.every) or (last_step and bool(self.evaluators))
 
-    def run(self, step: int) -> dict[str, float]:
-        """``eval/<name>/<metric>`` of every evaluator (and the main process logs them)."""
+    def _evaluate(self, evaluators: dict[str, Evaluator], *, ema: bool = True) -> dict[str, float]:
         results: dict[str, float] = {}
         self.model.eval()
         with torch.no_grad(), self.accelerator.autocast():
-            for name, fn in self.evaluators.items():
+            for name, fn in evaluators.items():
                 results.update({f"eval/{name}/{k}": v for k, v in fn(self.model).items()})
-                if self.ema is not None:  # the same evaluator on the averaged weights
+                if ema and self.ema is not None:  # the same evaluator on the averaged weights
                     results.update(
                         {f"eval_ema/{name}/{k}": v for k, v in fn(self.ema.module).items()}
                     )
@@ -343,9 +367,46 @@ class EvalRunner:
             self.model, "reshard"
         ):  # FSDP2 keeps the root's gathered weights after a forward
             self.model.reshard()
+        return results
+
+    def run(self, step: int, nonfinite_steps: int = 0) -> dict[str, float]:
+        """``eval/<name>/<metric>`` of every evaluator (and the main process logs them), with
+        the reference tasks' ``eval/<name>/delta``.
+
+        Args:
+            step: The step just taken.
+            nonfinite_steps: The run's skipped steps, for the checkpoint a guard stop saves.
+
+        Raises:
+            ReferenceDropError: a reference task dropped past ``loop.max_reference_drop``.
+        """
+        results = self._evaluate(self.evaluators)
+        results.update(self.guard.deltas(results))
         if self.accelerator.is_main_process:
             console.log_eval(step, results)
+        breach = self.guard.breach(results)
+        if breach is not None:
+            self._stop(step, results, nonfinite_steps, breach)
         return results
+
+    def _stop(self, step: int, results: dict[str, float], nonfinite_steps: int, why: str) -> None:
+        assert self.checkpointer is not None and self.logger is not None, "the guard needs both"
+        self.logger.write(step, results)
+        self.checkpointer.save(step, last_step=True, nonfinite_steps=nonfinite_steps)
+        run_dir = self.checkpointer.run_dir
+        if self.accelerator.is_main_process:
+            console.write_final_metrics(
+                run_dir,
+                step=step,
+                wall_time_s=time.monotonic() - self._started,
+                metrics=self.logger.last,
+            )
+        raise ReferenceDropError(
+            f"stopped at step {step}: {why}; checkpoint kept: {list_checkpoints(run_dir)[-1]}. "
+            "Lower optim.lr, set optim.layer_decay (e.g. 0.7) or lock layers "
+            "(model.lock_image / model.lock_text), or blend with the start weights "
+            "(clipline wise-ft)"
+        )
 
 
 class Checkpointer:
