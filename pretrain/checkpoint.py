@@ -14,6 +14,8 @@ holds the full optimizer state); the parts are written into ``step_N.tmp`` and t
 directory is renamed into place by rank 0 after DCP committed ``.metadata`` and every file
 is on disk, so a process killed while saving never leaves a directory that
 ``resume="latest"`` would pick. The run directory must be on a filesystem every rank sees.
+With ``loop.async_checkpoint`` (:class:`AsyncCheckpointWriter`) the ranks copy their parts
+to host memory and training goes on while DCP writes them; the rename waits for the write.
 
 A checkpoint resumes on any number of ranks: DCP plans the reads of each rank's shards from
 the saved slices (resharding). One process reads the whole model back with DCP's own
@@ -27,6 +29,7 @@ read by DCP itself with ``torch.load(weights_only=True)``, the tensors as raw by
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -35,7 +38,8 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,6 +150,46 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def _begin_save(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """Rank 0 clears what killed saves left and makes ``step_N.tmp``; returns (tmp, final).
+    A collective (barrier): no rank writes before the directory exists."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:09d}"
+    tmp = root / f"step_{step:09d}.tmp"
+    if _is_main():
+        for stale in root.glob("*.tmp"):  # left by a process killed while saving
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp, final
+
+
+def _commit(
+    run_dir: str | Path,
+    tmp: Path,
+    final: Path,
+    *,
+    step: int,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+) -> None:
+    """Rank 0, once DCP has written every rank's part and ``.metadata``: the JSON, then the
+    rename that makes the checkpoint count, then keep-K over committed checkpoints."""
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _fsync_tree(tmp)  # the rename is only atomic for data already on disk
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        # Out of the listing first: a kill mid-delete leaves a .tmp, not half a checkpoint.
+        trash = old.with_name(old.name + ".tmp")
+        os.replace(old, trash)
+        shutil.rmtree(trash)
+    log.info("saved checkpoint %s", final)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     *,
@@ -165,29 +209,83 @@ def save_checkpoint(
         config: The resolved run config.
         keep_last: Complete checkpoints kept (0: all).
     """
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:09d}"
-    tmp = root / f"step_{step:09d}.tmp"
-    if _is_main():
-        for stale in root.glob("*.tmp"):  # left by a process killed while saving
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp, final = _begin_save(run_dir, step)
     # A collective: every rank writes its shards; the coordinator writes .metadata last.
     with _single_process_ok():
         dcp.save(states, checkpoint_id=tmp / DCP_DIR, no_dist=not _distributed())
     if _is_main():
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _fsync_tree(tmp)  # the rename is only atomic for data already on disk
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-        log.info("saved checkpoint %s", final)
+        _commit(run_dir, tmp, final, step=step, state=state, config=config, keep_last=keep_last)
     _barrier()
     return final
+
+
+class AsyncCheckpointWriter:
+    """``loop.async_checkpoint``: DCP's ``async_save`` writes a checkpoint while training
+    goes on; at most one write is in flight, and it counts only once committed.
+
+    :meth:`start` blocks while each rank copies its shards to host memory (DCP's default
+    stager: one extra copy of the rank's state while the write is in flight), then DCP plans
+    and writes them in a background thread, over a gloo process group of its own (the
+    training's collectives would interleave with the thread's on a shared one; under NCCL
+    it also needs a CPU backend). Rank 0 commits (:func:`_commit`: JSON, rename, keep-K)
+    only after its future is done: DCP gathers every rank's write results before the
+    coordinator writes ``.metadata``, so rank 0's future ends after all ranks wrote. Until
+    then the directory is ``step_N.tmp``, which ``resume="latest"`` never picks.
+    Create it on every rank (``new_group`` is a collective).
+    """
+
+    def __init__(self) -> None:
+        self._group = dist.new_group(backend="gloo") if _distributed() else None
+        if not _distributed():
+            # DCP's thread warns that no process group exists on every save: meant here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        self._future: Future | None = None
+        self._pending_commit: Callable[[], None] | None = None
+
+    def start(
+        self, run_dir: str | Path, *, step: int, states: dict[str, Stateful], **commit: Any
+    ) -> Path:
+        """Finishes the write in flight (:meth:`wait`), then starts writing checkpoint
+        ``step``; returns its final directory. A collective: call it on every rank.
+
+        Args:
+            run_dir, step, states: As :func:`save_checkpoint`.
+            **commit: ``state``, ``config`` and ``keep_last`` of :func:`save_checkpoint`,
+                written and applied when the write is committed.
+        """
+        self.wait()
+        tmp, final = _begin_save(run_dir, step)
+        self._future = dcp.async_save(
+            states,
+            checkpoint_id=tmp / DCP_DIR,
+            process_group=self._group,
+            no_dist=not _distributed(),
+        )
+        self._pending_commit = functools.partial(_commit, run_dir, tmp, final, step=step, **commit)
+        return final
+
+    def poll(self) -> None:
+        """Commits the write in flight if it has finished; returns at once otherwise (no
+        collective: call it as often as convenient, e.g. every step)."""
+        if self._future is not None and self._future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until the write in flight (if any) has finished on every rank, and rank 0
+        has committed it; no collective beyond DCP's own.
+
+        Raises:
+            torch.distributed.checkpoint.api.CheckpointException: the write failed on a
+                rank (nothing is committed; its ``step_N.tmp`` is cleared by the next save).
+        """
+        future, commit = self._future, self._pending_commit
+        self._future = self._pending_commit = None
+        if future is None:
+            return
+        future.result()
+        if _is_main():
+            assert commit is not None
+            commit()
 
 
 def load_training_state(ckpt: Path, states: dict[str, Stateful]) -> None:

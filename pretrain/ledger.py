@@ -57,7 +57,7 @@ class SampleLedger:
     """Every step (``loop.sample_ledger``): this rank's samples of the step, as one row.
 
     Args:
-        loop_cfg: ``sample_ledger`` (off: every call is a no-op) and ``accum_steps``.
+        loop_cfg: ``sample_ledger`` (off: every call is a no-op).
         loader: The rank's loader: micro-batches per epoch, and the shards of the run.
         accelerator: This process's rank and the world size.
         run_dir: The ledger goes to ``run_dir/ledger/``.
@@ -76,7 +76,7 @@ class SampleLedger:
         self.enabled = loop_cfg.sample_ledger
         if not self.enabled:
             return
-        self.accum, self.batches_per_epoch = loop_cfg.accum_steps, loader.batches_per_epoch
+        self.loader = loader
         rank, world = accelerator.process_index, accelerator.num_processes
         folder = Path(run_dir) / "ledger"
         folder.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,10 @@ class SampleLedger:
             return
         new_urls: list[str] = []
         batches = []
+        # The loader's position after the step's last micro-batch: its epoch, and the batches
+        # taken in it. Micro-batches run across epochs, and after a resume on another world
+        # size an epoch had other lengths, so a division of the step would mislabel them.
+        position = self.loader.state_dict()
         for j, batch in enumerate(micro):
             for url in batch["url"]:
                 if url not in self.urls:
@@ -112,8 +116,7 @@ class SampleLedger:
                     new_urls.append(url)
             batches.append(
                 {
-                    # Micro-batches run across epochs: each has its own.
-                    "epoch": ((step - 1) * self.accum + j) // self.batches_per_epoch,
+                    "epoch": position["epoch"] - int(len(micro) - 1 - j >= position["batches"]),
                     "url": [self.urls[u] for u in batch["url"]],
                     "key": list(batch["key"]),
                     "skipped": batch["skipped"],

@@ -53,6 +53,10 @@ class LoopConfig:
         checkpoint_minutes: Also checkpoint when this many minutes have passed since the
             last one (0: off); bounds the work lost to a crash whatever the step time.
         keep_last: Checkpoints kept on disk (older ones are deleted).
+        async_checkpoint: Write periodic and timed checkpoints in the background (DCP's
+            ``async_save``): a step waits only while each rank copies its shards to host
+            memory (one more copy of them while the write is in flight); a checkpoint
+            counts once it is committed, after the write (pretrain/checkpoint.py).
         eval_every: Steps between evaluations; 0 evaluates only after the last step.
         max_nonfinite: Consecutive non-finite steps (skipped, weights untouched) before the
             run stops with an error.
@@ -92,6 +96,7 @@ class LoopConfig:
     checkpoint_every: int = 500
     checkpoint_minutes: float = 0.0
     keep_last: int = 3
+    async_checkpoint: bool = False
     eval_every: int = 0
     max_nonfinite: int = 5
     seed: int = 0

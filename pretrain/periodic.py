@@ -7,7 +7,8 @@ whether its work is due (:func:`is_due`, the last step, a signal, the clock).
 * :class:`MetricLogger`: the throughput window, the progress bar and the metric sinks
   (JSONL, TensorBoard, W&B), with the data counts summed over ranks;
 * :class:`Checkpointer`: resume, the per-step stop-signal agreement, timed and periodic
-  checkpoints with every rank's stream position, and :class:`Preempted` after a signal;
+  checkpoints with every rank's stream position (written in the background with
+  ``loop.async_checkpoint``), and :class:`Preempted` after a signal;
 * :class:`EvalRunner`: the evaluators, on every rank, and the forgetting guard.
 """
 
@@ -34,6 +35,7 @@ from clipline.data.loader import LoaderStats, TrainLoader
 from clipline.data.progress import progress
 from clipline.pretrain import console
 from clipline.pretrain.checkpoint import (
+    AsyncCheckpointWriter,
     ModelState,
     list_checkpoints,
     load_training_state,
@@ -415,6 +417,11 @@ class Checkpointer:
     """Resume at the start; then, after every step, the ranks' agreement on whether to stop
     and a checkpoint when one is due (``checkpoint_every``, ``checkpoint_minutes``, the
     last step, a stop signal), after which a signal ends the run with :class:`Preempted`.
+
+    With ``loop.async_checkpoint`` periodic and timed checkpoints are written in the
+    background (:class:`AsyncCheckpointWriter`; committed at the first step after the write
+    ends, or before the next save); the last step's and a stop signal's are written at once,
+    after the one in flight is committed, so the run never ends with one uncommitted.
     """
 
     def __init__(
@@ -436,6 +443,8 @@ class Checkpointer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.states: dict[str, Stateful] = {}
         self._last_save = time.perf_counter()
+        # new_group is a collective: every rank builds its Checkpointer here.
+        self.writer = AsyncCheckpointWriter() if loop_cfg.async_checkpoint else None
 
     def load(self, resume: str | None, model: DualEncoder) -> dict[str, Any]:
         """Before wrapping: the stream position and the data counts of the checkpoint
@@ -481,8 +490,19 @@ class Checkpointer:
         self.signals.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.signals.__exit__(*exc)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            # A write that ends now is still a complete checkpoint: commit it (not after a
+            # second Ctrl-C, which stops at once).
+            if self.writer is not None and (exc_type is None or issubclass(exc_type, Exception)):
+                self.writer.wait()
+        except Exception as e:
+            if exc_type is None:
+                raise
+            # e.g. a peer rank died: the error that ends the run is the one to report
+            log.warning("the checkpoint being written when the run failed is lost: %s", e)
+        finally:
+            self.signals.__exit__(exc_type, *exc)
 
     def save(self, step: int, *, last_step: bool, nonfinite_steps: int) -> bool:
         """Saves when due; returns whether it saved.
@@ -497,6 +517,8 @@ class Checkpointer:
                 is saved.
         """
         acc, received = self.accelerator, self.signals.received
+        if self.writer is not None:
+            self.writer.poll()  # commits a background write that has ended
         # One tiny collective per step so that every rank stops at the same step.
         timed = self.minutes > 0 and (time.perf_counter() - self._last_save) / 60 >= self.minutes
         flags = torch.tensor(
@@ -508,7 +530,7 @@ class Checkpointer:
         stop = (terminated or interrupted) and not last_step  # the last step: done
         due = is_due(step, self.every) or last_step or stop or timed
         if due:
-            self._save(step, nonfinite_steps)
+            self._save(step, nonfinite_steps, now=last_step or stop)
         if stop:
             raise Preempted(
                 f"stopped by a signal after step {step}; checkpoint saved in {self.run_dir}; "
@@ -517,10 +539,13 @@ class Checkpointer:
             )
         return due
 
-    def _save(self, step: int, nonfinite_steps: int) -> None:
+    def _save(self, step: int, nonfinite_steps: int, *, now: bool) -> None:
         # One small gather per checkpoint: each rank's stream position and counts.
         gathered = gather_object([(self.loader.state_dict(), self.loader.stats.state_dict())])
-        save_checkpoint(  # a collective: each rank writes its shards, rank 0 the JSON
+        if self.writer is not None and now:
+            self.writer.wait()  # the one in flight first: checkpoints commit in step order
+        write = self.writer.start if self.writer is not None and not now else save_checkpoint
+        write(  # a collective: each rank writes its shards, rank 0 the JSON
             self.run_dir,
             step=step,
             states=self.states,

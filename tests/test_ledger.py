@@ -169,3 +169,38 @@ def test_report_counts_a_corrupt_sample_as_skipped(tmp_path, capsys):
     # A run without a ledger: one line saying how to get one, exit 2.
     assert main(["data", "ledger", str(tmp_path / "shards")]) == 2
     assert "loop.sample_ledger=true" in capsys.readouterr().err
+
+
+def test_resume_on_one_rank_of_a_two_rank_run_keeps_the_uninterrupted_ledger(tmp_path, capsys):
+    # 32 samples: an epoch is 2 steps of 2 x 8 on 2 ranks, 4 steps of 8 on 1 rank.
+    make_shards(tmp_path / "shards", n=32, per_shard=16)
+    run = tmp_path / "run"
+    recipe = _recipe(tmp_path, tmp_path / "shards", run, steps=3, checkpoint_every=1, keep_last=5)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd = [sys.executable, *launcher, *_clipline_pretrain(recipe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    assert {len(rows) for rows in _rank_rows(run).values()} == {3}
+
+    # Back to step 1 (16 of epoch 0's samples taken) on 1 rank: the 16 unread ones are its
+    # steps 2-3, epoch 1 its steps 4-7. Both ranks' rows past step 1 are cut, rank 1's by
+    # the new world's rank 0.
+    step_1 = run / "checkpoints" / "step_000000001"
+    assert main(["pretrain", "--recipe", str(recipe), "--resume", str(step_1), "loop.steps=7"]) == 0
+    rows = _rank_rows(run)
+    assert [r["step"] for r in rows["rank_00000.jsonl"]] == list(range(1, 8))
+    assert [r["step"] for r in rows["rank_00001.jsonl"]] == [1]
+
+    full = tmp_path / "full"  # uninterrupted, 2 epochs
+    assert (
+        main(["pretrain", "--recipe", str(_recipe(tmp_path, tmp_path / "shards", full, steps=8))])
+        == 0
+    )
+    got, want = _per_epoch(run), _per_epoch(full)
+    assert sorted(got) == [0, 1]
+    assert got == want
+    for epoch in (0, 1):  # exact mode: every sample once per epoch
+        assert len(got[epoch]) == 32 and set(got[epoch].values()) == {1}
+    report = _report(run, capsys)
+    for e in report["epochs"]:
+        assert (e["complete"], e["seen_0"], e["seen_1"], e["seen_2plus"]) == (True, 0, 32, 0)
