@@ -277,7 +277,21 @@ def test_configs_that_disagree_are_errors(oc, hf):
     assert _build(oc.root / "hub", name="custom", config=MICRO_CFG).embed_dim == 32
 
 
-def test_nothing_downloads_and_nothing_unpickles_code(tmp_path):
+def test_lit_from_a_pretrained_clip(oc):
+    """model.lock_image applies to the loaded weights: the pretrained image tower is frozen."""
+    ours = _build(oc.root / "hub", name="pretrained", lock_image=True)
+    assert torch.equal(ours.clip.visual.proj, oc.state["visual.proj"])
+    assert not any(p.requires_grad for p in ours.clip.visual.parameters())
+    text = [p for n, p in ours.clip.named_parameters() if not n.startswith("visual.")]
+    assert text and all(p.requires_grad for p in text)
+
+
+def test_nothing_downloads_and_nothing_unpickles_code(tmp_path, capsys):
+    # The CLI refuses at config check: one line, exit 2, before anything is read or written.
+    args = ["pretrain", "--recipe", "cpu-debug", "data.shards=/d", "--dry-run"]
+    assert main([*args, "model.name=pretrained", "model.pretrained=openai"]) == 2
+    assert "never downloads weights" in capsys.readouterr().err
+
     for tag in ("openai", "laion2b_s34b_b79k", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
         with pytest.raises(ValueError, match="never downloads weights.*local file"):
             ModelConfig(name="open_clip:ViT-B-32", pretrained=tag).resolve()
