@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import open_clip
 import pytest
@@ -57,15 +58,19 @@ def _build(path: Path | str, **kw) -> DualEncoder:
     return DualEncoder.from_config(ModelConfig(pretrained=str(path), **kw)).eval()
 
 
-def _assert_same_embeddings(ours: DualEncoder, image_fn, text_fn, text_ids, atol=1e-6) -> None:
+def _assert_same_embeddings(
+    ours: DualEncoder, image_fn, text_fn, text_ids, atol=1e-6, trimmed=None
+) -> None:
+    """``trimmed``: the source's embeddings of CAPTIONS where ``text_ids`` are not theirs."""
     images = _images()
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), image_fn(images), atol=atol, rtol=0)
         want = text_fn(text_ids)
         torch.testing.assert_close(ours.encode_text(text_ids), want, atol=atol, rtol=0)
         # What training and evaluation feed it: its own tokenizer, trimmed where exact.
-        trimmed = ours.tokenize(CAPTIONS)
-        torch.testing.assert_close(ours.encode_text(trimmed), want, atol=atol, rtol=0)
+        want = want if trimmed is None else trimmed
+        got = ours.encode_text(ours.tokenize(CAPTIONS))
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -124,27 +129,16 @@ def test_open_clip_weights_embed_as_open_clip(oc, source):
 HF_EPS = 1e-6  # not torch's default: must reach open_clip's LayerNorms
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
+def _save_hf_clip(root: Path, *, text: dict, pad_token: str | None = None, **tower) -> Any:
     """A transformers CLIPModel from a tiny CLIPConfig, saved by save_pretrained with its
     tokenizer (CLIP's BPE built offline from open_clip's vocabulary) and image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    root = tmp_path_factory.mktemp("hf") / "clip"
-    tower = {"hidden_size": 32, "intermediate_size": 48, "hidden_act": "gelu"}
-    tower |= {"layer_norm_eps": HF_EPS, "num_hidden_layers": 2}
+    tower = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, **tower}
     config = CLIPConfig(
         projection_dim=24,
         vision_config={**tower, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        text_config={
-            **tower,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 16,
-            "vocab_size": 49408,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
-        },
+        text_config={**tower, "num_attention_heads": 4, "max_position_embeddings": 16, **text},
     )
     torch.manual_seed(0)
     model = CLIPModel(config)
@@ -152,6 +146,8 @@ def hf(tmp_path_factory):
     model.eval()
     model.save_pretrained(root)
     tokenizer = hf_tokenizer(SimpleTokenizer(), context_length=16)
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
     tokenizer.save_pretrained(root)
     processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
@@ -161,7 +157,26 @@ def hf(tmp_path_factory):
         resample=2,  # bilinear
     )
     processor.save_pretrained(root)
-    return SimpleNamespace(root=root, model=model, tokenizer=tokenizer)
+    # The reference tokenizer is the saved one, as users load it (an in-memory pad_token
+    # set above also splits "!" off as a special token; the saved one does not).
+    saved = AutoTokenizer.from_pretrained(root)
+    return SimpleNamespace(root=root, model=model, tokenizer=saved)
+
+
+def _hf_ids(tokenizer: Any) -> torch.Tensor:
+    return tokenizer(
+        CAPTIONS, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """OpenAI's settings (eos 49407, the largest id, padded with end-of-text), GELU and a
+    LayerNorm eps that is not torch's default."""
+    text = {"vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407}
+    text |= {"pad_token_id": 49407}
+    root = tmp_path_factory.mktemp("hf") / "clip"
+    return _save_hf_clip(root, text=text, hidden_act="gelu", layer_norm_eps=HF_EPS)
 
 
 def test_transformers_clip_embeds_as_transformers(hf):
@@ -170,9 +185,7 @@ def test_transformers_clip_embeds_as_transformers(hf):
     assert ours.model_cfg["quick_gelu"] is False and ours.model_cfg["embed_dim"] == 24
     assert text_cfg["norm_kwargs"] == {"eps": HF_EPS}
     assert ours.model_cfg["vision_cfg"]["norm_kwargs"] == {"eps": HF_EPS}
-    text_ids = hf.tokenizer(
-        CAPTIONS, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
-    ).input_ids
+    text_ids = _hf_ids(hf.tokenizer)
     assert torch.equal(ours.tokenizer(CAPTIONS), text_ids)  # the folder's own tokenizer
     # It pads with end-of-text, where the text tower pools: cutting padding would be wrong.
     assert not ours.tokenize.trim
@@ -185,6 +198,29 @@ def test_transformers_clip_embeds_as_transformers(hf):
         lambda t: text_features(hf.model, t),
         text_ids,
         atol=1e-5,
+    )
+
+
+def test_transformers_clip_pooled_at_an_eos_that_is_not_the_largest_id(tmp_path):
+    """Added tokens put ids above end-of-text: CLIPModel pools at the first eos_token_id, and
+    so must open_clip (pool_type 'eos'); padding with '!' (id 0) leaves the trim on."""
+    text = {"vocab_size": 49420, "eos_token_id": 49407, "pad_token_id": 0}
+    hf = _save_hf_clip(tmp_path / "clip", text=text, pad_token="!")  # quick_gelu by default
+    ours = _build(tmp_path / "clip", name="pretrained")
+    text_cfg = ours.model_cfg["text_cfg"]
+    assert (text_cfg["pool_type"], text_cfg["eos_id"], text_cfg["pad_id"]) == ("eos", 49407, 0)
+    assert ours.model_cfg["quick_gelu"] is True and "norm_kwargs" not in text_cfg
+    text_ids = _hf_ids(hf.tokenizer)
+    assert torch.equal(ours.tokenizer(CAPTIONS), text_ids) and ours.tokenize.trim
+    ids = text_ids.clone()
+    ids[0, 1] = 49419  # an added token, above end-of-text: argmax pooling would pick it
+    _assert_same_embeddings(
+        ours,
+        lambda x: image_features(hf.model, x),
+        lambda t: text_features(hf.model, t),
+        ids,
+        atol=1e-5,
+        trimmed=text_features(hf.model, text_ids),
     )
 
 
