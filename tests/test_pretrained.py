@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,7 +39,7 @@ from clipline.pretrain.export import export
 from clipline.pretrain.export_hf import hf_tokenizer, image_features, text_features
 from clipline.pretrain.model import DualEncoder, ModelConfig
 from clipline.pretrain.pretrained import pretrained_config
-from tests.helpers import MICRO_CFG, make_shards, micro_recipe, to_toml
+from tests.helpers import MICRO_CFG, free_port, make_shards, micro_recipe, to_toml
 
 CAPTIONS = ["a photo of a cat.", "A DOG's toy: 3 red balls!", "a small red circle " * 12]
 
@@ -346,18 +348,23 @@ def test_nothing_downloads_and_nothing_unpickles_code(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_cli_run_starts_from_pretrained_weights(oc, tmp_path, monkeypatch):
-    """A real run through the CLI: step 1 is the first step, the optimizer starts empty, and
-    the weights it starts from are the file's (a learning rate too small to move them)."""
-    shards = make_shards(tmp_path / "shards", n=32)
+def test_cli_run_starts_from_pretrained_weights(oc, tmp_path):
+    """A real run through the CLI under torchrun (2 CPU processes, DDP): step 1 is the first
+    step, the optimizer starts empty, and the weights every rank starts from are the file's
+    (a learning rate too small to move them)."""
+    shards = make_shards(tmp_path / "shards", n=64)
     recipe = micro_recipe(shards, Path("run"), steps=1, checkpoint_every=1)
     recipe["model"]["pretrained"] = "weights/oc.safetensors"  # relative to the working dir
     recipe["optim"] |= {"lr": 1e-12, "weight_decay": 0.0, "warmup_steps": 0}
     (tmp_path / "weights").mkdir()
     shutil.copy(oc.root / "oc.safetensors", tmp_path / "weights" / "oc.safetensors")
     (tmp_path / "recipe.toml").write_text(to_toml(recipe))
-    monkeypatch.chdir(tmp_path)
-    assert main(["pretrain", "--recipe", "recipe.toml"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={free_port()}", "-m", "clipline", "pretrain", "--recipe", "recipe.toml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    assert "weights/oc.safetensors (weights file)" in res.stderr  # the log names the source
 
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     assert read_step(ckpt) == 1
