@@ -448,15 +448,25 @@ def open_clip_model_config(config: dict[str, Any], where: Path) -> dict[str, Any
 def open_clip_preprocess(proc: dict[str, Any]) -> dict[str, Any]:
     """open_clip's preprocessing config of a ``CLIPImageProcessor``'s settings:
     :func:`image_processor` backwards."""
-    crop = proc.get("crop_size") or proc["size"]
+    # Processors saved before transformers 4.26 give sizes as one int (the shortest edge).
+    size = proc["size"] if isinstance(proc["size"], dict) else {"shortest_edge": proc["size"]}
+    crop = proc.get("crop_size") or size
+    if not isinstance(crop, dict) or "shortest_edge" in crop:
+        side = crop if not isinstance(crop, dict) else crop["shortest_edge"]
+        crop = {"height": side, "width": side}
     height, width = crop["height"], crop["width"]
     names = {v: k for k, v in _INTERPOLATION.items()}
+    resample = proc.get("resample", 3)
+    if resample not in names:
+        raise ValueError(
+            f"image processor resample={resample!r}: open_clip resizes with {sorted(_INTERPOLATION)}"
+        )
     return {
         "size": height if height == width else [height, width],
         "mean": list(proc["image_mean"]),
         "std": list(proc["image_std"]),
-        "interpolation": names[proc.get("resample", 3)],
-        "resize_mode": "shortest" if "shortest_edge" in proc["size"] else "squash",
+        "interpolation": names[resample],
+        "resize_mode": "shortest" if "shortest_edge" in size else "squash",
     }
 
 

@@ -36,7 +36,12 @@ from clipline.pretrain.checkpoint import (
     training_state,
 )
 from clipline.pretrain.export import export
-from clipline.pretrain.export_hf import hf_tokenizer, image_features, text_features
+from clipline.pretrain.export_hf import (
+    hf_tokenizer,
+    image_features,
+    open_clip_preprocess,
+    text_features,
+)
 from clipline.pretrain.model import DualEncoder, ModelConfig
 from clipline.pretrain.pretrained import pretrained_config
 from tests.helpers import MICRO_CFG, free_port, make_shards, micro_recipe, to_toml
@@ -233,6 +238,25 @@ def test_transformers_clip_without_image_processor_takes_clip_defaults(hf, tmp_p
     source = pretrained_config(ModelConfig(name="pretrained", pretrained=str(tmp_path)))
     assert source.preprocess["size"] == 32 and source.preprocess["interpolation"] == "bicubic"
     assert "no image processor config" in caplog.text
+
+
+def test_transformers_image_processor_of_older_versions():
+    """openai/clip-vit-base-patch32's preprocessor_config.json (transformers < 4.26): sizes
+    as one int, the shortest edge."""
+    legacy = {
+        "crop_size": 224,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "size": 224,
+    }
+    got = open_clip_preprocess(legacy)
+    assert (got["size"], got["resize_mode"], got["interpolation"]) == (224, "shortest", "bicubic")
+    assert got["mean"] == legacy["image_mean"] and got["std"] == legacy["image_std"]
 
 
 def test_transformers_clip_without_tokenizer_is_one_error(hf, tmp_path):
