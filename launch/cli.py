@@ -1,5 +1,5 @@
-"""``clipline`` command line: shards, data doctor, pretrain, eval, evalset, export, embed,
-search, demo.
+"""``clipline`` command line: shards, data doctor, pretrain, eval, evalset, export, wise-ft,
+embed, search, demo.
 
 This module holds the parser, logging set-up and the entry point (``main``, which turns bad
 input into one line and exit 2); what each command does is in :mod:`clipline.launch.commands`.
@@ -59,6 +59,33 @@ def _int_in(low: int, high: int | None = None):
 
     parse.__name__ = "int"  # argparse's "invalid int value: 'x'" for non-numbers
     return parse
+
+
+# clipline export --format (and wise-ft's): the formats pretrain.export registers, and "all";
+# listed here so that parsing the command line does not import the model libraries.
+_EXPORT_CHOICES = ["clipline", "open_clip", "hf", "onnx", "all"]
+
+
+def _add_task_flags(p: argparse.ArgumentParser) -> None:
+    """``clipline eval``'s task flags (``--zeroshot``, ``--retrieval``, ``--linear-probe``)."""
+    task_help = (
+        "an eval set; options after the root set the task's fields, e.g. "
+        "NAME=ROOT,format=folder,split=val (format: wds (default), folder, csv, mnist, "
+        "fashion_mnist; see the README)"
+    )
+    p.add_argument(
+        "--zeroshot", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--retrieval", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
+    )
+    p.add_argument(
+        "--linear-probe",
+        action="append",
+        default=[],
+        metavar="NAME=ROOT[,k=v...]",
+        help="a linear probe on frozen image features (train_split, test_split, format, ...)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,24 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", help="an export directory, a checkpoint directory or a run directory"
     )
-    task_help = (
-        "an eval set; options after the root set the task's fields, e.g. "
-        "NAME=ROOT,format=folder,split=val (format: wds (default), folder, csv, mnist, "
-        "fashion_mnist; see the README)"
-    )
-    p.add_argument(
-        "--zeroshot", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
-    )
-    p.add_argument(
-        "--retrieval", action="append", default=[], metavar="NAME=ROOT[,k=v...]", help=task_help
-    )
-    p.add_argument(
-        "--linear-probe",
-        action="append",
-        default=[],
-        metavar="NAME=ROOT[,k=v...]",
-        help="a linear probe on frozen image features (train_split, test_split, format, ...)",
-    )
+    _add_task_flags(p)
     p.add_argument("--output", help="write the metrics JSON here too")
     p.add_argument("--device", default=None)
     p.add_argument(
@@ -249,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format",
         default="clipline",
-        choices=["clipline", "open_clip", "hf", "onnx", "all"],
+        choices=_EXPORT_CHOICES,
         help="clipline: per-tower safetensors + clipline_export.json (default); open_clip: "
         "open_clip's local-dir/hub layout; hf: transformers CLIPModel + CLIPProcessor; onnx: "
         "image.onnx + text.onnx; all: each into OUTPUT/<format>/",
@@ -268,6 +278,43 @@ def build_parser() -> argparse.ArgumentParser:
         "average (trained with loop.ema_decay > 0)",
     )
     p.set_defaults(func=commands.cmd_export)
+
+    p = sub.add_parser(
+        "wise-ft",
+        help="WiSE-FT: interpolate a zero-shot and a fine-tuned model's weights, score every "
+        "alpha, export the best (or --pick)",
+    )
+    p.add_argument(
+        "zero_shot",
+        metavar="ZERO_SHOT",
+        help="the model the fine-tuning started from (an export, checkpoint or run directory)",
+    )
+    p.add_argument("finetuned", metavar="FINETUNED", help="the fine-tuned model (the same kinds)")
+    p.add_argument(
+        "output", metavar="OUT", help="wise_ft.json, wise_ft.png and export/ (the chosen alpha)"
+    )
+    p.add_argument(
+        "--alphas",
+        default=None,
+        help="weights of FINETUNED, comma-separated (default 0,0.1,...,1)",
+    )
+    _add_task_flags(p)
+    p.add_argument(
+        "--pick",
+        type=float,
+        default=None,
+        help="export this alpha (one of --alphas); default: the best mean of the tasks' main "
+        "metrics (zero-shot acc1, retrieval mean of image/text recall@1, probe lp_acc1)",
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--format",
+        default="clipline",
+        choices=_EXPORT_CHOICES,
+        help="the export's format, as clipline export --format (clipline)",
+    )
+    p.add_argument("--name", default=None, help="the open_clip format's model-config name")
+    p.set_defaults(func=commands.cmd_wise_ft)
 
     p = sub.add_parser(
         "embed", help="a folder of images or a file of texts -> embeddings + a faiss index"

@@ -298,6 +298,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wise_ft(args: argparse.Namespace) -> int:
+    from clipline.launch.wise_ft import DEFAULT_ALPHAS, WiseFTConfig, parse_alphas, run_wise_ft
+
+    report = run_wise_ft(
+        WiseFTConfig(
+            zero_shot=args.zero_shot,
+            finetuned=args.finetuned,
+            out=args.output,
+            tasks=_cli_tasks(args),
+            alphas=DEFAULT_ALPHAS if args.alphas is None else parse_alphas(args.alphas),
+            pick=args.pick,
+            device=args.device or _default_device(),
+            format=args.format,
+            name=args.name,
+        )
+    )
+    print(report.table())
+    picked = report.picked
+    for fmt, out in report.written.items():
+        print(f"alpha {picked['alpha']:g} ({picked['by']}) -> {out} ({fmt})")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
