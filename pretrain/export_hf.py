@@ -214,12 +214,18 @@ def hf_tokenizer(tokenizer: SimpleTokenizer, context_length: int) -> CLIPTokeniz
     """``CLIPTokenizer`` with open_clip's (OpenAI's) BPE vocabulary and merges."""
     from transformers import CLIPTokenizer
 
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    vocab = clip_bpe_vocab(tokenizer)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+def clip_bpe_vocab(tokenizer: SimpleTokenizer) -> dict[str, int]:
+    """open_clip's BPE vocabulary under transformers' names (``<|startoftext|>`` etc.)."""
     vocab = dict(tokenizer.encoder)
     for token_id, name in ((tokenizer.sot_token_id, SOT), (tokenizer.eot_token_id, EOT)):
         del vocab[tokenizer.decoder[token_id]]  # open_clip names them <start_of_text> etc.
         vocab[name] = token_id
-    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    return vocab
 
 
 def image_processor(preprocess: dict[str, Any]) -> CLIPImageProcessor:

@@ -41,6 +41,7 @@ from open_clip.constants import (
     OPENAI_DATASET_STD,
 )
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from clipline.pretrain import export_hf
@@ -384,9 +385,14 @@ def _hf_clip(folder: Path) -> _Found:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model_cfg["text_cfg"] |= {"hf_tokenizer_name": str(folder.absolute())}
-    if tokenizer.pad_token_id is not None:
-        model_cfg["text_cfg"]["pad_id"] = int(tokenizer.pad_token_id)
+    # CLIP's own BPE (OpenAI's and LAION's folders) is tokenized by open_clip's implementation
+    # of it: the same ids up to end-of-text (it pads with 0, which no pooled token sees), and
+    # the model stays exportable in every format and reads as `clipline eval` reads the
+    # folder. Any other vocabulary (added tokens, another BPE) is the folder's tokenizer.
+    if tokenizer.get_vocab() != export_hf.clip_bpe_vocab(SimpleTokenizer()):
+        model_cfg["text_cfg"] |= {"hf_tokenizer_name": str(folder.absolute())}
+        if tokenizer.pad_token_id is not None:
+            model_cfg["text_cfg"]["pad_id"] = int(tokenizer.pad_token_id)
     preprocess = _hf_preprocess(folder, model_cfg["vision_cfg"]["image_size"])
 
     def read() -> dict[str, torch.Tensor]:

@@ -66,17 +66,16 @@ def _build(path: Path | str, **kw) -> DualEncoder:
 
 
 def _assert_same_embeddings(
-    ours: DualEncoder, image_fn, text_fn, text_ids, atol=1e-6, trimmed=None
+    ours: DualEncoder, image_fn, text_fn, text_ids, atol=1e-6, captions=CAPTIONS
 ) -> None:
-    """``trimmed``: the source's embeddings of CAPTIONS where ``text_ids`` are not theirs."""
+    """``text_ids``: the source tokenizer's ids of ``captions``."""
     images = _images()
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), image_fn(images), atol=atol, rtol=0)
         want = text_fn(text_ids)
         torch.testing.assert_close(ours.encode_text(text_ids), want, atol=atol, rtol=0)
         # What training and evaluation feed it: its own tokenizer, trimmed where exact.
-        want = want if trimmed is None else trimmed
-        got = ours.encode_text(ours.tokenize(CAPTIONS))
+        got = ours.encode_text(ours.tokenize(captions))
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
@@ -136,7 +135,9 @@ def test_open_clip_weights_embed_as_open_clip(oc, source):
 HF_EPS = 1e-6  # not torch's default: must reach open_clip's LayerNorms
 
 
-def _save_hf_clip(root: Path, *, text: dict, pad_token: str | None = None, **tower) -> Any:
+def _save_hf_clip(
+    root: Path, *, text: dict, pad_token: str | None = None, added: tuple = (), **tower
+) -> Any:
     """A transformers CLIPModel from a tiny CLIPConfig, saved by save_pretrained with its
     tokenizer (CLIP's BPE built offline from open_clip's vocabulary) and image processor."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -155,6 +156,7 @@ def _save_hf_clip(root: Path, *, text: dict, pad_token: str | None = None, **tow
     tokenizer = hf_tokenizer(SimpleTokenizer(), context_length=16)
     if pad_token is not None:
         tokenizer.pad_token = pad_token
+    tokenizer.add_tokens(list(added))
     tokenizer.save_pretrained(root)
     processor = CLIPImageProcessor(
         size={"shortest_edge": 32},
@@ -170,9 +172,9 @@ def _save_hf_clip(root: Path, *, text: dict, pad_token: str | None = None, **tow
     return SimpleNamespace(root=root, model=model, tokenizer=saved)
 
 
-def _hf_ids(tokenizer: Any) -> torch.Tensor:
+def _hf_ids(tokenizer: Any, captions: list[str] = CAPTIONS) -> torch.Tensor:
     return tokenizer(
-        CAPTIONS, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
     ).input_ids
 
 
@@ -193,9 +195,13 @@ def test_transformers_clip_embeds_as_transformers(hf):
     assert text_cfg["norm_kwargs"] == {"eps": HF_EPS}
     assert ours.model_cfg["vision_cfg"]["norm_kwargs"] == {"eps": HF_EPS}
     text_ids = _hf_ids(hf.tokenizer)
-    assert torch.equal(ours.tokenizer(CAPTIONS), text_ids)  # the folder's own tokenizer
-    # It pads with end-of-text, where the text tower pools: cutting padding would be wrong.
-    assert not ours.tokenize.trim
+    # The folder's tokenizer is CLIP's BPE, so open_clip's implementation of it tokenizes:
+    # the same ids up to end-of-text, then padding with 0 (transformers pads with
+    # end-of-text), so the padding trim stays on.
+    assert "hf_tokenizer_name" not in text_cfg and ours.tokenize.trim
+    ids = ours.tokenizer(CAPTIONS)
+    after_eot = torch.cumsum(text_ids == 49407, dim=1) - (text_ids == 49407).int() > 0
+    assert torch.equal(ids, text_ids.masked_fill(after_eot, 0))
     assert ours.preprocess_cfg["mean"] == [0.5, 0.4, 0.3]
     assert ours.preprocess_cfg["interpolation"] == "bilinear"
     assert ours.preprocess_cfg["size"] in (32, [32, 32])
@@ -208,27 +214,45 @@ def test_transformers_clip_embeds_as_transformers(hf):
     )
 
 
-def test_transformers_clip_pooled_at_an_eos_that_is_not_the_largest_id(tmp_path):
-    """Added tokens put ids above end-of-text: CLIPModel pools at the first eos_token_id, and
-    so must open_clip (pool_type 'eos'); padding with '!' (id 0) leaves the trim on."""
+def test_transformers_clip_with_added_tokens_pooled_at_eos(tmp_path):
+    """A tokenizer with added tokens (ids above end-of-text) is the folder's own, and
+    CLIPModel pools at the first eos_token_id, not at the largest id: so must open_clip
+    (pool_type 'eos'). Padding with '!' (id 0) leaves the trim on."""
     text = {"vocab_size": 49420, "eos_token_id": 49407, "pad_token_id": 0}
-    hf = _save_hf_clip(tmp_path / "clip", text=text, pad_token="!")  # quick_gelu by default
-    ours = _build(tmp_path / "clip", name="pretrained")
+    hf = _save_hf_clip(tmp_path / "clip", text=text, pad_token="!", added=("<sku>",))
+    ours = _build(tmp_path / "clip", name="pretrained")  # quick_gelu: CLIPConfig's default
     text_cfg = ours.model_cfg["text_cfg"]
     assert (text_cfg["pool_type"], text_cfg["eos_id"], text_cfg["pad_id"]) == ("eos", 49407, 0)
+    assert text_cfg["hf_tokenizer_name"] == str((tmp_path / "clip").absolute())
     assert ours.model_cfg["quick_gelu"] is True and "norm_kwargs" not in text_cfg
-    text_ids = _hf_ids(hf.tokenizer)
-    assert torch.equal(ours.tokenizer(CAPTIONS), text_ids) and ours.tokenize.trim
-    ids = text_ids.clone()
-    ids[0, 1] = 49419  # an added token, above end-of-text: argmax pooling would pick it
+    captions = ["a <sku> photo of a cat.", *CAPTIONS[1:]]
+    text_ids = _hf_ids(hf.tokenizer, captions)
+    assert text_ids[0, 2] == 49408  # the added token: argmax pooling would pick it
+    assert torch.equal(ours.tokenizer(captions), text_ids) and ours.tokenize.trim
     _assert_same_embeddings(
         ours,
         lambda x: image_features(hf.model, x),
         lambda t: text_features(hf.model, t),
-        ids,
+        text_ids,
         atol=1e-5,
-        trimmed=text_features(hf.model, text_ids),
+        captions=captions,
     )
+
+
+def test_transformers_clip_goes_back_to_transformers(tmp_path):
+    """OpenAI's settings (CLIP's BPE, eos 49407, quick_gelu, eps 1e-5): what starts from the
+    folder exports back as a CLIPModel that embeds as the original."""
+    from transformers import CLIPModel
+
+    text = {"vocab_size": 49408, "eos_token_id": 49407, "pad_token_id": 49407}
+    hf = _save_hf_clip(tmp_path / "clip", text=text)
+    ours = _build(tmp_path / "clip", name="pretrained")
+    export(ours, tmp_path / "back", format="hf", run_config={})  # runs its own parity check
+    back = CLIPModel.from_pretrained(tmp_path / "back").eval()
+    text_ids = _hf_ids(hf.tokenizer)
+    with torch.no_grad():
+        for fn, x in ((image_features, _images()), (text_features, text_ids)):
+            torch.testing.assert_close(fn(back, x), fn(hf.model, x), atol=1e-5, rtol=0)
 
 
 def test_transformers_clip_without_image_processor_takes_clip_defaults(hf, tmp_path, caplog):
