@@ -154,6 +154,8 @@ def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> DirLock:
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
     check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
+    if cfg.model.pretrained is not None:  # saved absolute: resume and eval may run elsewhere
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).absolute())
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
     # otherwise every torchrun rank would silently train alone and overwrite the others' files.
     accelerator = Accelerator(

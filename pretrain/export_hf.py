@@ -214,12 +214,18 @@ def hf_tokenizer(tokenizer: SimpleTokenizer, context_length: int) -> CLIPTokeniz
     """``CLIPTokenizer`` with open_clip's (OpenAI's) BPE vocabulary and merges."""
     from transformers import CLIPTokenizer
 
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    vocab = clip_bpe_vocab(tokenizer)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+
+
+def clip_bpe_vocab(tokenizer: SimpleTokenizer) -> dict[str, int]:
+    """open_clip's BPE vocabulary under transformers' names (``<|startoftext|>`` etc.)."""
     vocab = dict(tokenizer.encoder)
     for token_id, name in ((tokenizer.sot_token_id, SOT), (tokenizer.eot_token_id, EOT)):
         del vocab[tokenizer.decoder[token_id]]  # open_clip names them <start_of_text> etc.
         vocab[name] = token_id
-    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
+    return vocab
 
 
 def image_processor(preprocess: dict[str, Any]) -> CLIPImageProcessor:
@@ -376,48 +382,106 @@ def open_clip_state_dict(hf_sd: dict[str, torch.Tensor], config: dict[str, Any])
     return out
 
 
-def open_clip_configs(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(open_clip model config, preprocessing config)`` of an HF export: :func:`hf_config`
-    and :func:`image_processor` backwards."""
-    config = json.loads((export_dir / CONFIG_FILE).read_text())
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """A transformers CLIP folder's ``config.json`` with every default filled in (transformers
+    writes only the values that differ from its defaults)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig.from_pretrained(folder).to_dict()
+
+
+def _tower_cfg(tower: dict[str, Any], where: Path, name: str) -> dict[str, Any]:
+    """What a CLIP vision/text tower and open_clip's tower config share: MLP width, LayerNorm."""
+    width, hidden = tower["hidden_size"], tower["intermediate_size"]
+    mlp_ratio = hidden / width
+    if int(width * mlp_ratio) != hidden:  # open_clip builds int(width * mlp_ratio) units
+        raise ValueError(
+            f"{where}: {name} intermediate_size {hidden} is not int(hidden_size * ratio) for any "
+            "float ratio open_clip can be given; this CLIP cannot be built by open_clip"
+        )
+    out: dict[str, Any] = {"width": width, "layers": tower["num_hidden_layers"]}
+    out["mlp_ratio"] = mlp_ratio
+    eps = tower.get("layer_norm_eps", 1e-5)
+    if eps != 1e-5:  # open_clip's default is torch's; only a different one is recorded
+        out["norm_kwargs"] = {"eps": eps}
+    return out
+
+
+def open_clip_model_config(config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The open_clip model config of a ``CLIPConfig`` (as a full dict, :func:`read_hf_config`):
+    :func:`hf_config` backwards, for any CLIPModel open_clip's CLIP can express.
+
+    Raises:
+        ValueError: naming what open_clip cannot build (activation, MLP width, eos ids).
+    """
     vision, text = config["vision_config"], config["text_config"]
     acts = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
         raise ValueError(
-            f"{export_dir}: activation(s) {sorted(acts)}; open_clip has gelu or quick_gelu"
+            f"{where}: activation(s) {sorted(acts)}; open_clip has gelu or quick_gelu, "
+            "the same in both towers"
         )
-    model_cfg = {
+    patch, size = vision["patch_size"], vision["image_size"]
+    if not isinstance(patch, int):
+        if len(set(patch)) != 1:
+            raise ValueError(f"{where}: patch_size {patch}; open_clip's ViT has square patches")
+        patch = patch[0]
+    image_cfg = _tower_cfg(vision, where, "vision_config")
+    image_cfg |= {"image_size": size if isinstance(size, int) else list(size)}
+    image_cfg |= {"head_width": vision["hidden_size"] // vision["num_attention_heads"]}
+    image_cfg |= {"patch_size": patch}
+    text_cfg = {
+        "context_length": text["max_position_embeddings"],
+        "vocab_size": text["vocab_size"],
+        "heads": text["num_attention_heads"],
+        **_tower_cfg(text, where, "text_config"),
+    }
+    eos = text.get("eos_token_id")
+    if not isinstance(eos, int):
+        raise ValueError(f"{where}: text_config.eos_token_id {eos!r}; expected one token id")
+    # CLIPModel pools at the argmax token id for the legacy eos id 2, else at the first
+    # eos_token_id: the same position as open_clip's argmax when eos is the largest id.
+    if eos not in (2, text["vocab_size"] - 1):
+        text_cfg |= {"pool_type": "eos", "eos_id": eos}
+    return {
         "embed_dim": config["projection_dim"],
         "quick_gelu": acts == {"quick_gelu"},
-        "vision_cfg": {
-            "image_size": vision["image_size"],
-            "layers": vision["num_hidden_layers"],
-            "width": vision["hidden_size"],
-            "head_width": vision["hidden_size"] // vision["num_attention_heads"],
-            "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"],
-            "patch_size": vision["patch_size"],
-        },
-        "text_cfg": {
-            "context_length": text["max_position_embeddings"],
-            "vocab_size": text["vocab_size"],
-            "width": text["hidden_size"],
-            "heads": text["num_attention_heads"],
-            "layers": text["num_hidden_layers"],
-            "mlp_ratio": text["intermediate_size"] / text["hidden_size"],
-        },
+        "vision_cfg": image_cfg,
+        "text_cfg": text_cfg,
     }
-    proc = json.loads((export_dir / PROCESSOR_FILE).read_text())
-    crop = proc.get("crop_size") or proc["size"]
+
+
+def open_clip_preprocess(proc: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's preprocessing config of a ``CLIPImageProcessor``'s settings:
+    :func:`image_processor` backwards."""
+    # Processors saved before transformers 4.26 give sizes as one int (the shortest edge).
+    size = proc["size"] if isinstance(proc["size"], dict) else {"shortest_edge": proc["size"]}
+    crop = proc.get("crop_size") or size
+    if not isinstance(crop, dict) or "shortest_edge" in crop:
+        side = crop if not isinstance(crop, dict) else crop["shortest_edge"]
+        crop = {"height": side, "width": side}
     height, width = crop["height"], crop["width"]
     names = {v: k for k, v in _INTERPOLATION.items()}
-    preprocess = {
+    resample = proc.get("resample", 3)
+    if resample not in names:
+        raise ValueError(
+            f"image processor resample={resample!r}: open_clip resizes with {sorted(_INTERPOLATION)}"
+        )
+    return {
         "size": height if height == width else [height, width],
         "mean": list(proc["image_mean"]),
         "std": list(proc["image_std"]),
-        "interpolation": names[proc.get("resample", 3)],
-        "resize_mode": "shortest" if "shortest_edge" in proc["size"] else "squash",
+        "interpolation": names[resample],
+        "resize_mode": "shortest" if "shortest_edge" in size else "squash",
     }
-    return model_cfg, preprocess
+
+
+def open_clip_configs(export_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(open_clip model config, preprocessing config)`` of an HF export: :func:`hf_config`
+    and :func:`image_processor` backwards."""
+    model_cfg = open_clip_model_config(read_hf_config(export_dir), export_dir)
+    proc = json.loads((export_dir / PROCESSOR_FILE).read_text())
+    return model_cfg, open_clip_preprocess(proc)
 
 
 def load_hf_encoders(export_dir: str | Path, device: Any = "cpu") -> DualEncoder:
@@ -433,7 +497,7 @@ def load_hf_encoders(export_dir: str | Path, device: Any = "cpu") -> DualEncoder
             f"{export_dir} is not a transformers CLIP export: {PROCESSOR_FILE} is missing"
         )
     model_cfg, preprocess = open_clip_configs(export_dir)
-    config = json.loads((export_dir / CONFIG_FILE).read_text())
+    config = read_hf_config(export_dir)
     weights = open_clip_state_dict(
         load_safetensors(export_dir / WEIGHTS_FILE, "hf export weights"), config
     )

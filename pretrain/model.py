@@ -37,6 +37,7 @@ from clipline.pretrain.towers import build_tower
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 1/100
+PRETRAINED = "pretrained"  # model.name: the architecture that comes with model.pretrained
 
 
 @dataclass(kw_only=True)
@@ -89,6 +90,7 @@ class ModelConfig:
     text_tower: str | None = None
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.patch_dropout < 1.0:
@@ -111,8 +113,16 @@ class ModelConfig:
         """Returns the open_clip model config: the named one with any tower replaced.
 
         Raises:
-            ValueError: unknown model or tower name, missing tower path.
+            ValueError: unknown model or tower name, missing tower path; with
+                ``pretrained``: see :func:`~clipline.pretrain.pretrained.load_pretrained`.
         """
+        if self.pretrained is not None:
+            return _pretrained().pretrained_config(self).model_cfg
+        if self.name == PRETRAINED:
+            raise ValueError(
+                f"model.name={PRETRAINED!r} builds the architecture of model.pretrained, which "
+                "is not set; set model.pretrained = PATH, or name a model"
+            )
         model_cfg = self._resolve_named()
         if self.image_tower is not None:
             model_cfg["vision_cfg"] = build_tower(self.image_tower, "image", self, model_cfg)
@@ -138,6 +148,13 @@ class ModelConfig:
                 "remove model.config or set model.name='custom'"
             )
         return build_tower(self.name, "model", self, {})
+
+
+def _pretrained() -> Any:
+    # Imported when used: the pretrained readers use the export formats, which import this.
+    from clipline.pretrain import pretrained
+
+    return pretrained
 
 
 def build_open_clip(
@@ -174,6 +191,14 @@ def build_open_clip(
         finally:
             logging.root.setLevel(previous)
     return model, tokenizer
+
+
+def _pooled_token(clip: nn.Module, tokenizer: Any) -> int | None:
+    """The end-of-text id the text tower pools at (open_clip's or a transformers tokenizer's)."""
+    if clip.text_pool_type == "eos":
+        return clip.text_eos_id
+    hf = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps transformers'
+    return getattr(tokenizer, "eot_token_id", getattr(hf, "eos_token_id", None))
 
 
 def _repeated_block_classes(module: nn.Module) -> set[str]:
@@ -292,15 +317,17 @@ class DualEncoder(nn.Module):
         self.clip, self.tokenizer = build_open_clip(
             model_cfg, preprocess or {}, load_hf_weights=load_hf_weights
         )
-        # Trimming is exact only for open_clip's own causal text transformer pooled at EOT.
+        # Trimming is exact only for open_clip's own causal text transformer pooled at EOT,
+        # and only where padding is not the token it pools at (transformers' OpenAI CLIP
+        # tokenizer pads with end-of-text: cutting it would move the pooling).
+        pad_id = model_cfg["text_cfg"].get("pad_id", 0)
         trim = (
             isinstance(self.clip, open_clip.CLIP)
             and self.clip.attn_mask is not None
             and self.clip.text_pool_type in ("argmax", "eos")
+            and pad_id != _pooled_token(self.clip, self.tokenizer)
         )
-        self.tokenize = Tokenize(
-            tokenizer=self.tokenizer, pad_id=model_cfg["text_cfg"].get("pad_id", 0), trim=trim
-        )
+        self.tokenize = Tokenize(tokenizer=self.tokenizer, pad_id=pad_id, trim=trim)
         # FSDP2 shards every parameter along dim 0 and rejects 0-d ones; a 1-element vector
         # is the same temperature everywhere else (open_clip-format exports squeeze it back).
         for name in ("logit_scale", "logit_bias"):
@@ -313,14 +340,24 @@ class DualEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **overrides: Any) -> DualEncoder:
-        """Builds the model ``cfg`` names; ``overrides`` update its open_clip config."""
-        model_cfg = {**cfg.resolve(), **overrides}
+        """Builds the model ``cfg`` names; ``overrides`` update its open_clip config.
+
+        With ``cfg.pretrained``, the model is built from the weights' config and starts from
+        those weights (checked to fit: one error lists what does not).
+        """
+        source = None
+        if cfg.pretrained is not None:
+            source = _pretrained().load_pretrained(cfg.pretrained, cfg)
+        model_cfg = {**(source.model_cfg if source else cfg.resolve()), **overrides}
         if cfg.patch_dropout:
             model_cfg["vision_cfg"] = {
                 **model_cfg["vision_cfg"],
                 "patch_dropout": cfg.patch_dropout,
             }
-        model = cls(model_cfg, cfg.preprocess)
+        preprocess = source.preprocess if source else cfg.preprocess
+        model = cls(model_cfg, preprocess, load_hf_weights=source is None)
+        if source is not None:
+            _pretrained().load_into(model, source)
         if cfg.image_tower_weights is not None:
             model.load_image_tower_weights(cfg.image_tower_weights)
         if cfg.lock_image:
