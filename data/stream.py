@@ -395,6 +395,7 @@ class ContrastiveStream(IterableDataset):
                     # decoder.model_input) or f32; a ReplayDecoder adds teacher features
                     **self.decoder.collate_batch(images),
                     "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
+                    "caption": list(captions),  # for a teacher with its own tokenizer
                     "key": list(keys),  # with "url", identifies each sample across sources
                     "url": list(urls),
                     "skipped": dict(skipped),

@@ -28,6 +28,7 @@ from clipline.pretrain.checkpoint import (
     resolve_resume,
 )
 from clipline.pretrain.console import model_description, write_final_metrics
+from clipline.pretrain.distill import check_teacher
 from clipline.pretrain.export import find_export, load_exported
 from clipline.pretrain.loop import train
 from clipline.pretrain.loss import LossConfig, model_overrides
@@ -70,6 +71,7 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
     run shape (manifests only), every evaluation's data (each evaluator is built, which
     opens its set and reads its class names and templates, but never run), the run
     directory, the checkpoint to resume from and the optional packages the config asks for.
+    An online teacher's export (``loss.distill.teacher``) must be there (it is read later).
     Creates nothing.
 
     Returns:
@@ -79,6 +81,7 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
         ValueError: naming the offending value and the fix, exactly as the start would.
     """
     cfg.validate()
+    check_teacher(cfg.loss.distill)
     shape = epoch_shape(cfg.data, world_size)
     for task in cfg.tasks():
         build_evaluator(task, preprocess=_not_in_a_check, tokenize=_not_in_a_check)

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType
 from clipline.data.hints import check_choices
 from clipline.data.loader import TrainLoader
 from clipline.pretrain.checkpoint import list_checkpoints
+from clipline.pretrain.distill import step_inputs
 from clipline.pretrain.ema import build_ema
 from clipline.pretrain.flops import count_model_flops
 from clipline.pretrain.host_memory import keep_freed_memory
@@ -156,8 +157,12 @@ def contrastive_step(
     loss_fn: torch.nn.Module,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     accelerator: Accelerator,
+    **loss_inputs: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward for one optimizer step; returns (loss, logit_scale).
+
+    ``loss_inputs`` go to every loss call as keywords: per-sample rows of the whole step,
+    in micro-batch order (a distillation loss's teacher features, :func:`step_inputs`).
 
     With several micro-batches this is open_clip's feature-caching accumulation: embed
     every micro-batch without gradients, then re-embed each one with gradients and take
@@ -168,7 +173,7 @@ def contrastive_step(
     """
     if len(micro_batches) == 1:
         img_emb_BD, txt_emb_BD, logit_scale, logit_bias = ddp_model(*micro_batches[0])
-        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale, logit_bias)
+        loss = loss_fn(img_emb_BD, txt_emb_BD, logit_scale, logit_bias, **loss_inputs)
         accelerator.backward(loss)
         return loss.detach(), logit_scale.detach()
     with torch.no_grad():
@@ -183,7 +188,7 @@ def contrastive_step(
                 logit_bias = logit_bias.detach()
             img_KB_D = torch.cat([*img_cache[:j], img_emb_BD, *img_cache[j + 1 :]])
             txt_KB_D = torch.cat([*txt_cache[:j], txt_emb_BD, *txt_cache[j + 1 :]])
-            loss = loss_fn(img_KB_D, txt_KB_D, scale, logit_bias)
+            loss = loss_fn(img_KB_D, txt_KB_D, scale, logit_bias, **loss_inputs)
             accelerator.backward(loss)
     return loss.detach(), logit_scale.detach()
 
@@ -236,11 +241,12 @@ def train_step(
     finite: _FiniteSteps,
     step: int,
 ) -> StepOutput:
-    """One optimizer step on the model-ready micro-batches ``micro``: forward and backward
-    (:func:`contrastive_step`), clip, a step where finite, zero the gradients, clamp the
-    temperature; returns what it measured."""
+    """One optimizer step on the model-ready micro-batches ``micro``: the teacher's features
+    where the loss distils, forward and backward (:func:`contrastive_step`), clip, a step
+    where finite, zero the gradients, clamp the temperature; returns what it measured."""
     inputs = [(b["image"], b["text"]) for b in micro]
-    loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator)
+    extra = step_inputs(loss_fn, micro, model)  # {} unless the loss distils
+    loss, logit_scale = contrastive_step(ddp_model, loss_fn, inputs, accelerator, **extra)
     max_norm = grad_clip_norm if grad_clip_norm > 0 else math.inf
     grad_norm = accelerator.clip_grad_norm_(ddp_model.parameters(), max_norm)
     # The norm is all-reduced with the gradients and the guard reduces what it measures,
@@ -255,6 +261,7 @@ def train_step(
         grad_norm=grad_norm,
         nonfinite_steps=finite.total,
         text_shapes=[tuple(text.shape) for _, text in inputs],
+        parts=dict(getattr(loss_fn, "parts", {})),  # a distillation loss's two terms
     )
 
 

@@ -13,19 +13,65 @@ rank order.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipline.data.hints import check_choices
 from clipline.data.registry import Registry
+
+log = logging.getLogger(__name__)
 
 # Loss name (``loss.kind``) -> its module class, called with the LossConfig. A class may set
 # ``model_overrides``: open_clip model-config keys the loss needs (SigLIP: a logit bias).
 LOSSES: Registry[type[torch.nn.Module]] = Registry("loss", key="loss.kind")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Distillation from a teacher (``[loss.distill]``; :mod:`clipline.pretrain.distill`).
+
+    The loss becomes ``(1 - weight) * contrastive + weight * distill``, where ``distill``
+    pulls the student's image->text and text->image similarity distributions toward the
+    teacher's (see :class:`~clipline.pretrain.distill.DistillLoss`).
+
+    Attributes:
+        weight: Share of the distillation term, in [0, 1]; 0 (the default) is off: the
+            plain contrastive loss, no teacher.
+        temperature: Softens both distributions (student and teacher logits divided by it)
+            and scales the term by its square, as in Hinton et al.'s knowledge distillation;
+            1 is open_clip's ``DistillClipLoss``.
+        teacher: An export directory (any format clipline reads, or a ``--format all``
+            root) run as an online teacher on every batch; unset: the teacher features
+            come with the batches (reinforced shards).
+        teacher_precision: ``fp32``, or ``bf16`` autocast for the teacher's forward (about
+            half its cost on GPUs; its features are L2-normalised again in fp32).
+    """
+
+    weight: float = 0.0
+    temperature: float = 1.0
+    teacher: str | None = None
+    teacher_precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choices(self, "loss.distill")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(
+                f"loss.distill.weight must be in [0, 1] (0: off; e.g. 0.5), got {self.weight}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"loss.distill.temperature must be > 0, got {self.temperature}")
+        if self.weight == 0 and self.teacher is not None:
+            log.warning(
+                "loss.distill.teacher=%r is ignored: loss.distill.weight is 0 (set it, e.g. "
+                "to 0.5, to distill)",
+                self.teacher,
+            )
 
 
 @dataclass(kw_only=True)
@@ -40,10 +86,12 @@ class LossConfig:
         local_loss: Compute only this rank's rows of the global logit matrix (B x W*B per
             rank, memory linear in the global batch) instead of the full square on every
             rank. Same loss value after averaging over ranks, same gradients.
+        distill: Distillation from a teacher; off unless ``distill.weight`` > 0.
     """
 
     kind: str = "infonce"
     local_loss: bool = False
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         LOSSES.get(self.kind)  # an unknown name fails with the valid ones, before training
@@ -180,8 +228,14 @@ class SigLipLoss(torch.nn.Module):
 
 
 def build_loss(cfg: LossConfig) -> torch.nn.Module:
-    """The loss module ``cfg.kind`` names."""
-    return LOSSES.get(cfg.kind)(cfg)
+    """The loss module ``cfg.kind`` names, inside a
+    :class:`~clipline.pretrain.distill.DistillLoss` where ``cfg.distill.weight`` > 0."""
+    loss = LOSSES.get(cfg.kind)(cfg)
+    if cfg.distill.weight == 0:
+        return loss
+    from clipline.pretrain.distill import DistillLoss  # it imports this module
+
+    return DistillLoss(loss, cfg)
 
 
 def model_overrides(cfg: LossConfig) -> dict[str, float]:

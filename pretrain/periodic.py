@@ -20,7 +20,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,8 @@ class StepOutput:
     grad_norm: float
     nonfinite_steps: int  # the run's skipped steps so far
     text_shapes: list[tuple[int, ...]]  # per micro-batch, for the FLOP count
+    # Terms of a combined loss (loss_contrastive, loss_distill), logged as train/<name>
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -253,11 +255,12 @@ class MetricLogger:
             return
         acc = self.accelerator
         elapsed = time.perf_counter() - self.window_start
+        parts = [v.float().item() for v in out.parts.values()]
+        loss = out.loss.float().item()
         means = torch.tensor(
-            [out.loss.float().item(), self.window_flops / elapsed, self.data_wait / elapsed],
-            device=acc.device,
+            [loss, self.window_flops / elapsed, self.data_wait / elapsed, *parts], device=acc.device
         )
-        loss_mean, flops_per_s, wait_share = acc.reduce(means, "mean").tolist()
+        loss_mean, flops_per_s, wait_share, *parts = acc.reduce(means, "mean").tolist()
         counts = torch.tensor(self.loader.stats.vector(), device=acc.device)
         counts = acc.reduce(counts, reduction="sum").tolist()
         samples_per_s = self.global_batch * self.window_steps / elapsed
@@ -266,6 +269,7 @@ class MetricLogger:
             step,
             {
                 "train/loss": loss_mean,
+                **{f"train/{k}": v for k, v in zip(out.parts, parts, strict=True)},
                 "train/lr": lr,
                 "train/logit_scale": out.logit_scale.float().item(),
                 "train/grad_norm": out.grad_norm,
