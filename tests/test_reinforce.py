@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from clipline.data.shards import tar_writer
 from clipline.data.stream import StreamConfig, epoch_shape
 from clipline.launch.reinforce import ReinforceConfig, reinforce
 from clipline.pretrain.export import export
-from tests.helpers import make_shards, micro_model
+from tests.helpers import make_shards, micro_model, micro_recipe, to_toml
 
 K = 3
 # A 64-px image and a fixed crop of a quarter of its area at aspect 1: every view is 32x32,
@@ -247,3 +248,44 @@ def test_reinforce_bad_input_is_one_line(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "is not an export folder" in res.stderr
     assert "clipline export" in res.stderr and "Traceback" not in res.stderr
+
+
+def _pretrain(recipe: dict, path: Path, *extra: str) -> subprocess.CompletedProcess:
+    path.write_text(to_toml(recipe))
+    cmd = [sys.executable, "-m", "clipline", "pretrain", "--recipe", str(path), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_training_on_reinforced_shards_runs_no_teacher(tmp_path):
+    shards = make_shards(tmp_path / "shards", n=48, per_shard=8, image_size=48)
+    teacher = _teacher(tmp_path / "teacher")
+    out = tmp_path / "reinforced"
+    reinforce(
+        ReinforceConfig(
+            shards=str(shards), output_dir=str(out), teachers=[str(teacher)], augmentations=2
+        )
+    )
+    # The teacher is gone: a run that built it (or read its export) would fail.
+    shutil.rmtree(teacher)
+    recipe = micro_recipe(out, tmp_path / "run", steps=3)
+    recipe["data"]["workers"] = 1  # the replaying decoder runs in a loader worker
+    recipe["loss"] = {"distill": {"weight": 0.5}}
+    res = _pretrain(recipe, tmp_path / "r.toml")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "online teacher" not in res.stderr
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss_distill" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:  # (1 - w) * contrastive + w * distill, w = 0.5, from stored features
+        want = 0.5 * r["train/loss_contrastive"] + 0.5 * r["train/loss_distill"]
+        assert r["train/loss"] == pytest.approx(want, rel=1e-5) and r["train/loss_distill"] > 0
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["data/skipped/missing_reinforcement"] == 0, sorted(final)
+
+    # Plain shards with a distillation weight and no online teacher: one line at the start.
+    recipe = micro_recipe(shards, tmp_path / "plain", steps=3)
+    recipe["loss"] = {"distill": {"weight": 0.5}}
+    res = _pretrain(recipe, tmp_path / "p.toml", "--dry-run")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{shards}/reinforce.json not found" in res.stderr
+    assert "clipline reinforce" in res.stderr and "loss.distill.teacher=" in res.stderr
