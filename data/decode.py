@@ -59,6 +59,8 @@ SKIP_REASONS = (
     "image_too_large",  # more pixels than DecodeConfig.max_pixels (read from the header)
     "truncated_tar",  # shard ended mid-member or without its end-of-archive block
     "shard_read_error",  # shard could not be opened, or a corrupt tar header
+    "missing_reinforcement",  # training on reinforced shards: no stored views for it
+    "corrupt_reinforcement",  # its stored views are unreadable or do not fit its image
 )
 # Which images were converted to RGB; the loop reports ``data/converted/<kind>``.
 CONVERSIONS = (
@@ -376,6 +378,10 @@ class Decoder:
             out = rgb.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
         pixels_HWC = torch.from_numpy(np.array(out, dtype=np.uint8))  # writable copy
         return pixels_HWC.permute(2, 0, 1), kind  # u8[3,H,W]
+
+    def collate_batch(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """A batch's entries made from its decoded images: ``{"image": collate(images)}``."""
+        return {"image": self.collate(images)}
 
     def collate(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """One batch tensor: f32[B,3,H,W] normalised, or u8[B,3,H,W] with uint8_images."""

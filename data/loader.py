@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from clipline.data.decode import CONVERSIONS, SKIP_REASONS
+from clipline.data.decode import CONVERSIONS, SKIP_REASONS, Decoder
 from clipline.data.preprocess import PreprocessConfig
 from clipline.data.stream import ContrastiveStream, StreamConfig, _layout
 from clipline.data.stream_plan import _elastic_left_out, _fresh_link
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # 2: links record each worker's place in its repeats (fill) and its unusable rows (failed).
 STATE_VERSION = 2
+# Batch entries a ReplayDecoder adds: stored teacher features, f16[B,ΣD] (data/replay.py).
+TEACHER_FEATURES = ("teacher_image", "teacher_text")
 
 
 @dataclass
@@ -104,11 +106,15 @@ class ModelReady:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         slot, self._taken = self._taken % self.buffers, self._taken + 1
         image = batch["image"].to(self.device, non_blocking=True)
-        return {
+        ready = {
             **batch,
             "image": self.normalize(image, slot),  # f32[B,3,H,W]
             "text": batch["text"].to(self.device, non_blocking=True),  # i64[B,L]
         }
+        for name in TEACHER_FEATURES:  # stored as f16 (data/replay.py); the loss takes f32
+            if name in batch:
+                ready[name] = batch[name].to(self.device, non_blocking=True).float()  # f32[B,ΣD]
+        return ready
 
 
 @dataclass
@@ -359,6 +365,7 @@ def build_train_loader(
     world_size: int,
     device: torch.device | str | None = None,
     accum_steps: int = 1,
+    decoder: Decoder | None = None,
 ) -> TrainLoader:
     """This rank's loader, after :func:`epoch_shape`'s checks of the run shape.
 
@@ -371,11 +378,15 @@ def build_train_loader(
         device: Where batches go, normalised (the training loop's device); None: batches
             as the workers made them (uint8 images on the CPU), for inspecting the data.
         accum_steps: Micro-batches the loop holds at once (one reused buffer each).
+        decoder: Replaces the stream's own decoder (built from ``cfg.decode`` and
+            ``preprocess``), e.g. a :class:`~clipline.data.replay.ReplayDecoder`.
     """
     shape, layout = _layout(cfg, world_size)
     stream = ContrastiveStream(
         cfg, layout, preprocess=preprocess, tokenize=tokenize, rank=rank, world_size=world_size
     )
+    if decoder is not None:
+        stream.decoder = decoder
     return TrainLoader(
         stream=stream,
         workers=cfg.workers,

@@ -311,6 +311,16 @@ def _write_manifest(
 # Writing
 
 
+def tar_writer(path: str | Path) -> Any:
+    """A webdataset ``TarWriter`` at ``path`` with the fixed member mtime of every clipline
+    shard (the same samples give the same bytes)."""
+    # Imported here, not at module level: webdataset imports torch, and every writer process
+    # (spawned) imports this module; without it a worker starts in a fraction of the time.
+    import webdataset as wds
+
+    return wds.TarWriter(str(path), mtime=_TAR_MTIME)
+
+
 def write_samples(
     samples: Iterable[Sample | Skipped],
     output_dir: str | Path,
@@ -365,10 +375,6 @@ def write_samples(
     out.mkdir(parents=True, exist_ok=True)
     _check_output_dir(out)
 
-    # Imported here, not at module level: webdataset imports torch, and every writer process
-    # (spawned) imports this module; without it a worker starts in a fraction of the time.
-    import webdataset as wds
-
     opts = _EncodeOptions(
         max_side=max_side, jpeg_quality=jpeg_quality, dedup=dedup, count_tokens=count_tokens
     )
@@ -399,7 +405,7 @@ def write_samples(
                     sizes[shard_name] = 0
                     # Write under a temporary name: a crashed run must not leave a truncated
                     # .tar that list_shards() would later pick up.
-                    writer = wds.TarWriter(str(out / (shard_name + ".tmp")), mtime=_TAR_MTIME)
+                    writer = tar_writer(out / (shard_name + ".tmp"))
                 meta = {"key": item.key, **item.meta}
                 if len(item.captions) > 1:
                     meta["captions"] = item.captions

@@ -391,9 +391,9 @@ class ContrastiveStream(IterableDataset):
                 reported_converted = converted.copy()
                 newly_failed, where.failed = where.failed, []
                 yield {
-                    # u8[B,3,H,W] (decode.uint8_images: the loop normalises it on the device
-                    # with decoder.model_input), else normalised f32[B,3,H,W]
-                    "image": self.decoder.collate(images),
+                    # "image": u8[B,3,H,W] (uint8_images: normalised on the device by
+                    # decoder.model_input) or f32; a ReplayDecoder adds teacher features
+                    **self.decoder.collate_batch(images),
                     "text": self.tokenize(list(captions)),  # i64[B,L], tokenised once per batch
                     "caption": list(captions),  # for a teacher with its own tokenizer
                     "key": list(keys),  # with "url", identifies each sample across sources

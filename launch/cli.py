@@ -145,6 +145,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_shards)
 
     p = sub.add_parser(
+        "reinforce",
+        help="shards -> reinforced shards: K seeded crops per sample and teachers' embeddings of "
+        "each crop and caption, for distillation without a teacher forward",
+    )
+    p.add_argument("shards", help="the shards (a folder, glob, {a..b} pattern or '::' list)")
+    p.add_argument("output_dir", help="where the reinforced shards go (resumes a killed run)")
+    p.add_argument(
+        "--teacher",
+        dest="teachers",
+        action="append",
+        required=True,
+        metavar="EXPORT",
+        help="a teacher export folder (any format); repeat for an ensemble (features are "
+        "concatenated in this order)",
+    )
+    p.add_argument("--augmentations", type=_int_in(1), required=True, help="views per sample (K)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the views (0)")
+    p.add_argument("--workers", type=_int_in(1), default=1, help="processes, whole shards each (1)")
+    p.add_argument(
+        "--crop-scale",
+        dest="scale",
+        type=float,
+        nargs=2,
+        default=[0.9, 1.0],
+        metavar=("LO", "HI"),
+        help="crop area range, as the student's train_scale (0.9 1.0)",
+    )
+    p.add_argument(
+        "--crop-ratio",
+        dest="ratio",
+        type=float,
+        nargs=2,
+        default=[3 / 4, 4 / 3],
+        metavar=("LO", "HI"),
+        help="crop aspect range, as train_ratio (0.75 1.333)",
+    )
+    p.add_argument(
+        "--alpha", choices=["white", "black", "drop"], default="white", help="as data.decode.alpha"
+    )
+    p.add_argument("--batch-size", type=_int_in(1), default=256, help="views per teacher forward")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=commands.cmd_reinforce)
+
+    p = sub.add_parser(
         "data", help="data tools: `clipline data doctor SHARDS`, `clipline data ledger RUN`"
     )
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -49,6 +49,19 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reinforce(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from clipline.launch.reinforce import ReinforceConfig, reinforce
+
+    args.device = args.device or _default_device()  # the flags are named as the fields
+    report = reinforce(
+        ReinforceConfig(**{f.name: getattr(args, f.name) for f in fields(ReinforceConfig)})
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_data_doctor(args: argparse.Namespace) -> int:
     import open_clip  # the default towers' tokenizer for the loader measurement: a real cost
 

@@ -16,6 +16,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast_object_list, set_seed
 
 from clipline.data.loader import build_train_loader
+from clipline.data.reinforce import read_manifests
+from clipline.data.replay import replay_decoder
 from clipline.data.stream import EpochShape, epoch_shape
 from clipline.eval.evaluators import build_evaluator
 from clipline.launch.config import RunConfig, build
@@ -59,6 +61,19 @@ def build_evaluators(
     }
 
 
+# What a run that distills without an online teacher can do instead of reinforced shards.
+STORED_FIX = (
+    "set loss.distill.teacher=EXPORT_DIR (an online teacher), or loss.distill.weight=0 (no "
+    "distillation)"
+)
+
+
+def stored_teacher(cfg: RunConfig) -> bool:
+    """Whether the run distills from stored features (reinforced shards): a distillation
+    weight and no online teacher."""
+    return cfg.loss.distill.weight > 0 and cfg.loss.distill.teacher is None
+
+
 def _not_in_a_check(*_: Any) -> Any:
     raise AssertionError("check_start builds evaluators only to check their data; never runs them")
 
@@ -71,7 +86,8 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
     run shape (manifests only), every evaluation's data (each evaluator is built, which
     opens its set and reads its class names and templates, but never run), the run
     directory, the checkpoint to resume from and the optional packages the config asks for.
-    An online teacher's export (``loss.distill.teacher``) must be there (it is read later).
+    An online teacher's export (``loss.distill.teacher``) must be there (it is read later);
+    without one, a distilling run's shards must be reinforced (``reinforce.json``).
     Creates nothing.
 
     Returns:
@@ -83,6 +99,8 @@ def check_start(cfg: RunConfig, *, world_size: int, resume: str | None = None) -
     cfg.validate()
     check_teacher(cfg.loss.distill)
     shape = epoch_shape(cfg.data, world_size)
+    if stored_teacher(cfg):  # the teacher's features must come with the shards
+        read_manifests(shape.urls, fix=STORED_FIX)
     for task in cfg.tasks():
         build_evaluator(task, preprocess=_not_in_a_check, tokenize=_not_in_a_check)
     run_dir = Path(cfg.run_dir)
@@ -153,7 +171,7 @@ def hold_run_dir(run_dir: Path, accelerator: Accelerator) -> DirLock:
 
 def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, float]:
     """Builds model, stream and evaluators from ``cfg`` and trains; returns last metrics."""
-    check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
+    shape = check_start(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), resume=resume)
     if cfg.model.pretrained is not None:  # saved absolute: resume and eval may run elsewhere
         cfg.model.pretrained = str(Path(cfg.model.pretrained).absolute())
     # Without an accelerator, Accelerate only joins the process group when told it is on CPU;
@@ -178,14 +196,19 @@ def run_pretrain(cfg: RunConfig, *, resume: str | None = None) -> dict[str, floa
     run_lock = hold_run_dir(Path(cfg.run_dir), accelerator)
     set_seed(cfg.loop.seed)  # same initial weights on every rank
     model = DualEncoder.from_config(cfg.model, **model_overrides(cfg.loss))
+    preprocess = model.preprocess_config()
     loader = build_train_loader(
         cfg.data,
-        preprocess=model.preprocess_config(),
+        preprocess=preprocess,
         tokenize=model.tokenize,  # a picklable Tokenize: workers tokenise whole batches
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         device=accelerator.device,  # batches arrive normalised on the device
         accum_steps=cfg.loop.accum_steps,
+        # Reinforced shards: one stored view per sample replayed, with its teacher features.
+        decoder=replay_decoder(cfg.data.decode, preprocess, shape.urls, fix=STORED_FIX)
+        if stored_teacher(cfg)
+        else None,
     )
     # The loop runs the evaluators on every rank. Under DDP each rank embeds its share; under
     # FSDP every forward is a collective, so all ranks must run the same forwards: each
