@@ -10,35 +10,34 @@ from clipline.pretrain.loss import LossConfig, build_loss
 from tests.helpers import global_batch, micro_model, torchrun
 
 DIST = Path(__file__).parent / "dist"
+CASES = [
+    ("infonce", 0, 1),
+    ("infonce", 1, 1),
+    ("infonce", 0, 2),
+    ("infonce", 1, 2),
+    ("siglip", 0, 1),
+    ("siglip", 0, 2),
+]
+PER_RANK = 4
 
 
-@pytest.mark.parametrize(
-    ("loss_kind", "local_loss", "accum"),
-    [
-        ("infonce", 0, 1),
-        ("infonce", 1, 1),
-        ("infonce", 0, 2),
-        ("infonce", 1, 2),
-        ("siglip", 0, 1),
-        ("siglip", 0, 2),
-    ],
-)
-def test_two_ranks_equal_one_process(tmp_path, loss_kind, local_loss, accum):
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory) -> Path:
+    """One torchrun (2 gloo ranks) takes a step for every case, each on its own model and
+    DDP wrapper; a launch per case would pay the process start-up six times."""
+    out = tmp_path_factory.mktemp("loss_equivalence")
+    cases = [f"--case={kind}:{local}:{accum}" for kind, local, accum in CASES]
+    torchrun(DIST / "loss_equivalence.py", f"--out-dir={out}", f"--per-rank={PER_RANK}", *cases)
+    return out
+
+
+@pytest.mark.parametrize(("loss_kind", "local_loss", "accum"), CASES)
+def test_two_ranks_equal_one_process(two_rank_steps, loss_kind, local_loss, accum):
     """2 ranks (x accum micro-batches each) == 1 process on the concatenated batch."""
-    per_rank = 4
-    out = tmp_path / "rank0.safetensors"
-    torchrun(
-        DIST / "loss_equivalence.py",
-        f"--out={out}",
-        f"--local-loss={local_loss}",
-        f"--per-rank={per_rank}",
-        f"--accum={accum}",
-        f"--loss={loss_kind}",
-    )
-    got = load_file(out)
+    got = load_file(two_rank_steps / f"{loss_kind}-{local_loss}-{accum}.safetensors")
 
     model = micro_model(loss=loss_kind)
-    images, texts = global_batch(2 * per_rank)
+    images, texts = global_batch(2 * PER_RANK)
     loss = build_loss(LossConfig(kind=loss_kind, local_loss=bool(local_loss)))(
         *model(images, texts)
     )
@@ -51,19 +50,17 @@ def test_two_ranks_equal_one_process(tmp_path, loss_kind, local_loss, accum):
         torch.testing.assert_close(got[f"grad/{name}"], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_pretrain_under_torchrun_two_ranks(tmp_path):
+def test_pretrain_under_torchrun_two_ranks(two_rank_run):
     import json
 
     from clipline.pretrain.checkpoint import list_checkpoints
-    from tests.helpers import make_shards
 
-    shards = make_shards(tmp_path / "shards", n=64, per_shard=16)
-    torchrun(DIST / "train_two_ranks.py", str(shards), str(tmp_path / "run"))
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+    _, run_dir = two_rank_run
+    assert [p.name for p in list_checkpoints(run_dir)] == [
         "step_000000002",
         "step_000000004",
     ]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     # One writer (rank 0), and a global batch of 2 x 8 over 64 samples: 4 steps = 1 epoch.
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 from clipline.data import benchmark_sets
 from clipline.data.builtin_data import generate_shapes
+from clipline.launch.cli import main
 from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
 from clipline.pretrain.export import find_export, load_exported
 from clipline.pretrain.loop import LoopConfig
@@ -35,12 +34,15 @@ def _ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:09d}"
 
 
-def _export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "clipline", "export", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+def _export(capsys, *args: str) -> tuple[int, str]:
+    """`clipline export ARGS` through the CLI's entry point in this process (the same code
+    as ``python -m clipline``, without a process start-up): (exit code, stderr)."""
+    capsys.readouterr()
+    rc = main(["export", *args])
+    return rc, capsys.readouterr().err
 
 
-def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
+def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data, capsys, monkeypatch):
     full = tmp_path / "full"
     torchrun(SCRIPT, str(data), str(full), "ddp", "4")
     assert [p.name for p in list_checkpoints(full)] == [_ckpt(full, s).name for s in (1, 2, 3, 4)]
@@ -76,10 +78,11 @@ def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
 
     # Export: --weights ema writes the average, raw (default) the trained weights; both read
     # from a run directory given relative to the working directory.
+    monkeypatch.chdir(tmp_path)
     for weights, want in (("ema", ema[4]), ("raw", raw[4])):
         out = tmp_path / f"export_{weights}"
-        res = _export("full", str(out), "--weights", weights, cwd=tmp_path)
-        assert res.returncode == 0, res.stderr
+        rc, err = _export(capsys, "full", str(out), "--weights", weights)
+        assert rc == 0, err
         exported = load_exported(*find_export(out)).state_dict()
         for k in want:
             assert torch.equal(exported[k], want[k]), (weights, k)
@@ -87,17 +90,14 @@ def test_ema_under_ddp_resumes_bit_equal_evaluates_and_exports(tmp_path, data):
     # A checkpoint without an EMA (a run with loop.ema_decay=0): one line naming the fix, exit 2.
     recipe = tmp_path / "no_ema.toml"
     recipe.write_text(to_toml(micro_recipe(data, tmp_path / "no_ema", steps=2)))
-    cmd = [sys.executable, "-m", "clipline", "pretrain", "--recipe", str(recipe)]
-    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert main(["pretrain", "--recipe", str(recipe)]) == 0
     no_ema = _ckpt(tmp_path / "no_ema", 2)
-    res = _export(str(no_ema), str(tmp_path / "never"), "--weights", "ema", cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert "has no EMA" in res.stderr and "--weights raw" in res.stderr
+    rc, err = _export(capsys, str(no_ema), str(tmp_path / "never"), "--weights", "ema")
+    assert rc == 2, err
+    assert "has no EMA" in err and "--weights raw" in err
     # An export holds one set of weights: --weights ema on it is refused the same way.
-    res = _export(
-        str(tmp_path / "export_ema"), str(tmp_path / "x"), "--weights", "ema", cwd=tmp_path
-    )
-    assert res.returncode == 2 and "holds one set of weights" in res.stderr, res.stderr
+    rc, err = _export(capsys, str(tmp_path / "export_ema"), str(tmp_path / "x"), "--weights", "ema")
+    assert rc == 2 and "holds one set of weights" in err, err
 
 
 def test_ema_under_fsdp2_is_refused_with_the_fix(tmp_path, data):

@@ -8,22 +8,17 @@ optimizer state.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from clipline.launch.config import load_run_config
 from clipline.launch.run import run_pretrain
 from clipline.pretrain.checkpoint import consolidated_state, list_checkpoints
-from tests.helpers import make_shards, micro_recipe, torchrun
+from tests.helpers import micro_recipe, torchrun
 
 DIST = Path(__file__).parent / "dist"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("shards"), n=64, per_shard=16)
 
 
 def _flat(tree: object, prefix: str = "") -> dict[str, object]:
@@ -51,9 +46,8 @@ def _assert_same_checkpoint(saved: Path, again: Path) -> None:
     assert moments and any(m.abs().sum() > 0 for m in moments)
 
 
-def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(shards, tmp_path) -> None:
-    torchrun(DIST / "train_two_ranks.py", str(shards), str(tmp_path / "run"))
-    saved = list_checkpoints(tmp_path / "run")[-1]
+def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(two_rank_run, tmp_path) -> None:
+    saved = list_checkpoints(two_rank_run[1])[-1]  # tests/dist/train_two_ranks.py's step 4
     assert len(list((saved / "dcp").glob("*.distcp"))) == 2  # each rank wrote its part
     torchrun(DIST / "reshard.py", str(saved), str(tmp_path / "on1"), "ddp", nproc=1)
     _assert_same_checkpoint(saved, list_checkpoints(tmp_path / "on1")[-1])
@@ -66,16 +60,17 @@ def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(shards, tmp_path) ->
     _assert_same_checkpoint(saved, list_checkpoints(tmp_path / "back")[-1])
 
 
-def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(shards, tmp_path) -> None:
-    run_pretrain(load_run_config(micro_recipe(shards, tmp_path / "run", steps=2)))
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(micro_shards, tmp_path) -> None:
+    run_pretrain(load_run_config(micro_recipe(micro_shards, tmp_path / "run", steps=2)))
     saved = list_checkpoints(tmp_path / "run")[-1]
     torchrun(DIST / "reshard.py", str(saved), str(tmp_path / "on2"), "fsdp", nproc=2)
     _assert_same_checkpoint(saved, list_checkpoints(tmp_path / "on2")[-1])
 
 
-def test_training_resumes_on_another_world_size(shards, tmp_path) -> None:
+def test_training_resumes_on_another_world_size(two_rank_run, tmp_path) -> None:
     """The loop's own resume path: 2 ranks to step 4, then one process to step 6."""
-    torchrun(DIST / "train_two_ranks.py", str(shards), str(tmp_path / "run"))
+    shards, two_ranks = two_rank_run
+    shutil.copytree(two_ranks, tmp_path / "run")  # the shared run stays as the ranks left it
     recipe = micro_recipe(shards, tmp_path / "run", steps=6)
     run_pretrain(load_run_config(recipe), resume="latest")
     assert [c.name for c in list_checkpoints(tmp_path / "run")] == [

@@ -26,11 +26,35 @@ def epoch_ids(shards):
     return sorted(ids)
 
 
-def _leg(shards, tmp_path, name, nproc, previous, take, workers) -> dict:
-    out = tmp_path / f"{name}.json"
-    prev = str(previous) if previous else "-"
-    torchrun(SCRIPT, str(shards), prev, str(take), str(workers), str(out), nproc=nproc)
-    report = json.loads(out.read_text())
+# The legs of both tests below, in launches by world size; a leg needs the report of the leg
+# it resumes, so the launches run in this order. Each leg has its own loader in its launch,
+# as a launch of its own would have; sharing the launches saves process start-ups.
+LAUNCHES = [
+    (2, [("a", None, 3, 2)]),  # (name, resumes, batches per rank, workers)
+    (1, [("b1", "a", "all", 0), ("one_a", None, 5, 1)]),
+    (3, [("b2", "a", 1, 1)]),
+    (2, [("c", "b2", "all", 2), ("one_b", "one_a", "all", 2)]),
+]
+
+
+@pytest.fixture(scope="module")
+def legs(shards, tmp_path_factory) -> dict[str, dict]:
+    """Every leg's report, by name."""
+    out = tmp_path_factory.mktemp("legs")
+    reports = {}
+    for nproc, launch in LAUNCHES:
+        args = []
+        for name, previous, take, workers in launch:
+            prev = str(out / f"{previous}.json") if previous else "-"
+            args += [prev, str(take), str(workers), str(out / f"{name}.json")]
+        torchrun(SCRIPT, str(shards), *args, nproc=nproc)
+        for name, *_ in launch:
+            reports[name] = _report(out / f"{name}.json")
+    return reports
+
+
+def _report(path: Path) -> dict:
+    report = json.loads(path.read_text())
     counts = {r["batches"] for r in report["ranks"]}
     assert len(counts) == 1, counts  # equal batch counts on every rank: no DDP hang
     report["ids"] = [i for r in report["ranks"] for i in r["ids"]]
@@ -51,27 +75,27 @@ def _check(legs, epoch_ids):
     return left_out
 
 
-def test_two_ranks_resume_on_one_and_on_three_then_two(shards, epoch_ids, tmp_path):
-    first = _leg(shards, tmp_path, "a", 2, None, 3, workers=2)  # 24 samples read
+def test_two_ranks_resume_on_one_and_on_three_then_two(legs, epoch_ids):
+    first = legs["a"]  # 2 ranks, 2 workers: 24 samples read
     assert len(first["ids"]) == 24
     # 2 -> 1 (and 2 workers -> 0): the 80 unread samples are 20 whole batches
-    one = _leg(shards, tmp_path, "b1", 1, tmp_path / "a.json", "all", workers=0)
+    one = legs["b1"]
     assert one["ranks"][0]["batches"] == 20
     assert _check([first, one], epoch_ids) == 0
     assert sorted(first["ids"] + one["ids"]) == epoch_ids
-    # 2 -> 3: 80 // (3 x 4) = 6 batches per rank, 8 samples left out and reported
-    three = _leg(shards, tmp_path, "b2", 3, tmp_path / "a.json", 1, workers=1)
+    # 2 -> 3 (1 worker): 80 // (3 x 4) = 6 batches per rank, 8 samples left out and reported
+    three = legs["b2"]
     assert three["ranks"][0]["left_out"] == 8
     assert len(three["states"][0]["history"]) == 1
-    # a second change in the same epoch, 3 -> 2: the 60 unread of the 72 shared out
-    two = _leg(shards, tmp_path, "c", 2, tmp_path / "b2.json", "all", workers=2)
+    # a second change in the same epoch, 3 -> 2 (2 workers): the 60 unread of the 72 shared out
+    two = legs["c"]
     assert [r["batches"] for r in two["ranks"]] == [7, 7]
     assert _check([first, three, two], epoch_ids) == 8 + 4
 
 
-def test_one_rank_resumes_on_two(shards, epoch_ids, tmp_path):
-    first = _leg(shards, tmp_path, "a", 1, None, 5, workers=1)
-    two = _leg(shards, tmp_path, "b", 2, tmp_path / "a.json", "all", workers=2)
+def test_one_rank_resumes_on_two(legs, epoch_ids):
+    first = legs["one_a"]  # 1 rank, 1 worker, 5 batches
+    two = legs["one_b"]  # 2 ranks, 2 workers
     assert [r["batches"] for r in two["ranks"]] == [10, 10]  # 84 unread: 2 x 10 batches, 4 left
     assert _check([first, two], epoch_ids) == 84 - 80
 
@@ -105,7 +129,7 @@ def test_resampled_continues_the_draws_on_another_world_size(shards):
     assert consumed + Counter(sample_ids(rest)) == full
 
 
-def test_training_on_two_ranks_resumes_on_one_without_replay(tmp_path, caplog):
+def test_training_on_two_ranks_resumes_on_one_without_replay(micro_shards, tmp_path, caplog):
     """`clipline pretrain`'s loop: a checkpoint of 2 torchrun ranks resumed by 1 process
     continues the epoch from the old ranks' positions (no replay, nothing read twice)."""
     import logging
@@ -115,8 +139,8 @@ def test_training_on_two_ranks_resumes_on_one_without_replay(tmp_path, caplog):
     from clipline.pretrain.checkpoint import list_checkpoints
     from tests.helpers import micro_recipe
 
-    shards = make_shards(tmp_path / "s", n=64, per_shard=16)  # 4 batches of 8 per rank on 2
-    recipe = micro_recipe(shards, tmp_path / "run", steps=3, checkpoint_every=3)
+    # micro_shards: 64 samples, 4 batches of 8 per rank on 2
+    recipe = micro_recipe(micro_shards, tmp_path / "run", steps=3, checkpoint_every=3)
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     torchrun(Path(__file__).parent / "dist" / "train_recipe.py", str(tmp_path / "r.json"))
     (ckpt,) = list_checkpoints(tmp_path / "run")
