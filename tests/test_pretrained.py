@@ -178,6 +178,18 @@ def _hf_ids(tokenizer: Any, captions: list[str] = CAPTIONS) -> torch.Tensor:
     ).input_ids
 
 
+def _assert_embeds_as_transformers(ours, hf_model, text_ids, captions=CAPTIONS) -> None:
+    """As transformers' own features, normalised (its attention kernels: within 1e-5)."""
+    _assert_same_embeddings(
+        ours,
+        lambda x: image_features(hf_model, x),
+        lambda t: text_features(hf_model, t),
+        text_ids,
+        atol=1e-5,
+        captions=captions,
+    )
+
+
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """OpenAI's settings (eos 49407, the largest id, padded with end-of-text), GELU and a
@@ -205,13 +217,7 @@ def test_transformers_clip_embeds_as_transformers(hf):
     assert ours.preprocess_cfg["mean"] == [0.5, 0.4, 0.3]
     assert ours.preprocess_cfg["interpolation"] == "bilinear"
     assert ours.preprocess_cfg["size"] in (32, [32, 32])
-    _assert_same_embeddings(
-        ours,
-        lambda x: image_features(hf.model, x),
-        lambda t: text_features(hf.model, t),
-        text_ids,
-        atol=1e-5,
-    )
+    _assert_embeds_as_transformers(ours, hf.model, text_ids)
 
 
 def test_transformers_clip_with_added_tokens_pooled_at_eos(tmp_path):
@@ -229,14 +235,7 @@ def test_transformers_clip_with_added_tokens_pooled_at_eos(tmp_path):
     text_ids = _hf_ids(hf.tokenizer, captions)
     assert text_ids[0, 2] == 49408  # the added token: argmax pooling would pick it
     assert torch.equal(ours.tokenizer(captions), text_ids) and ours.tokenize.trim
-    _assert_same_embeddings(
-        ours,
-        lambda x: image_features(hf.model, x),
-        lambda t: text_features(hf.model, t),
-        text_ids,
-        atol=1e-5,
-        captions=captions,
-    )
+    _assert_embeds_as_transformers(ours, hf.model, text_ids, captions)
 
 
 def test_transformers_clip_goes_back_to_transformers(tmp_path):
