@@ -140,11 +140,16 @@ FAKE_SRUN = """#!/bin/bash
 echo "srun $*" >> "$SIM/log"
 while [[ $1 == --* ]]; do shift; done
 set -m  # job control: the task gets a process group of its own
+# Traps first, as real srun has its handlers before it starts a task: the task may be ready
+# (and the batch shell forward a signal) before this shell runs its next line.
+task= pending=
+forward() { if [[ -n $task ]]; then kill -s "$1" -- "-$task"; else pending=$1; fi; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 SLURM_NODEID=${FAKE_NODEID:-1} "$@" &
 task=$!
+if [[ -n $pending ]]; then kill -s "$pending" -- "-$task"; fi
 echo "$task" >> "$SIM/task_groups"
-trap 'kill -s USR1 -- -$task' USR1
-trap 'kill -s TERM -- -$task' TERM
 while :; do wait $task; rc=$?; kill -0 $task 2>/dev/null || exit $rc; done
 """
 FAKE_SCANCEL = """#!/bin/bash
